@@ -1,0 +1,96 @@
+"""The thin bridge between absl scripts in ``scripts/`` and the library.
+
+Scripts define flags and call library functions; this module only turns a script's ``main`` into a
+process that ends with one line on stderr and exit code 2 for usage/configuration errors (never a
+traceback), and parses the few flag *value formats* the scripts share. It never reads flag values.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Errors a user can cause and fix: their message is the whole story, so no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+)
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "tlkeras"
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """Print ``prog: error: message`` as one line on stderr and exit with ``code``."""
+    one_line = " ".join(str(message).split())
+    print(f"{_prog()}: error: {one_line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """``absl.app.run(main)`` with one-line errors and exit code 2 for bad flags or bad input."""
+    from absl import app, flags
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(f"{e} (see --helpfull)")
+        return []  # unreachable
+
+    def guarded_main(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            fail(str(e) or type(e).__name__)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+
+    app.run(guarded_main, flags_parser=parse_flags)
+
+
+def parse_kwargs(text: str | None, flag: str = "--backbone_kwargs") -> dict[str, Any]:
+    """Parse ``"alpha=0.25,include_preprocessing=True"`` into ``{"alpha": 0.25, ...}``.
+
+    Values are Python literals where they parse as one (numbers, booleans, None, tuples) and plain
+    strings otherwise.
+    """
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(
+                f"{flag}: expected comma-separated key=value pairs such as 'alpha=0.25', "
+                f"received {text!r}"
+            )
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_weights(text: str | None) -> str | None:
+    """``imagenet`` | ``none`` | a weights-file path, as the library's ``weights`` argument."""
+    if text is None or text.strip().lower() in ("", "none", "null", "random"):
+        return None
+    if text.strip().lower() == "imagenet":
+        return "imagenet"
+    return text
