@@ -44,7 +44,10 @@ def test_preprocess_matches_the_family_mode(family):
 
 
 def test_unknown_backbone_lists_names_and_suggests():
-    with pytest.raises(ValueError, match=r"expected one of .*MobileNetV2.*received 'mobilenetv2'.*did you mean 'MobileNetV2'"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected one of .*MobileNetV2.*received 'mobilenetv2'.*did you mean 'MobileNetV2'",
+    ):
         tlkeras.get_backbone("mobilenetv2")
     with pytest.raises(TypeError):
         tlkeras.get_backbone(None)
@@ -84,7 +87,9 @@ def test_kwargs_pass_through():
 def test_weights_file_path_loads_the_file():
     import h5py
 
-    base = tlkeras.build_backbone("MobileNet", (224, 224, 3), weights=str(MOBILENET_WEIGHTS), alpha=0.25)
+    base = tlkeras.build_backbone(
+        "MobileNet", (224, 224, 3), weights=str(MOBILENET_WEIGHTS), alpha=0.25
+    )
     with h5py.File(MOBILENET_WEIGHTS) as f:
         expected = f["conv_pw_13/conv_pw_13/kernel:0"][()]
     np.testing.assert_array_equal(base.get_layer("conv_pw_13").kernel.numpy(), expected)
@@ -112,7 +117,10 @@ def test_imagenet_weights_through_the_keras_cache(keras_home):
     env = {**os.environ, "KERAS_HOME": str(keras_home)}
     proc = subprocess.run(
         [sys.executable, "-c", _IMAGENET_SCRIPT, str(MOBILENET_WEIGHTS)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -130,7 +138,11 @@ tlkeras.build_model("MobileNetV2", 2, weights="imagenet", input_shape=(96, 96, 3
 def test_missing_imagenet_weights_names_the_file(tmp_path):
     env = {**os.environ, "KERAS_HOME": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-c", _MISSING_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _MISSING_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

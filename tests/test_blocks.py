@@ -9,17 +9,23 @@ from tlkeras.blocks import STEM, TOP, _graph, resolve_block_index, split_backbon
 
 # The natural unit each family must produce (a sample of expected block names).
 EXPECTED = {
-    "VGG16": ["stem", "block1", "block5"],
+    "VGG16": ["block1", "block5"],  # the bare input joins block1
     "ResNet50": ["stem", "conv2_block1", "conv5_block3"],
-    "ResNet50V2": ["conv2_block1", "conv5_block3", "top"],
+    "ResNet50V2": ["stem", "conv2_block1", "conv5_block3"],  # post_bn/post_relu join conv5_block3
     "Xception": ["block1", "block14"],
     "InceptionV3": ["stem", "mixed0", "mixed10"],
     "InceptionResNetV2": ["stem", "mixed_5b", "block35_1", "block17_20", "block8_10", "top"],
     "MobileNet": ["stem", "conv_1", "conv_13"],
     "MobileNetV2": ["stem", "expanded_conv", "block_1", "block_16", "top"],
     "MobileNetV3Small": ["stem", "expanded_conv", "expanded_conv_10", "top"],
-    "DenseNet121": ["stem", "conv2_block1", "transition_pool2", "conv5_block16", "top"],
-    "NASNetMobile": ["stem", "cell_stem_1", "cell_normal_0", "cell_reduce_4", "cell_normal_12", "top"],
+    "DenseNet121": ["stem", "conv2_block1", "transition_pool2", "conv5_block16"],
+    "NASNetMobile": [
+        "stem",
+        "cell_stem_1",
+        "cell_normal_0",
+        "cell_reduce_4",
+        "cell_normal_12",  # the final weightless relu joins the last cell
+    ],
     "EfficientNetB0": ["stem", "block1a", "block7a", "top"],
     "EfficientNetV2B0": ["stem", "block1a", "block6h", "top"],
     "ConvNeXtTiny": ["stem", "stage0_block0", "downsampling_0", "stage3_block2", "top"],
@@ -56,14 +62,21 @@ def test_blocks_follow_graph_order(split):
     # Inside a block, layers keep graph order.
     pos = {id(layer): p for p, layer in enumerate(base.layers)}
     for b in blocks:
-        assert [pos[id(layer)] for layer in b.layers] == sorted(pos[id(layer)] for layer in b.layers)
+        assert [pos[id(layer)] for layer in b.layers] == sorted(
+            pos[id(layer)] for layer in b.layers
+        )
 
 
 def test_stem_first_top_last_and_real_units(split):
     name, base, blocks = split
     names = [b.name for b in blocks]
-    assert names[0] == STEM or tlkeras.get_backbone(name).family.block_of(names[0]) is None
-    assert TOP not in names[:-1]
+    assert STEM not in names[1:] and TOP not in names[:-1]
+    # Every block holds something a strategy can unfreeze (BN alone does not count).
+    for b in blocks:
+        assert any(
+            layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+            for layer in b.layers
+        ), f"{name}: block {b.name} has no trainable layer besides BN"
     assert base.layers[0] in blocks[0].layers  # the input layer opens the stem
     body = [b for b in blocks if b.name not in (STEM, TOP)]
     assert len(body) >= 5, f"{name}: only {len(body)} body blocks"
@@ -90,10 +103,12 @@ def test_resolve_block_index(k, expected):
     assert resolve_block_index(fake, k) == expected
 
 
-@pytest.mark.parametrize("k", [0, 10, -10, 99])
+@pytest.mark.parametrize("k", [0, 14, -14, 99])
 def test_resolve_block_index_out_of_range(k):
     model = tlkeras.build_model("MobileNet", 2, weights=None, input_shape=(32, 32, 3))
-    with pytest.raises(ValueError, match=r"expected 1\.\.13 or -13\.\.-1.*0:stem, 1:conv_1.*received"):
+    with pytest.raises(
+        ValueError, match=r"expected 1\.\.13 or -13\.\.-1.*0:stem, 1:conv_1.*received"
+    ):
         resolve_block_index(tlkeras.blocks(model), k)
 
 

@@ -53,7 +53,7 @@ def test_trainable_weights_follow_strategy(model, strategy):
                 assert layer.trainable == (not bn or strategy is Strategy.SCRATCH), layer.name
                 if not bn:
                     expected |= _ids(layer.trainable_weights)
-            assert b.trainable, f"{b.name} should train"
+            assert b.trainable, f"{b.name} should train"  # every block has non-BN weights
             if strategy is Strategy.SCRATCH:
                 expected |= _ids(b.trainable_weights)
     head = model.get_layer("predictions")
@@ -118,8 +118,13 @@ def _train_one_step(model):
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_batchnorm_rule(backbone, train_bn):
     m = tlkeras.build_model(
-        backbone, 2, weights=None, input_shape=(32, 32, 3), strategy="partial",
-        fine_tune_at=-2, train_bn=train_bn,
+        backbone,
+        2,
+        weights=None,
+        input_shape=(32, 32, 3),
+        strategy="partial",
+        fine_tune_at=-2,
+        train_bn=train_bn,
     )
     blocks = tlkeras.blocks(m)
     frozen_bn = [bn for b in blocks[:-2] for bn in _bn_layers(b)]
@@ -151,7 +156,9 @@ def test_keras_overrides_a_nested_training_false():
 
 
 def test_scratch_trains_batchnorm_statistics():
-    m = tlkeras.build_model("MobileNetV2", 2, weights=None, input_shape=(32, 32, 3), strategy="scratch")
+    m = tlkeras.build_model(
+        "MobileNetV2", 2, weights=None, input_shape=(32, 32, 3), strategy="scratch"
+    )
     assert tlkeras.get_spec(m).train_bn
     bn = m.get_layer("backbone").get_layer("bn_Conv1")
     before = bn.moving_mean.numpy().copy()

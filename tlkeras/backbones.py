@@ -103,11 +103,21 @@ FAMILIES: dict[str, Family] = {
             "mixed_Nx / blockK_M",
         ),
         Family(
-            "mobilenet", "mobilenet", "tf", (_R(r"^conv_(?:dw|pw|pad)_(\d+)", "conv_{0}"),), "conv_dw_k+conv_pw_k"
+            "mobilenet",
+            "mobilenet",
+            "tf",
+            (_R(r"^conv_(?:dw|pw|pad)_(\d+)", "conv_{0}"),),
+            "conv_dw_k+conv_pw_k",
         ),
-        Family("mobilenet_v2", "mobilenet_v2", "tf", (_R(r"^(expanded_conv|block_\d+)_"),), "block_k"),
         Family(
-            "mobilenet_v3", "mobilenet_v3", "internal", (_R(r"^(expanded_conv(?:_\d+)?)_"),), "expanded_conv_k"
+            "mobilenet_v2", "mobilenet_v2", "tf", (_R(r"^(expanded_conv|block_\d+)_"),), "block_k"
+        ),
+        Family(
+            "mobilenet_v3",
+            "mobilenet_v3",
+            "internal",
+            (_R(r"^(expanded_conv(?:_\d+)?)_"),),
+            "expanded_conv_k",
         ),
         Family(
             "densenet",
@@ -129,7 +139,9 @@ FAMILIES: dict[str, Family] = {
             "cell",
         ),
         Family("efficientnet", "efficientnet", "internal", (_R(r"^(block\d+[a-z])_"),), "blockNx"),
-        Family("efficientnet_v2", "efficientnet_v2", "internal", (_R(r"^(block\d+[a-z])_"),), "blockNx"),
+        Family(
+            "efficientnet_v2", "efficientnet_v2", "internal", (_R(r"^(block\d+[a-z])_"),), "blockNx"
+        ),
         Family(
             "convnext",
             "convnext",
@@ -199,10 +211,14 @@ def get_backbone(name: str) -> BackboneSpec:
     return spec
 
 
-def check_input_shape(spec: BackboneSpec, input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+def check_input_shape(
+    spec: BackboneSpec, input_shape: tuple[int, int, int]
+) -> tuple[int, int, int]:
     """Validate ``(height, width, 3)`` against the backbone's minimum size."""
     if len(input_shape) != 3 or any(not isinstance(d, int) for d in input_shape):
-        raise ValueError(f"input_shape: expected (height, width, 3) integers, received {input_shape!r}")
+        raise ValueError(
+            f"input_shape: expected (height, width, 3) integers, received {input_shape!r}"
+        )
     h, w, c = input_shape
     if c != 3:
         raise ValueError(f"input_shape: expected 3 (RGB) channels, received {c} in {input_shape!r}")
@@ -249,7 +265,9 @@ def build_backbone(
     try:
         # The constructors load "imagenet" through keras.utils.get_file and a path through
         # model.load_weights, which reads both legacy .h5 and Keras 3 .weights.h5 files.
-        model = spec.constructor(include_top=False, weights=weights, input_shape=input_shape, **args)
+        model = spec.constructor(
+            include_top=False, weights=weights, input_shape=input_shape, **args
+        )
     except TypeError as e:
         raise TypeError(f"backbone_kwargs for {name}: {e}") from e
     except ValueError:

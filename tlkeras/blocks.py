@@ -13,6 +13,7 @@ How a layer finds its block:
    anonymous residual ``add``/``conv2d``); in segments that span several blocks (NASNet cells read the two
    previous cells) an unnamed layer takes the earliest block among its consumers (the ``activation_17``
    that opens a cell belongs to that cell); a segment with no named layer continues the block before it.
+A stem or top with no weights besides BatchNormalization joins its neighbour block.
 Blocks are ordered by their last layer in topological order, so no edge runs from a later block to an
 earlier one; ``tests/test_blocks.py`` checks this for every backbone.
 """
@@ -116,7 +117,9 @@ def split_backbone(backbone: keras.Model, family: Family) -> list[Block]:
 
     # Segments between consecutive cuts, inside the body.
     bounds = [c for c in cuts if stem_end <= c < top_start]
-    segments = [range(a + 1, b + 1) for a, b in zip(bounds, bounds[1:] + [top_start - 1])]
+    segments = [
+        range(a + 1, b + 1) for a, b in zip(bounds, bounds[1:] + [top_start - 1], strict=True)
+    ]
     single: dict[int, str] = {}
     for seg in segments:
         keys = {key[i] for i in seg if key[i] is not None}
@@ -140,12 +143,27 @@ def split_backbone(backbone: keras.Model, family: Family) -> list[Block]:
         if key[i] is None:
             key[i] = key[i - 1] if i > 0 else STEM
 
+    # A stem or top holding nothing a strategy could train besides BN (VGG's bare input, DenseNet's
+    # final bn/relu, NASNet's final relu) joins its neighbour, so every block has something to unfreeze.
+    def only_bn(k: str) -> bool:
+        return not any(
+            layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+            for layer, lk in zip(layers, key, strict=True)
+            if lk == k
+        )
+
+    body = [k for k in key if k not in (STEM, TOP)]
+    if STEM in key and only_bn(STEM):
+        key = [body[0] if k == STEM else k for k in key]
+    if TOP in key and only_bn(TOP):
+        key = [body[-1] if k == TOP else k for k in key]
+
     last: dict[str, int] = {}
     for i, k in enumerate(key):
         last[k] = i
     names = sorted(last, key=last.__getitem__)
     members: dict[str, list] = {k: [] for k in names}
-    for layer, k in zip(layers, key):
+    for layer, k in zip(layers, key, strict=True):
         members[k].append(layer)
     return [Block(k, idx, tuple(members[k])) for idx, k in enumerate(names)]
 

@@ -46,7 +46,9 @@ class HeadConfig:
     dropout: float = 0.2
     task: str = "multiclass"
     from_logits: bool = False
-    l2: float = 0.0  # L2 penalty on the head's Dense kernels (AdamW weight decay is the optimizer's)
+    l2: float = (
+        0.0  # L2 penalty on the head's Dense kernels (AdamW weight decay is the optimizer's)
+    )
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -55,7 +57,9 @@ class HeadConfig:
             raise ValueError(f"task: expected one of {TASKS}, received {self.task!r}")
         units = tuple(self.hidden_units)
         if any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
-            raise ValueError(f"hidden_units: expected positive ints, received {self.hidden_units!r}")
+            raise ValueError(
+                f"hidden_units: expected positive ints, received {self.hidden_units!r}"
+            )
         object.__setattr__(self, "hidden_units", units)
         _check_fraction("dropout", self.dropout)
         if not isinstance(self.l2, (int, float)) or self.l2 < 0:
@@ -99,17 +103,31 @@ class AugmentConfig:
         if self.flip != "none":
             parts.append(L.RandomFlip(self.flip, seed=seed, name="random_flip"))
         if self.rotation:
-            parts.append(L.RandomRotation(self.rotation, fill_mode="reflect", seed=seed, name="random_rotation"))
+            parts.append(
+                L.RandomRotation(
+                    self.rotation, fill_mode="reflect", seed=seed, name="random_rotation"
+                )
+            )
         if self.zoom:
-            parts.append(L.RandomZoom(self.zoom, fill_mode="reflect", seed=seed, name="random_zoom"))
+            parts.append(
+                L.RandomZoom(self.zoom, fill_mode="reflect", seed=seed, name="random_zoom")
+            )
         if self.translation:
             parts.append(
                 L.RandomTranslation(
-                    self.translation, self.translation, fill_mode="reflect", seed=seed, name="random_translation"
+                    self.translation,
+                    self.translation,
+                    fill_mode="reflect",
+                    seed=seed,
+                    name="random_translation",
                 )
             )
         if self.contrast:
-            parts.append(L.RandomContrast(self.contrast, value_range=(0, 255), seed=seed, name="random_contrast"))
+            parts.append(
+                L.RandomContrast(
+                    self.contrast, value_range=(0, 255), seed=seed, name="random_contrast"
+                )
+            )
         return keras.Sequential(parts, name="augmentation")
 
 
@@ -221,7 +239,9 @@ def build_model(
     if not isinstance(head, HeadConfig):
         raise TypeError(f"head: expected a HeadConfig, received {type(head).__name__}")
     if augment is not None and not isinstance(augment, AugmentConfig):
-        raise TypeError(f"augment: expected an AugmentConfig or None, received {type(augment).__name__}")
+        raise TypeError(
+            f"augment: expected an AugmentConfig or None, received {type(augment).__name__}"
+        )
     _check_num_classes(num_classes, head.task)
     if strategy is Strategy.SCRATCH and weights is not None:
         raise ValueError(
@@ -231,7 +251,9 @@ def build_model(
     if train_bn is None:
         train_bn = strategy is Strategy.SCRATCH
     if strategy is Strategy.SCRATCH and not train_bn:
-        raise ValueError("train_bn: strategy 'scratch' must train BatchNormalization; expected True or None, received False")
+        raise ValueError(
+            "train_bn: strategy 'scratch' must train BatchNormalization; expected True or None, received False"
+        )
     spec_row = get_backbone(backbone)
     input_shape = check_input_shape(
         spec_row, tuple(input_shape) if input_shape else (spec_row.default_size,) * 2 + (3,)

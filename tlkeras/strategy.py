@@ -72,7 +72,9 @@ def check_fine_tune_at(strategy: Strategy, fine_tune_at: int | None) -> None:
         )
 
 
-def frozen_block_count(model: keras.Model, strategy: Strategy | str, fine_tune_at: int | None) -> int:
+def frozen_block_count(
+    model: keras.Model, strategy: Strategy | str, fine_tune_at: int | None
+) -> int:
     """How many leading blocks ``strategy`` freezes (0: none, len(blocks): the whole backbone)."""
     strategy = Strategy.parse(strategy)
     check_fine_tune_at(strategy, fine_tune_at)
