@@ -1,0 +1,201 @@
+"""The fast frozen path: prefix/suffix split, prediction parity, cached features, fit_frozen."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tlkeras import features
+from tlkeras.blocks import blocks
+from tlkeras.model import AugmentConfig, build_model
+from tlkeras.strategy import apply_strategy
+
+
+def _model(name="MobileNet", size=32, augment=None, num_classes=3, **kwargs):
+    backbone_kwargs = {"alpha": 0.25} if name == "MobileNet" else {}
+    return build_model(
+        name,
+        num_classes,
+        weights=None,
+        input_shape=(size, size, 3),
+        backbone_kwargs=backbone_kwargs,
+        augment=augment,
+        **kwargs,
+    )
+
+
+def _images(n=4, size=32, seed=0):
+    return np.random.RandomState(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+def _dataset(n=48, size=32, num_classes=3, batch_size=16, seed=0):
+    x = _images(n, size, seed)
+    y = keras.utils.to_categorical(np.arange(n) % num_classes, num_classes)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("MobileNet", 32),
+        ("ResNet50", 32),
+        ("NASNetMobile", 32),  # cells read the two previous cells: several boundary tensors
+        ("EfficientNetB0", 32),
+        ("InceptionV3", 75),
+    ],
+)
+def test_prediction_parity(name, size):
+    model = _model(name, size)
+    x = _images(size=size)
+    # Random init gives near-constant features; perturb the head so parity is not trivially met.
+    dense = model.get_layer("predictions")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel + np.random.RandomState(1).normal(0, 50, kernel.shape), bias])
+    reference = model(x, training=False).numpy()
+    n = len(blocks(model))
+    for k in (None, n // 2):
+        apply_strategy(model, "feature_extraction" if k is None else "partial", k)
+        assert features.fast_path_plan(model, k).valid
+        prefix, suffix = features.split_at_block(model, k)
+        out = suffix(prefix(x, training=False), training=False).numpy()
+        np.testing.assert_allclose(out, reference, atol=1e-5)
+        # Shared layers: the suffix's trainable variables are the model's own.
+        assert {id(v) for v in suffix.trainable_weights} <= {id(v) for v in model.trainable_weights}
+        assert suffix.trainable_weights
+    if name == "NASNetMobile":
+        assert len(features.fast_path_plan(model, n // 2).boundary) > 1
+
+
+def test_k_none_caches_pooled_features():
+    model = _model()
+    prefix, suffix = features.split_at_block(model, None)
+    assert prefix.output.shape[1:] == (model.get_layer("pool").output.shape[-1],)
+    assert features.fast_path_plan(model).boundary == ("pool",)
+
+
+def test_plan_invalid_when_prefix_trains():
+    model = _model(strategy="full")
+    plan = features.fast_path_plan(model)
+    assert not plan.valid and plan.mode == features.MODE_FULL_MODEL
+    assert "trainable" in plan.reason
+    apply_strategy(model, "partial", 3)
+    assert not features.fast_path_plan(model, 4).valid  # block 3 trains but sits before k=4
+    assert features.fast_path_plan(model, 3).valid
+    assert features.fast_path_plan(model, 2).valid  # a frozen block may sit after the boundary
+
+
+def test_plan_modes_with_augmentation():
+    model = _model(augment=AugmentConfig())
+    assert features.fast_path_plan(model).mode == features.MODE_CACHED_VIEWS
+    assert features.fast_path_plan(model).augment_views == features.DEFAULT_AUGMENT_VIEWS
+    assert features.fast_path_plan(model, augment_views=0).mode == features.MODE_CACHED_CLEAN
+    assert features.fast_path_plan(_model()).mode == features.MODE_CACHED
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"augment_views": -1}, ValueError),
+        ({"augment_views": 1.5}, ValueError),
+        ({"fine_tune_at": 99}, ValueError),
+        ({"fine_tune_at": "3"}, TypeError),
+    ],
+)
+def test_plan_bad_arguments(kwargs, error):
+    with pytest.raises(error, match="expected"):
+        features.fast_path_plan(_model(), **kwargs)
+
+
+def test_not_a_tlkeras_model():
+    bare = keras.applications.MobileNet(
+        alpha=0.25, include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
+    with pytest.raises(ValueError, match="expected a model from tlkeras.build_model"):
+        features.fast_path_plan(bare)
+
+
+def test_cache_features_views_and_memory_equivalence(tmp_path):
+    model = _model(augment=AugmentConfig(flip="horizontal", rotation=0.0, zoom=0.0, contrast=0.0))
+    prefix, _ = features.split_at_block(model, None)
+    data = _dataset(n=20, batch_size=8)
+    clean = features.cache_features(prefix, data)
+    f, y = next(iter(clean))
+    assert f.shape == (8, prefix.output.shape[-1]) and y.shape == (8, 3)
+    expected = prefix(next(iter(data))[0], training=False).numpy()
+    np.testing.assert_allclose(f.numpy(), expected, atol=1e-6)
+    # The file-backed cache yields the same features.
+    on_disk = features.cache_features(prefix, data, cache_dir=tmp_path)
+    np.testing.assert_allclose(next(iter(on_disk))[0].numpy(), expected, atol=1e-6)
+    assert any(tmp_path.iterdir())
+    # Views: every example keeps its label; the features vary between passes (random view).
+    viewed = features.cache_features(
+        prefix, data, views=3, augmentation=model.get_layer("augmentation"), seed=1
+    )
+    assert sum(int(b[1].shape[0]) for b in viewed) == 20
+    with pytest.raises(ValueError, match="expected an augmentation layer"):
+        features.cache_features(prefix, data, views=2)
+    with pytest.raises(ValueError, match="views"):
+        features.cache_features(prefix, data, views=0)
+
+
+@pytest.mark.parametrize("augment,k", [(AugmentConfig(), None), (None, -2)])
+def test_fit_frozen_trains_the_full_model(augment, k, tmp_path):
+    model = _model(augment=augment)
+    if k is not None:
+        apply_strategy(model, "partial", k)
+    bias_before = model.get_layer("predictions").get_weights()[1].copy()
+    frozen_before = model.get_layer("backbone").layers[2].get_weights()[0].copy()
+    data = _dataset()
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append(self.model.name)
+
+    best = tmp_path / "best.keras"
+    history = features.fit_frozen(
+        model,
+        data,
+        data,
+        epochs=2,
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        fine_tune_at=k,
+        callbacks=[
+            Spy(),
+            keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True),
+            features.SaveFullModel(model, best, monitor="val_loss", save_best_only=True),
+        ],
+        verbose=0,
+    )
+    expected_mode = features.MODE_CACHED_VIEWS if augment else features.MODE_CACHED
+    assert history.fast_path["mode"] == expected_mode
+    assert len(history.history["loss"]) == 2 and "val_accuracy" in history.history
+    assert seen == ["suffix"]
+    assert not np.allclose(model.get_layer("predictions").get_weights()[1], bias_before)
+    np.testing.assert_array_equal(
+        model.get_layer("backbone").layers[2].get_weights()[0], frozen_before
+    )
+    saved = keras.models.load_model(best)
+    x = _images()
+    np.testing.assert_allclose(saved.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_fit_frozen_falls_back_to_the_full_model():
+    model = _model(strategy="full")
+    # epochs=0: the routing is under test, not Keras's fit (an XLA compile of the whole backbone).
+    history = features.fit_frozen(
+        model,
+        _dataset(n=16),
+        None,
+        epochs=0,
+        optimizer="adam",
+        loss="categorical_crossentropy",
+        verbose=0,
+    )
+    assert history.fast_path["mode"] == features.MODE_FULL_MODEL
+    assert not history.fast_path["valid"]
+    assert model.optimizer is not None and model.compiled  # compiled and fitted as a whole
