@@ -1,0 +1,51 @@
+"""Score an exported SavedModel on a labelled image folder (every image; no split).
+
+    python scripts/evaluate.py --model=saved_models/hymenoptera/1 --data=path/to/val
+
+``--model`` may also be the model's base directory (``saved_models/NAME``: the highest version).
+Prints the per-class report and writes ``metrics.json`` and ``confusion.png`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import flags
+
+import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
+from tlkeras import cli, training
+from tlkeras.data import DataConfig
+
+flags.DEFINE_string(
+    "model", None, "SavedModel version directory, or its base directory.", required=True
+)
+flags.DEFINE_string(
+    "data", None, "Folder with one subfolder per class (or tfds:NAME:SPLIT).", required=True
+)
+flags.DEFINE_integer("batch_size", DataConfig().batch_size, "Batch size.")
+flags.DEFINE_string(
+    "output_dir",
+    None,
+    "Where to write metrics.json and confusion.png (default: runs/evaluate/NAME/VERSION).",
+)
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
+    model = Path(FLAGS.model)
+    if not model.exists():
+        raise FileNotFoundError(
+            f"--model: expected a SavedModel directory, received {FLAGS.model!r} (not found)"
+        )
+    output_dir = FLAGS.output_dir or Path(
+        training.DEFAULT_OUTPUT_ROOT, "evaluate", *model.resolve().parts[-2:]
+    )
+    training.evaluate_export(model, FLAGS.data, batch_size=FLAGS.batch_size, output_dir=output_dir)
+    print(f"Metrics written to {Path(output_dir) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,174 @@
+"""Train and export an image classifier by transfer learning, in two phases.
+
+With no flags it runs the embedded offline default: a MobileNet(alpha=0.25) pre-trained on digits
+0-4 is transferred to digits 5-9 (``tlkeras.transfer``), fine-tuned, scored on a held-out test split
+and exported as a SavedModel.
+
+    python scripts/train.py
+    python scripts/train.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\
+        --backbone_kwargs=alpha=0.25 --weights=../shared/weights/mobilenet_2_5_224_tf_no_top.h5 \\
+        --strategy=partial --fine_tune_at=-4
+
+Re-running the same command after an interruption resumes the run in ``--output_dir``; a finished
+run there is never overwritten without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from absl import logging as absl_logging
+
+import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
+from tlkeras import cli, training
+from tlkeras.data import DataConfig
+from tlkeras.model import AugmentConfig, HeadConfig
+from tlkeras.strategy import Strategy
+
+_C = training.TrainConfig()
+_D = DataConfig()
+
+flags.DEFINE_string(
+    "data", training.DEFAULT_DATA, "Image folder, tfds:NAME[/CONFIG][:SPLIT], or digits[:A-B]."
+)
+flags.DEFINE_string(
+    "validation_data",
+    None,
+    "Validation folder or tfds split (default: a stratified split of --data).",
+)
+flags.DEFINE_float(
+    "validation_split", _D.validation_split, "Fraction of --data held out for validation."
+)
+flags.DEFINE_float(
+    "test_split", _D.test_split, "Fraction of --data held out for the final test score."
+)
+flags.DEFINE_string("backbone", training.DEFAULT_BACKBONE, "A keras.applications model name.")
+flags.DEFINE_string(
+    "backbone_kwargs",
+    training.DEFAULT_BACKBONE_KWARGS,
+    "Backbone constructor arguments, e.g. alpha=0.25.",
+)
+flags.DEFINE_string(
+    "weights",
+    training.DEFAULT_WEIGHTS,
+    "imagenet | none | PATH to a weights file | source:TASK (pre-train on a tlkeras task, e.g. source:digits:0-4).",
+)
+flags.DEFINE_integer(
+    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
+)
+flags.DEFINE_enum(
+    "strategy", training.DEFAULT_STRATEGY, [s.value for s in Strategy], "Which blocks train."
+)
+flags.DEFINE_integer(
+    "fine_tune_at",
+    None,
+    "partial only: first trainable block (negative counts from the end; default: the top half).",
+)
+flags.DEFINE_integer("epochs", _C.epochs, "Phase 1 epochs (head warm-up on the frozen backbone).")
+flags.DEFINE_integer(
+    "fine_tune_epochs", _C.fine_tune_epochs, "Phase 2 epochs (partial/full); 0 skips it."
+)
+flags.DEFINE_float("learning_rate", _C.learning_rate, "Phase 1 AdamW learning rate.")
+flags.DEFINE_float(
+    "fine_tune_learning_rate", None, "Phase 2 learning rate (default: learning_rate / 10)."
+)
+flags.DEFINE_integer("batch_size", _C.batch_size, "Batch size.")
+flags.DEFINE_boolean(
+    "augment", None, "Random flip/rotation/zoom/contrast in training (default: on, off for digits)."
+)
+flags.DEFINE_float("dropout", HeadConfig().dropout, "Dropout before the classifier layer.")
+flags.DEFINE_float(
+    "label_smoothing", _C.label_smoothing, "Label smoothing of the cross-entropy loss."
+)
+flags.DEFINE_string(
+    "class_weight", None, "auto (balanced) | none | INDEX:WEIGHT,... e.g. 0:1.0,1:3.5."
+)
+flags.DEFINE_integer("seed", _C.seed, "Seeds Python, NumPy, TensorFlow and the data split.")
+flags.DEFINE_string("output_dir", None, "Run directory (default: runs/MODEL_NAME/STRATEGY).")
+flags.DEFINE_string(
+    "export_dir", training.DEFAULT_EXPORT_DIR, "SavedModel base directory; '' skips the export."
+)
+flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
+flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
+flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
+
+FLAGS = flags.FLAGS
+
+
+def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
+    """``auto`` | ``none`` | ``"0:1.0,1:3.5"`` as ``TrainConfig.class_weight``."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    out: dict[int, float] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition(":")
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(
+                f"--class_weight: expected auto, none or INDEX:WEIGHT pairs such as 0:1.0,1:3.5, "
+                f"received {text!r}"
+            )
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
+    strategy = Strategy.parse(FLAGS.strategy)
+    weights = cli.parse_weights(FLAGS.weights)
+    if strategy is Strategy.SCRATCH and not FLAGS["weights"].present:
+        weights = None  # scratch means random init; only an explicit --weights conflicts
+    if strategy is Strategy.SCRATCH and weights is not None:
+        raise ValueError(
+            f"--strategy=scratch trains from random init: expected --weights=none, received --weights={FLAGS.weights}"
+        )
+    if FLAGS.fine_tune_at is not None and strategy is not Strategy.PARTIAL:
+        raise ValueError(
+            f"--fine_tune_at: expected only with --strategy=partial, received --strategy={strategy.value}"
+        )
+    for name in ("epochs", "fine_tune_epochs"):
+        if FLAGS[name].value < 0:
+            raise ValueError(f"--{name}: expected an int >= 0, received {FLAGS[name].value}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
+    augment = FLAGS.augment
+    result = training.train(
+        FLAGS.data,
+        backbone=FLAGS.backbone,
+        backbone_kwargs=cli.parse_kwargs(FLAGS.backbone_kwargs),
+        weights=weights,
+        image_size=FLAGS.image_size,
+        strategy=strategy.value,
+        fine_tune_at=FLAGS.fine_tune_at,
+        dropout=FLAGS.dropout,
+        augment=AugmentConfig(seed=FLAGS.seed) if augment else augment,
+        validation_data=FLAGS.validation_data,
+        validation_split=FLAGS.validation_split,
+        test_split=FLAGS.test_split,
+        output_dir=FLAGS.output_dir,
+        export_dir=FLAGS.export_dir or None,
+        model_name=FLAGS.model_name,
+        overwrite=FLAGS.overwrite,
+        epochs=FLAGS.epochs,
+        fine_tune_epochs=FLAGS.fine_tune_epochs,
+        learning_rate=FLAGS.learning_rate,
+        fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
+        batch_size=FLAGS.batch_size,
+        label_smoothing=FLAGS.label_smoothing,
+        class_weight=parse_class_weight(FLAGS.class_weight),
+        seed=FLAGS.seed,
+        fast=FLAGS.fast,
+        verbose=1 if sys.stdout.isatty() else 2,  # progress bars only on a terminal
+    )
+    print(f"Run directory: {result.run_dir}")
+    if result.export is not None:
+        print(f"Exported SavedModel: {result.export.path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,65 @@
+"""scripts/compare.py: one table, a plot and comparison.json; one-line errors on bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+
+
+def _run(args, tmp_path, timeout=300):
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home")}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+
+
+def test_compare_feature_extraction_and_partial(tmp_path):
+    # weights=none keeps the test offline and short (no pre-training); the digits story is the
+    # default and is covered by tests/test_transfer.py.
+    out = tmp_path / "cmp"
+    proc = _run(
+        [
+            "--weights=none",
+            "--strategies=feature_extraction,partial",
+            "--fine_tune_at=-3",
+            "--epochs=1",
+            "--fine_tune_epochs=1",
+            f"--output_dir={out}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "strategy" in proc.stdout and "partial (k=-3)" in proc.stdout
+    saved = json.loads((out / "comparison.json").read_text())
+    rows = {r["strategy"]: r for r in saved["rows"]}
+    assert set(rows) == {"feature_extraction", "partial"}
+    assert rows["feature_extraction"]["trainable_params"] < rows["partial"]["trainable_params"]
+    assert (out / "comparison.png").stat().st_size > 0
+    assert (out / "partial").is_dir() and (out / "feature_extraction").is_dir()
+
+
+@pytest.mark.parametrize(
+    "flag,match",
+    [
+        ("--strategies=partial,bogus", "expected a non-empty subset"),
+        ("--epochs=many", "--epochs"),
+        ("--weights=missing.h5", "no such file"),
+    ],
+)
+def test_bad_flags_one_line_exit_2(tmp_path, flag, match):
+    proc = _run([flag, "--data=digits:5-9"], tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]

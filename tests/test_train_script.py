@@ -1,0 +1,116 @@
+"""Tests for scripts/train.py and scripts/evaluate.py: bad flags, one tiny end-to-end run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "scripts" / "train.py"
+EVALUATE = REPO / "scripts" / "evaluate.py"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "keras_home")}
+
+
+BAD_FLAGS = {
+    "scratch_with_imagenet": (["--strategy=scratch", "--weights=imagenet"], "--weights=none"),
+    "fine_tune_at_without_partial": (["--strategy=full", "--fine_tune_at=3"], "--fine_tune_at"),
+    "negative_epochs": (["--epochs=-1"], "--epochs"),
+    "bad_class_weight": (["--class_weight=heavy"], "--class_weight"),
+    "unknown_flag": (["--epoch=3"], "epoch"),
+}
+
+
+def test_bad_flags_exit_2_with_one_line_and_no_traceback(tmp_path):
+    # All cases at once: each process mostly waits on its TensorFlow import.
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(TRAIN), *argv, f"--output_dir={tmp_path / name}"],
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (argv, _) in BAD_FLAGS.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=180)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("train.py: error: "), (name, err)
+        assert BAD_FLAGS[name][1] in lines[0], (name, lines[0])
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
+    run, export = tmp_path / "run", tmp_path / "saved_models"
+    cmd = [
+        sys.executable,
+        str(TRAIN),
+        "--data=digits:0-2",
+        "--weights=none",
+        "--image_size=32",
+        "--strategy=partial",
+        "--fine_tune_at=-1",  # a short backward graph: quicker to trace
+        "--epochs=1",
+        "--fine_tune_epochs=1",
+        f"--output_dir={run}",
+        f"--export_dir={export}",
+        "--model_name=tiny",
+    ]
+    out = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    version = export / "tiny" / "1"
+    assert f"Exported SavedModel: {version}" in out.stdout
+    assert (version / "saved_model.pb").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["export"] == str(version)
+    assert metrics["class_names"] == ["0", "1", "2"]
+    assert [p["phase"] for p in metrics["phases"]] == [1, 2]
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+    # The same command again: the finished run is kept, one line, exit 2.
+    again = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert (
+        again.returncode == 2 and "finished run" in again.stderr and "--overwrite" in again.stderr
+    )
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+
+    # The exported model scores through scripts/evaluate.py with the same metrics layout.
+    ev = subprocess.run(
+        [
+            sys.executable,
+            str(EVALUATE),
+            f"--model={version}",
+            "--data=digits:0-2",
+            f"--output_dir={tmp_path / 'eval'}",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["num_examples"] == sum(sum(c.values()) for c in metrics["counts"].values())
+    assert set(scored["per_class"]) == set(metrics["per_class"])
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 0
+
+
+def test_evaluate_missing_model_is_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(EVALUATE), f"--model={tmp_path / 'nope'}", "--data=digits"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "--model" in out.stderr

@@ -1,0 +1,300 @@
+"""Tests for tlkeras.training: config, losses, phase switch, NaN, resume after SIGKILL, run dirs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import tlkeras
+from tlkeras import data as data_lib
+from tlkeras import training
+from tlkeras.training import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_lib.load("digits:0-2", image_size=(32, 32), batch_size=32, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainConfig
+
+
+def test_config_defaults_and_fine_tune_learning_rate():
+    c = TrainConfig()
+    assert (c.epochs, c.fine_tune_epochs, c.learning_rate, c.weight_decay) == (10, 10, 1e-3, 1e-4)
+    assert c.resolved_fine_tune_learning_rate == pytest.approx(1e-4)
+    assert TrainConfig(fine_tune_learning_rate=3e-5).resolved_fine_tune_learning_rate == 3e-5
+    assert json.dumps(TrainConfig(class_weight={0: 1.0, 1: 2.0}).to_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"epochs": -1}, ValueError),
+        ({"fine_tune_epochs": -3}, ValueError),
+        ({"epochs": 0, "fine_tune_epochs": 0}, ValueError),
+        ({"epochs": 2.5}, TypeError),
+        ({"epochs": True}, TypeError),
+        ({"learning_rate": 0.0}, ValueError),
+        ({"learning_rate": float("nan")}, ValueError),
+        ({"fine_tune_learning_rate": -1e-4}, ValueError),
+        ({"label_smoothing": 1.0}, ValueError),
+        ({"batch_size": 0}, ValueError),
+        ({"class_weight": "balanced"}, ValueError),
+        ({"class_weight": {0: -1.0}}, ValueError),
+        ({"class_weight": [1.0, 2.0]}, TypeError),
+        ({"fast": "yes"}, TypeError),
+    ],
+)
+def test_config_rejects_bad_values_with_expected_received(kwargs, error):
+    with pytest.raises(error, match="expected .* received"):
+        TrainConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses, metrics, labels per head task
+
+
+@pytest.mark.parametrize(
+    "task, from_logits, loss_cls",
+    [
+        ("multiclass", False, keras.losses.CategoricalCrossentropy),
+        ("multiclass", True, keras.losses.CategoricalCrossentropy),
+        ("binary", False, keras.losses.BinaryCrossentropy),
+        ("multilabel", True, keras.losses.BinaryCrossentropy),
+    ],
+)
+def test_loss_per_task_with_label_smoothing(task, from_logits, loss_cls):
+    loss = training.loss_for(task, from_logits=from_logits, label_smoothing=0.1)
+    assert isinstance(loss, loss_cls)
+    assert loss.get_config()["from_logits"] is from_logits
+    assert loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+    (metric,) = training.metrics_for(task, from_logits=from_logits)
+    assert metric.name == "accuracy"
+    if task != "multiclass":
+        assert metric.get_config()["threshold"] == (0.0 if from_logits else 0.5)
+
+
+def test_label_smoothing_changes_the_loss_value():
+    y = np.eye(3)[[0, 1]]
+    p = np.array([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]])
+    plain = float(training.loss_for("multiclass")(y, p))
+    smooth = float(training.loss_for("multiclass", label_smoothing=0.2)(y, p))
+    assert smooth > plain + 0.1
+
+
+def test_unknown_task_is_rejected():
+    with pytest.raises(ValueError, match="expected task in"):
+        training.loss_for("regression")
+
+
+@pytest.mark.parametrize(
+    "head, num_classes, task, shape",
+    [
+        (tlkeras.HeadConfig(), 3, "multiclass", (None, 3)),
+        (tlkeras.HeadConfig(task="binary"), 2, "binary", (None, 1)),
+        (tlkeras.HeadConfig(task="multilabel", from_logits=True), 3, "multilabel", (None, 3)),
+    ],
+)
+def test_head_task_and_encoded_labels(head, num_classes, task, shape):
+    import tensorflow as tf
+
+    model = tlkeras.build_model("MobileNet", num_classes, head=head, **SMALL)
+    assert training.head_task(model) == (task, head.from_logits)
+    y = np.array([0, 1, 1], "int32") if task != "multilabel" else np.eye(3, dtype="float32")
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((3, 32, 32, 3), "float32"), y)).batch(3)
+    _, encoded = next(iter(training.encode_labels(ds, task, num_classes)))
+    assert tuple(encoded.shape) == (3,) + shape[1:]
+    assert encoded.dtype == tf.float32
+    if task == "multiclass":
+        np.testing.assert_array_equal(encoded.numpy(), np.eye(3)[[0, 1, 1]])
+
+
+def test_class_weight_auto_is_balanced_from_train_counts():
+    x = np.random.default_rng(0).integers(0, 255, (80, 32, 32, 3)).astype("uint8")
+    y = np.array([0] * 60 + [1] * 20)
+    data = data_lib.load((x, y), image_size=(32, 32), seed=0)
+    weights = training._class_weight(TrainConfig(class_weight="auto"), data, "multiclass")
+    n = data.counts["train"]
+    total = sum(n.values())
+    for i, name in enumerate(data.class_names):
+        assert weights[i] == pytest.approx(total / (2 * n[name]))
+    assert weights[1] > weights[0]
+    assert training._class_weight(TrainConfig(), data, "multiclass") is None
+    with pytest.raises(ValueError, match="class indices"):
+        training._class_weight(TrainConfig(class_weight={5: 1.0}), data, "multiclass")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two phases
+
+
+def test_phase_switch_flags_learning_rate_and_reports(digits, tmp_path):
+    model = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, **SMALL)
+    config = TrainConfig(epochs=1, fine_tune_epochs=1, learning_rate=2e-3, fast=False)
+    result = training.fit(model, digits, config, run_dir=tmp_path / "run", verbose=0)
+
+    # Phase 2 recompiled the model with the reduced learning rate.
+    assert float(model.optimizer.learning_rate) == pytest.approx(2e-4)
+    h = result.history
+    assert h["phase"] == [1, 2] and h["epoch"] == [0, 1] and h["phase_boundary"] == 1
+    assert h["learning_rate"] == pytest.approx([2e-3, 2e-4])
+    # Trainable flags per block: the last two blocks train, the others stay frozen.
+    flags = [b.trainable for b in tlkeras.blocks(model)]
+    assert flags[-2:] == [True, True] and not any(flags[:-2])
+    p1, p2 = result.metrics["phases"]
+    head_params = sum(int(np.prod(w.shape)) for w in model.get_layer("predictions").weights)
+    assert p1["trainable_params"] == head_params
+    assert p2["trainable_params"] > head_params
+    assert (p1["strategy"], p2["strategy"], p2["fine_tune_at"]) == (
+        "feature_extraction",
+        "partial",
+        -2,
+    )
+
+    run = result.run_dir
+    for name in ("metrics.json", "history.json", "history.csv", "history.png", "confusion.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "model.keras").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test"
+    assert metrics["num_examples"] == sum(digits.counts["test"].values())
+    assert set(metrics["per_class"]) == {"0", "1", "2"}
+    assert set(metrics["wall_time_s"]) == {"1", "2"} and metrics["counts"] == digits.counts
+    assert json.loads((run / "run_state.json").read_text())["status"] == "done"
+
+
+def test_feature_extraction_has_one_phase_and_scratch_one_longer_phase(digits, tmp_path):
+    assert [p["name"] for p in training._phases("feature_extraction", None, TrainConfig())] == [
+        "head warm-up"
+    ]
+    (scratch,) = training._phases("scratch", None, TrainConfig(epochs=2, fine_tune_epochs=3))
+    assert scratch["epochs"] == 5 and scratch["strategy"] == "scratch"
+    with pytest.raises(ValueError, match="fine_tune_at"):
+        training.fit(
+            tlkeras.build_model("MobileNet", 3, **SMALL), digits, run_dir=tmp_path, fine_tune_at=2
+        )
+
+
+def test_nan_loss_raises_a_clear_error_and_frees_the_run_dir(digits, tmp_path):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    config = TrainConfig(epochs=2, fine_tune_epochs=0, learning_rate=1e30)
+    with pytest.raises(ValueError, match=r"loss became NaN at epoch 1 .*learning_rate=1e\+30"):
+        training.fit(model, digits, config, run_dir=tmp_path, verbose=0)
+    assert json.loads((tmp_path / "run_state.json").read_text())["status"] == "failed"
+    # A failed run is no finished run: the same directory can be reused with a fixed setting.
+    state = training.prepare_run_dir(tmp_path, {"other": 1})
+    assert state["resumes"] == 0 and not (tmp_path / "history_phase1.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: never overwritten, never mixed
+
+
+def test_run_dir_is_never_silently_overwritten(tmp_path):
+    run = tmp_path / "run"
+    fp = {"config": 1}
+    state = training.prepare_run_dir(run, fp)
+    assert state["status"] == "running"
+    assert training.prepare_run_dir(run, fp)["resumes"] == 1  # unfinished, same settings: resume
+    with pytest.raises(ValueError, match="different settings"):
+        training.prepare_run_dir(run, {"config": 2})
+    training._write_state(run, {**state, "status": "done"})
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="finished run.*overwrite"):
+        training.prepare_run_dir(run, fp)
+    assert (run / "metrics.json").exists()
+    state = training.prepare_run_dir(run, fp, overwrite=True)
+    assert state["status"] == "running" and not (run / "metrics.json").exists()
+
+
+def test_foreign_directory_is_never_cleared(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="never cleared"):
+            training.prepare_run_dir(tmp_path, {}, overwrite=overwrite)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after SIGKILL (a real process), with a corrupted latest backup
+
+RESUME_SCRIPT = """
+import sys
+import tlkeras
+from tlkeras import data, training
+d = data.load("digits:0-2", image_size=(32, 32), batch_size=64, seed=0)
+m = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-1, weights=None,
+                        input_shape=(32, 32, 3), backbone_kwargs={"alpha": 0.25})
+c = training.TrainConfig(epochs=2, fine_tune_epochs=EPOCHS2, early_stopping_patience=0)
+r = training.fit(m, d, c, run_dir=sys.argv[1], verbose=0)
+print("FINISHED", r.metrics["accuracy"])
+"""
+
+
+def _backup_epoch(path: Path) -> int:
+    try:
+        return json.loads(path.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_in_phase_two_resumes_in_phase_two(tmp_path):
+    epochs2 = 12
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(RESUME_SCRIPT).replace("EPOCHS2", str(epochs2)))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "kh")}
+    cmd = [sys.executable, str(script), str(run)]
+    meta = run / "backup" / "phase2" / "training_metadata.json"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    # Kill once phase 2 has backed up two epochs (2 phase-1 epochs + 2): a latest and a previous.
+    while _backup_epoch(meta) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, (
+        "the run ended before it could be killed:\n" + proc.stdout.read().decode()
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _backup_epoch(meta)
+    assert killed_at < 2 + epochs2
+    state = json.loads((run / "run_state.json").read_text())
+    assert state["status"] == "running" and state["phases"]["1"]["done"]
+    # Corrupt the latest backup: the resume must fall back to the previous epoch's.
+    (run / "backup" / "phase2" / "latest.weights.h5").write_bytes(b"not hdf5")
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "FINISHED" in out.stdout and "Resuming" in out.stdout
+    state = json.loads((run / "run_state.json").read_text())
+    assert state["status"] == "done" and state["resumes"] == 1
+    assert state["phases"]["2"]["resumed_at_epoch"] == killed_at - 1  # the previous backup
+    history = json.loads((run / "history.json").read_text())
+    assert history["history"]["epoch"] == list(range(2 + epochs2))
+    assert history["history"]["phase"] == [1, 1] + [2] * epochs2
+    assert history["phase_boundary"] == 2
+
+
+def test_scratch_phase_speeds_up_batchnorm_statistics():
+    model = tlkeras.build_model("MobileNet", 3, strategy="scratch", **SMALL)
+    training._fast_batchnorm_statistics(model)
+    bns = [
+        layer
+        for layer in model.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert bns and all(b.momentum == training.SCRATCH_BN_MOMENTUM for b in bns)
