@@ -1,0 +1,45 @@
+"""Classify images with an exported SavedModel (TensorFlow only, no model code needed).
+
+    python scripts/predict.py --model=saved_models/ants_bees photo.jpg more_photos/ [--json]
+
+``--model`` is a model base directory (highest version) or one version directory. Prints the top-k
+classes per image; files that cannot be decoded are reported per file and make the exit code 1.
+"""
+
+import json
+
+from absl import flags
+
+import tlkeras.cli
+from tlkeras import export as export_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "model", None, "saved_models/NAME (highest version) or saved_models/NAME/VERSION."
+)
+flags.DEFINE_integer(
+    "top_k", None, "Show at most this many classes (default: all the model returns).", lower_bound=1
+)
+flags.DEFINE_bool("json", False, "Print one JSON document instead of a table.")
+flags.DEFINE_integer("batch_size", 16, "Images per call to the model.", lower_bound=1)
+flags.mark_flag_as_required("model")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        raise ValueError("expected at least one IMAGE_OR_FOLDER argument, received none")
+    model = export_lib.load_exported(FLAGS.model)
+    results = export_lib.predict_files(
+        model, argv[1:], top_k=FLAGS.top_k, batch_size=FLAGS.batch_size
+    )
+    if FLAGS.json:
+        print(
+            json.dumps({"model": str(model.path), "results": results}, indent=2, ensure_ascii=False)
+        )
+    else:
+        print(export_lib.format_predictions(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    tlkeras.cli.run(main)
