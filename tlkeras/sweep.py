@@ -1,0 +1,619 @@
+"""The transferability curve: validation accuracy against the freeze point k (Yosinski et al. 2014).
+
+For each block index k, ``sweep`` trains the ``partial(k)`` model (blocks < k frozen, pretrained
+blocks >= k and the head train) on the fast frozen path (``tlkeras.features.fit_frozen``: the
+frozen prefix runs once per k, at the block boundary). ``k == num_blocks`` freezes the whole
+backbone (``feature_extraction``). With ``fine_tune=True`` each model is then fine-tuned end to end
+at a small learning rate (Yosinski's "transferred + fine-tuned" curve). A from-scratch model of the
+same architecture gives the baseline line.
+
+Recommendation: the best validation accuracy is known only up to the sampling noise of a finite
+validation set. ``noise`` is the binomial standard deviation ``sqrt(p (1 - p) / n_val)`` at the best
+accuracy p (Laplace-smoothed, so a perfect score still has some noise); among the rows within
+``noise_sigmas`` of the best, the one with the fewest trainable parameters wins (a frozen row
+before a fine-tuned one; a later k before an earlier one).
+
+Yosinski, Clune, Bengio & Lipson, "How transferable are features in deep neural networks?",
+NeurIPS 2014.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SWEEP_JSON = "sweep.json"
+SWEEP_CSV = "sweep.csv"
+SWEEP_PNG = "sweep.png"
+DEFAULT_KS = (2, 5, 8, 11)
+DEFAULT_EPOCHS = 10
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_FINE_TUNE_LEARNING_RATE = 1e-5
+DEFAULT_PATIENCE = 3
+DEFAULT_NOISE_SIGMAS = 1.0
+DEFAULT_OUTPUT_DIR = "runs/sweep"
+
+FROZEN, FINE_TUNED, SCRATCH = "frozen", "fine_tuned", "scratch"
+MODES = (FROZEN, FINE_TUNED, SCRATCH)
+CSV_FIELDS = (
+    "mode",
+    "k",
+    "first_trainable_block",
+    "trainable_params",
+    "val_accuracy",
+    "val_loss",
+    "test_accuracy",
+    "epochs_run",
+    "seconds",
+    "fast_path",
+)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One trained model of the sweep.
+
+    Attributes:
+        mode: ``"frozen"`` (blocks < k frozen), ``"fine_tuned"`` (then everything trained) or
+            ``"scratch"`` (random init, everything trained; ``k`` is ``None``).
+        k: the freeze point; ``num_blocks`` means the whole backbone stayed frozen.
+        first_trainable_block: the name of block k (``"-"`` when none trains).
+        trainable_params: parameters the last phase trained.
+        val_accuracy, val_loss: on the validation split, with the best-validation-loss weights.
+        test_accuracy: on the test split (``None`` without one); not used to choose.
+        epochs_run: epochs of the last phase (early stopping may end it sooner).
+        seconds: wall time of this row (feature caching included).
+        fast_path: the ``tlkeras.features`` mode that ran (``"full_model"``: plain ``fit``).
+    """
+
+    mode: str
+    k: int | None
+    first_trainable_block: str
+    trainable_params: int
+    val_accuracy: float
+    val_loss: float
+    test_accuracy: float | None
+    epochs_run: int
+    seconds: float
+    fast_path: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The sweep's rows, the recommendation and where the files went."""
+
+    rows: tuple[SweepRow, ...]
+    recommended: SweepRow
+    best: SweepRow
+    noise: float
+    noise_sigmas: float
+    num_validation: int
+    num_blocks: int
+    block_names: tuple[str, ...]
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    weights: str | None
+    image_size: tuple[int, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scratch(self) -> SweepRow | None:
+        return next((r for r in self.rows if r.mode == SCRATCH), None)
+
+    def curve(self, mode: str) -> list[SweepRow]:
+        return sorted((r for r in self.rows if r.mode == mode), key=lambda r: r.k)
+
+    def table(self) -> str:
+        header = (
+            f"{'mode':<11}{'k':>4}  {'first trainable':<16}{'trainable':>11}{'val acc':>9}"
+            f"{'val loss':>10}{'test acc':>10}{'epochs':>8}{'sec':>7}"
+        )
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            test = "-" if r.test_accuracy is None else f"{r.test_accuracy:.3f}"
+            mark = "  <- recommended" if r is self.recommended else ""
+            lines.append(
+                f"{r.mode:<11}{'-' if r.k is None else r.k:>4}  {r.first_trainable_block:<16}"
+                f"{r.trainable_params:>11,}{r.val_accuracy:>9.3f}{r.val_loss:>10.4f}{test:>10}"
+                f"{r.epochs_run:>8}{r.seconds:>7.1f}{mark}"
+            )
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        r, b = self.recommended, self.best
+        trains = (
+            "whole backbone frozen"
+            if r.k == self.num_blocks
+            else f"blocks from {r.first_trainable_block} on train"
+        )
+        if r.mode == FINE_TUNED:
+            trains += ", then everything fine-tuned"
+        return "\n".join(
+            [
+                self.table(),
+                f"best: {b.mode} k={b.k} val accuracy {b.val_accuracy:.3f}; noise (binomial std "
+                f"over {self.num_validation} validation images) {self.noise:.3f}",
+                f"recommended: {r.mode} k={r.k} ({trains}), val "
+                f"accuracy {r.val_accuracy:.3f}, {r.trainable_params:,} trainable params: the "
+                f"fewest among rows within {self.noise_sigmas:g} x noise of the best",
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["recommended"] = dataclasses.asdict(self.recommended)
+        out["best"] = dataclasses.asdict(self.best)
+        out["rows"] = [dataclasses.asdict(r) for r in self.rows]
+        out["image_size"] = list(self.image_size)
+        out["block_names"] = list(self.block_names)
+        return out
+
+
+def binomial_noise(accuracy: float, n: int) -> float:
+    """Standard deviation of an accuracy measured on ``n`` examples (Laplace-smoothed p)."""
+    p = (accuracy * n + 1) / (n + 2)
+    return math.sqrt(p * (1 - p) / max(n, 1))
+
+
+def recommend(
+    rows: Sequence[SweepRow], num_validation: int, noise_sigmas: float = DEFAULT_NOISE_SIGMAS
+) -> tuple[SweepRow, SweepRow, float]:
+    """``(recommended, best, noise)`` among the transferred rows (scratch is only the baseline)."""
+    candidates = [r for r in rows if r.mode != SCRATCH]
+    if not candidates:
+        raise ValueError("recommend: expected at least one frozen or fine-tuned row, received none")
+    best = max(candidates, key=lambda r: (r.val_accuracy, -r.val_loss))
+    noise = binomial_noise(best.val_accuracy, num_validation)
+    close = [r for r in candidates if r.val_accuracy >= best.val_accuracy - noise_sigmas * noise]
+    chosen = min(close, key=lambda r: (r.trainable_params, -r.val_accuracy, -(r.k or 0)))
+    return chosen, best, noise
+
+
+# --------------------------------------------------------------------------------------------
+# Training one row
+
+
+def _trainable_params(model: Any) -> int:
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def _evaluate(model: Any, dataset: Any, loss: Any, metrics: Any) -> tuple[float, float]:
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(), loss=loss, metrics=metrics)
+    out = model.evaluate(dataset, verbose=0, return_dict=True)
+    return float(out["accuracy"]), float(out["loss"])
+
+
+def _early_stopping(patience: int) -> list[Any]:
+    import keras
+
+    if not patience:
+        return []
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=patience, restore_best_weights=True
+        )
+    ]
+
+
+def _check_ks(ks: Any, all_blocks: Sequence[Any]) -> list[int]:
+    from tlkeras.blocks import resolve_block_index
+
+    if isinstance(ks, (str, bytes, int)) or not isinstance(ks, Sequence) or not ks:
+        raise ValueError(f"ks: expected a non-empty list of block indices, received {ks!r}")
+    num_blocks = len(all_blocks)
+    out = []
+    for k in ks:
+        if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k == num_blocks:
+            out.append(num_blocks)  # everything frozen: feature extraction
+            continue
+        try:
+            out.append(resolve_block_index(all_blocks, int(k) if isinstance(k, np.integer) else k))
+        except ValueError:
+            raise ValueError(
+                f"ks: expected block indices in 1..{num_blocks} (or -{num_blocks - 1}..-1; "
+                f"{num_blocks} freezes the whole backbone), received {k!r}"
+            ) from None
+    return sorted(set(out))
+
+
+def _positive(name: str, value: Any, minimum: float = 0, *, integer: bool = False) -> None:
+    types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, types) or not value >= minimum:
+        kind = "an int" if integer else "a number"
+        raise ValueError(f"{name}: expected {kind} >= {minimum}, received {value!r}")
+
+
+def sweep(
+    data: Any,
+    backbone: str,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    weights: str | None = "imagenet",
+    backbone_kwargs: dict[str, Any] | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    fine_tune: bool = False,
+    epochs: int = DEFAULT_EPOCHS,
+    fine_tune_epochs: int | None = None,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    fine_tune_learning_rate: float = DEFAULT_FINE_TUNE_LEARNING_RATE,
+    baseline_scratch: bool = True,
+    scratch_epochs: int | None = None,
+    augment: Any = None,
+    patience: int = DEFAULT_PATIENCE,
+    noise_sigmas: float = DEFAULT_NOISE_SIGMAS,
+    batch_size: int = 32,
+    validation_split: float = 0.2,
+    test_split: float = 0.2,
+    seed: int = 0,
+    output_dir: str | Path = DEFAULT_OUTPUT_DIR,
+    verbose: int = 0,
+) -> SweepResult:
+    """Train ``partial(k)`` for every k in ``ks`` and plot validation accuracy against k.
+
+    Args:
+        data: a ``tlkeras.data.ImageData`` with a validation split, or anything
+            ``tlkeras.data.load`` accepts (loaded at ``image_size`` with ``validation_split``,
+            ``test_split``, ``batch_size`` and ``seed``).
+        backbone, backbone_kwargs: as ``tlkeras.build_model``.
+        ks: block indices (``tlkeras.blocks``); blocks < k are frozen. Negative counts from the
+            end; ``len(blocks)`` freezes the whole backbone.
+        weights: ``"imagenet"``, a weights file or ``"source:TASK"``.
+        fine_tune: after each frozen-prefix run, fine-tune the whole model for
+            ``fine_tune_epochs`` (default ``epochs``) at ``fine_tune_learning_rate``.
+        epochs: epochs of each frozen-prefix run (fast frozen path), at ``learning_rate`` (Adam).
+        baseline_scratch: also train the architecture from random init for ``scratch_epochs``
+            (default: the transferred models' total epochs) as the baseline line.
+        augment: an ``AugmentConfig`` (cached augmented views on the fast path) or ``None``.
+        patience: early stopping on validation loss (best weights restored); 0 disables it.
+        noise_sigmas: rows within this many noise standard deviations of the best are ties.
+        output_dir: where ``sweep.json``, ``sweep.csv`` and ``sweep.png`` are written.
+        verbose: 0 quiet, 1 one line per row, 2 also Keras's per-epoch lines.
+
+    Returns:
+        A ``SweepResult``.
+    """
+    import keras
+
+    from tlkeras.backbones import get_backbone
+    from tlkeras.blocks import blocks
+    from tlkeras.data import ImageData, load
+    from tlkeras.features import fit_frozen
+    from tlkeras.model import AugmentConfig, build_model
+    from tlkeras.strategy import apply_strategy
+    from tlkeras.training import (
+        _resolve_image_size,
+        _resolve_weights,
+        encode_labels,
+        head_task,
+        loss_for,
+        metrics_for,
+    )
+    from tlkeras.transfer import _scratch_batchnorm
+
+    spec = get_backbone(backbone)
+    backbone_kwargs = dict(backbone_kwargs or {})
+    if weights is None:
+        raise ValueError(
+            "weights: a sweep transfers pretrained blocks; expected 'imagenet', a weights file or "
+            "'source:TASK', received None"
+        )
+    if augment is not None and not isinstance(augment, AugmentConfig):
+        raise TypeError(f"augment: expected an AugmentConfig or None, received {augment!r}")
+    _positive("epochs", epochs, 1, integer=True)
+    fine_tune_epochs = epochs if fine_tune_epochs is None else fine_tune_epochs
+    _positive("fine_tune_epochs", fine_tune_epochs, 1, integer=True)
+    total_epochs = epochs + (fine_tune_epochs if fine_tune else 0)
+    scratch_epochs = total_epochs if scratch_epochs is None else scratch_epochs
+    _positive("scratch_epochs", scratch_epochs, 1, integer=True)
+    _positive("patience", patience, 0, integer=True)
+    _positive("noise_sigmas", noise_sigmas, 0)
+    for name, value in (
+        ("learning_rate", learning_rate),
+        ("fine_tune_learning_rate", fine_tune_learning_rate),
+    ):
+        _positive(name, value, 0)
+        if value == 0:
+            raise ValueError(f"{name}: expected a number > 0, received {value!r}")
+
+    if isinstance(data, ImageData):
+        if image_size is not None:
+            raise ValueError(
+                f"image_size: expected None with an ImageData (its images are {data.image_size}), "
+                f"received {image_size!r}"
+            )
+    else:
+        data = load(
+            data,
+            image_size=_resolve_image_size(image_size, weights, spec.name),
+            batch_size=batch_size,
+            validation_split=validation_split,
+            test_split=test_split,
+            seed=seed,
+        )
+    if data.validation is None:
+        raise ValueError("data: expected a validation split to choose k on, received none")
+    if data.multilabel:
+        raise ValueError("data: expected single-label data, received multi-label data")
+    size = tuple(data.image_size)
+    input_shape = (*size, 3)
+    resolved = _resolve_weights(weights, spec.name, backbone_kwargs, input_shape)
+    num_classes = data.num_classes
+    num_validation = int(sum(data.counts["validation"].values()))
+
+    def new_model(strategy: str, k: int | None, init: Any) -> keras.Model:
+        keras.utils.set_random_seed(seed)  # the same head initialisation for every row
+        return build_model(
+            spec.name,
+            num_classes,
+            strategy=strategy,
+            fine_tune_at=k,
+            weights=init,
+            input_shape=input_shape,
+            backbone_kwargs=backbone_kwargs,
+            augment=augment,
+        )
+
+    probe = build_model(
+        spec.name,
+        num_classes,
+        weights=None,
+        input_shape=input_shape,
+        backbone_kwargs=backbone_kwargs,
+    )
+    all_blocks = blocks(probe)
+    names = tuple(b.name for b in all_blocks)
+    num_blocks = len(names)
+    resolved_ks = _check_ks(ks, all_blocks)
+    task, from_logits = head_task(probe)
+    del probe
+    loss = loss_for(task, from_logits=from_logits)
+
+    def metrics() -> list[Any]:
+        return metrics_for(task, from_logits=from_logits)
+
+    train_ds = encode_labels(data.train, task, num_classes)
+    val_ds = encode_labels(data.validation, task, num_classes)
+    test_ds = encode_labels(data.test, task, num_classes)
+    keras_verbose = 2 if verbose >= 2 else 0
+
+    def score(model: keras.Model) -> tuple[float, float, float | None]:
+        acc, val_loss = _evaluate(model, val_ds, loss, metrics())
+        test_acc = _evaluate(model, test_ds, loss, metrics())[0] if test_ds is not None else None
+        return acc, val_loss, test_acc
+
+    rows: list[SweepRow] = []
+
+    def add(row: SweepRow) -> None:
+        rows.append(row)
+        if verbose:
+            test = "" if row.test_accuracy is None else f", test accuracy {row.test_accuracy:.3f}"
+            print(
+                f"[sweep] {row.mode} k={row.k}: val accuracy {row.val_accuracy:.3f}{test} "
+                f"({row.trainable_params:,} trainable, {row.epochs_run} epochs, "
+                f"{row.seconds:.1f}s)",
+                flush=True,
+            )
+
+    for k in resolved_ks:
+        started = time.perf_counter()
+        all_frozen = k == num_blocks
+        model = new_model(
+            "feature_extraction" if all_frozen else "partial", None if all_frozen else k, resolved
+        )
+        history = fit_frozen(
+            model,
+            train_ds,
+            val_ds,
+            epochs=epochs,
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=loss,
+            metrics=metrics(),
+            callbacks=_early_stopping(patience),
+            fine_tune_at=None if all_frozen else k,
+            seed=seed,
+            verbose=keras_verbose,
+        )
+        acc, val_loss, test_acc = score(model)
+        block = "-" if all_frozen else names[k]
+        add(
+            SweepRow(
+                FROZEN,
+                k,
+                block,
+                _trainable_params(model),
+                acc,
+                val_loss,
+                test_acc,
+                len(history.history.get("loss", [])),
+                time.perf_counter() - started,
+                history.fast_path["mode"],
+            )
+        )
+        if fine_tune:
+            started = time.perf_counter()
+            apply_strategy(model, "full")
+            model.compile(
+                optimizer=keras.optimizers.Adam(fine_tune_learning_rate),
+                loss=loss,
+                metrics=metrics(),
+            )
+            history = model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=fine_tune_epochs,
+                callbacks=_early_stopping(patience),
+                verbose=keras_verbose,
+            )
+            acc, val_loss, test_acc = score(model)
+            add(
+                SweepRow(
+                    FINE_TUNED,
+                    k,
+                    block,
+                    _trainable_params(model),
+                    acc,
+                    val_loss,
+                    test_acc,
+                    len(history.history["loss"]),
+                    time.perf_counter() - started,
+                    "full_model",
+                )
+            )
+        del model
+        keras.backend.clear_session(free_memory=True)
+
+    if baseline_scratch:
+        started = time.perf_counter()
+        model = new_model("scratch", None, None)
+        _scratch_batchnorm(model)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics())
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=scratch_epochs,
+            callbacks=_early_stopping(patience),
+            verbose=keras_verbose,
+        )
+        acc, val_loss, test_acc = score(model)
+        add(
+            SweepRow(
+                SCRATCH,
+                None,
+                names[0],
+                _trainable_params(model),
+                acc,
+                val_loss,
+                test_acc,
+                len(history.history["loss"]),
+                time.perf_counter() - started,
+                "full_model",
+            )
+        )
+        del model
+
+    recommended, best, noise = recommend(rows, num_validation, noise_sigmas)
+    result = SweepResult(
+        rows=tuple(rows),
+        recommended=recommended,
+        best=best,
+        noise=noise,
+        noise_sigmas=float(noise_sigmas),
+        num_validation=num_validation,
+        num_blocks=num_blocks,
+        block_names=names,
+        backbone=spec.name,
+        backbone_kwargs=backbone_kwargs,
+        weights=None if resolved is None else str(resolved),
+        image_size=size,
+        settings={
+            "ks": resolved_ks,
+            "fine_tune": fine_tune,
+            "epochs": epochs,
+            "fine_tune_epochs": fine_tune_epochs if fine_tune else None,
+            "scratch_epochs": scratch_epochs if baseline_scratch else None,
+            "learning_rate": learning_rate,
+            "fine_tune_learning_rate": fine_tune_learning_rate if fine_tune else None,
+            "patience": patience,
+            "augment": dataclasses.asdict(augment) if augment is not None else None,
+            "seed": seed,
+            "data": data.to_dict(),
+        },
+    )
+    paths = write(result, output_dir)
+    return dataclasses.replace(result, paths={k: str(v) for k, v in paths.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def write(result: SweepResult, output_dir: str | Path) -> dict[str, Path]:
+    """Write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``output_dir``."""
+    from tlkeras import reports
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / SWEEP_JSON, "csv": out / SWEEP_CSV, "png": out / SWEEP_PNG}
+    paths["json"].write_text(json.dumps(reports.to_jsonable(result.to_dict()), indent=2))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow({k: getattr(row, k) for k in CSV_FIELDS})
+    plot(result, paths["png"])
+    return paths
+
+
+def plot(result: SweepResult, path: str | Path) -> Path:
+    """Validation accuracy against k: frozen and fine-tuned curves, the scratch baseline as a line,
+    the recommendation circled and the noise band around the best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = {
+        FROZEN: ("o-", "tab:blue", "frozen blocks < k"),
+        FINE_TUNED: ("s--", "tab:orange", "then fine-tuned"),
+    }
+    for mode, (marker, color, label) in styles.items():
+        curve = result.curve(mode)
+        if curve:
+            ax.plot(
+                [r.k for r in curve],
+                [r.val_accuracy for r in curve],
+                marker,
+                color=color,
+                label=label,
+            )
+    scratch = result.scratch
+    if scratch is not None:
+        ax.axhline(scratch.val_accuracy, color="tab:gray", linestyle=":", label="from scratch")
+    best = result.best.val_accuracy
+    ax.axhspan(
+        best - result.noise_sigmas * result.noise,
+        best,
+        color="tab:green",
+        alpha=0.12,
+        label=f"within {result.noise_sigmas:g}x noise of best",
+    )
+    rec = result.recommended
+    ax.plot(
+        [rec.k],
+        [rec.val_accuracy],
+        "o",
+        markersize=14,
+        markerfacecolor="none",
+        markeredgecolor="tab:green",
+        markeredgewidth=2,
+        label=f"recommended (k={rec.k})",
+    )
+    ks = sorted({r.k for r in result.rows if r.k is not None})
+    ax.set_xticks(ks)
+    ax.set_xticklabels(
+        [f"{k}\n{result.block_names[k] if k < result.num_blocks else 'all'}" for k in ks],
+        fontsize=8,
+    )
+    ax.set_xlabel("k: first trainable block (blocks < k frozen)")
+    ax.set_ylabel(f"validation accuracy (n={result.num_validation})")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{result.backbone} transferability curve")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
