@@ -1,0 +1,177 @@
+"""Shared pieces of the benchmark: settings, the one fixed split, and the worker protocol.
+
+Every contender runs in its own Python process (``python benchmarks/run.py --worker=NAME``) so one
+cannot warm the other's caches or inflate its memory; a worker writes one JSON result holding its
+timings, accuracies and peak resident memory (``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import resource
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_DATA = SHARED / "data" / "hymenoptera" / "train"
+DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+SPLITS = ("train", "val", "test")
+# image_dataset_from_directory's extensions: the peer sees exactly the files tlkeras sees.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What both contenders share: data split, backbone, image size, epoch budget, batch size.
+
+    Attributes:
+        data: folder with one subfolder per class (split here, once, for everyone).
+        weights: ``MobileNet`` weights file (``None``: random init, for smoke tests only).
+        image_size: square side in pixels.
+        alpha: MobileNet width multiplier.
+        batch_size: examples per batch.
+        epochs: frozen-phase epochs (head warm-up).
+        fine_tune_epochs: fine-tuning epochs after unfreezing.
+        patience: EarlyStopping patience on validation loss (both contenders, best weights restored).
+        validation_split: fraction of the data for early stopping.
+        test_split: fraction of the data held out for the reported accuracy.
+        split_seed: seeds the one stratified split (training seeds vary separately).
+    """
+
+    data: str = str(DEFAULT_DATA)
+    weights: str | None = str(DEFAULT_WEIGHTS)
+    image_size: int = 224
+    alpha: float = 0.25
+    batch_size: int = 32
+    epochs: int = 10
+    fine_tune_epochs: int = 10
+    patience: int = 3
+    validation_split: float = 0.2
+    test_split: float = 0.2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "batch_size", "epochs", "fine_tune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, received {value!r}")
+        if (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, int)
+            or self.patience < 0
+        ):
+            raise ValueError(f"patience: expected an int >= 0, received {self.patience!r}")
+        for name in ("validation_split", "test_split"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name}: expected a fraction in (0, 1), received {value!r}")
+        if self.validation_split + self.test_split >= 1.0:
+            raise ValueError(
+                "validation_split + test_split: expected a sum below 1, received "
+                f"{self.validation_split} + {self.test_split}"
+            )
+        if not Path(self.data).is_dir():
+            raise ValueError(f"data: expected a folder of class folders, received {self.data!r}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"weights: expected a weights file or None, received {self.weights!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
+        return cls(**d)
+
+
+def make_split(config: BenchConfig, out_dir: str | Path) -> dict[str, dict[str, int]]:
+    """Copy ``config.data`` into ``out_dir/{train,val,test}/<class>/`` with one stratified split.
+
+    Both contenders read these folders (the peer with ``image_dataset_from_directory``, tlkeras with
+    ``tlkeras.data.load``, which recognises the ``train/val/test`` layout), so they train, early-stop
+    and are scored on the very same files. Returns ``split -> class -> count``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    root = Path(config.data)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+                labels.append(label)
+    if len(classes) < 2 or not files:
+        raise ValueError(
+            f"data: expected at least 2 class folders of images, received {classes} in {root}"
+        )
+    rest, test = train_test_split(
+        list(range(len(files))),
+        test_size=config.test_split,
+        random_state=config.split_seed,
+        stratify=labels,
+    )
+    train, val = train_test_split(
+        rest,
+        test_size=config.validation_split / (1.0 - config.test_split),
+        random_state=config.split_seed,
+        stratify=[labels[i] for i in rest],
+    )
+    out_dir = Path(out_dir)
+    counts: dict[str, dict[str, int]] = {}
+    for split, indices in zip(SPLITS, (train, val, test), strict=True):
+        counts[split] = dict.fromkeys(classes, 0)
+        for name in classes:
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            name = classes[labels[i]]
+            shutil.copyfile(files[i], out_dir / split / name / files[i].name)
+            counts[split][name] += 1
+    return counts
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    result = {**result, "peak_rss_mib": round(peak_rss_mib(), 1)}
+    Path(path).write_text(json.dumps(result, indent=2, default=str))
+
+
+def machine() -> dict[str, Any]:
+    """The machine the numbers were taken on."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info

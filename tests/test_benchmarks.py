@@ -1,0 +1,164 @@
+"""Smoke tests of the benchmark machinery (``benchmarks/``) on tiny synthetic data.
+
+They check that the split is shared and stratified, that bad settings are refused, and that
+``benchmarks/run.py --quick`` runs every contender in its own process and writes the report. They
+never assert a time: timings are the benchmark's business, not the tests'.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _load_common():
+    spec = importlib.util.spec_from_file_location("bench_common", BENCHMARKS / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load_common()
+
+
+def _image_folder(root: Path, per_class: dict[str, int], size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for i, (name, n) in enumerate(per_class.items()):
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            # Two visibly different classes: bright noise vs dark noise.
+            pixels = rng.random((size, size, 3)) * (255 if i == 0 else 100)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{j}.jpg")
+    (root / "ants" / ".DS_Store").write_bytes(b"\0\1")  # not an image: never copied
+    return root
+
+
+@pytest.mark.parametrize(("n_ants", "n_bees"), [(10, 10), (20, 12)])
+def test_make_split_is_stratified_disjoint_and_complete(tmp_path, n_ants, n_bees):
+    data = _image_folder(tmp_path / "data", {"ants": n_ants, "bees": n_bees})
+    config = common.BenchConfig(data=str(data), weights=None)
+    counts = common.make_split(config, tmp_path / "split")
+
+    assert set(counts) == {"train", "val", "test"}
+    names = {
+        split: {
+            p.relative_to(tmp_path / "split" / split)
+            for p in (tmp_path / "split" / split).rglob("*.jpg")
+        }
+        for split in counts
+    }
+    assert sum(len(v) for v in names.values()) == n_ants + n_bees
+    assert not (
+        names["train"] & names["val"]
+        or names["train"] & names["test"]
+        or names["val"] & names["test"]
+    )
+    for split in ("val", "test"):
+        # Stratified: each class keeps its share (within one image) in every held-out split.
+        total = sum(counts[split].values())
+        expected = total * n_ants / (n_ants + n_bees)
+        assert abs(counts[split]["ants"] - expected) <= 1
+
+
+def test_make_split_is_the_same_for_the_same_seed(tmp_path):
+    data = _image_folder(tmp_path / "data", {"ants": 12, "bees": 12})
+    config = common.BenchConfig(data=str(data), weights=None)
+    common.make_split(config, tmp_path / "a")
+    common.make_split(config, tmp_path / "b")
+    listing = [
+        sorted(str(p.relative_to(d)) for p in d.rglob("*.jpg"))
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert listing[0] == listing[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs: expected an int >= 1"),
+        ({"batch_size": 2.5}, "batch_size: expected an int >= 1"),
+        ({"patience": -1}, "patience: expected an int >= 0"),
+        ({"test_split": 1.5}, "test_split: expected a fraction"),
+        ({"validation_split": 0.6, "test_split": 0.5}, "expected a sum below 1"),
+        ({"data": "/no/such/folder"}, "data: expected a folder"),
+        ({"weights": "/no/such/weights.h5"}, "weights: expected a weights file"),
+    ],
+)
+def test_bench_config_rejects_bad_settings(tmp_path, kwargs, match):
+    kwargs = {"data": str(tmp_path), "weights": None, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        common.BenchConfig(**kwargs)
+
+
+def _run_bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def test_bad_flag_value_is_one_line_and_exit_2(tmp_path):
+    proc = _run_bench("--quick", f"--data={tmp_path / 'missing'}", "--weights=none")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data: expected a folder" in lines[0]
+
+
+def test_quick_run_machinery_on_tiny_synthetic_data(tmp_path):
+    data = _image_folder(tmp_path / "data", {"ants": 10, "bees": 10})
+    output = tmp_path / "BENCHMARKS.md"
+    proc = _run_bench(
+        "--quick",
+        f"--data={data}",
+        "--weights=none",
+        "--image_size=32",
+        "--epochs=1",
+        "--fine_tune_epochs=1",
+        "--batch_size=8",
+        "--noinference",
+        f"--output={output}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every contender ran in its own worker process.
+    for worker in (
+        "forward",
+        "peer_0",
+        "tlkeras_frozen_0",
+        "tlkeras_frozen_clean_0",
+        "tlkeras_two_phase_0",
+    ):
+        assert f"{worker} " in proc.stdout
+    text = output.read_text()
+    for needle in (
+        "# Benchmarks: tlkeras vs the plain Keras recipe",
+        "shared 2-core machine",
+        "| peer (Keras guide) |",
+        "| tlkeras (default: augment on) | cached_views |",
+        "| tlkeras (augment off) | cached |",
+        "lower bound: one forward pass over train",
+        "## Targets (issue 7)",
+        "Frozen phase ≥ 8×",
+        "Two-phase ≥ 3×",
+        "Accuracy ≥ 90 %",
+        "## Observed difference: BatchNormalization",
+        "Not run (`--noinference`)",
+    ):
+        assert needle in text, needle
+    # The report names the split both contenders shared: 20 images, 12 train / 4 val / 4 test.
+    assert "train 12" in text and "val 4" in text and "test 4" in text
