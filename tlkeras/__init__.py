@@ -3,32 +3,62 @@
 Where each concept lives:
 - backbones (the table of 40 keras.applications models): ``tlkeras.backbones``
 - blocks (a backbone split into its natural units):       ``tlkeras.blocks``
-- strategies (which blocks train):                        ``tlkeras.strategy``
+- strategies (which blocks train, the BatchNorm rule):    ``tlkeras.strategy``
 - the model and its head:                                 ``tlkeras.model``
+- data in (folders, TFDS, arrays, digits; bad files):     ``tlkeras.data``
+- phases (two-phase training, resume, reports):           ``tlkeras.training``, ``tlkeras.reports``
+- the fast frozen path (features computed once):          ``tlkeras.features``
+- offline transfer story and strategy comparison:         ``tlkeras.transfer``
+- which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
+- export (TF Serving SavedModels) and local serving:      ``tlkeras.export``, ``tlkeras.serving``
 """
 
-from tlkeras import _quiet  # noqa: F401  (must run before TensorFlow is imported)
+from tlkeras import (  # noqa: F401
+    _quiet,  # noqa: F401  (must run before TensorFlow is imported)
+    data,
+    export,  # noqa: F401  (callable: tlkeras.export(model, ...))
+    features,
+    transfer,
+)
+from tlkeras.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones
 from tlkeras.backbones import BackboneSpec, backbone_names, build_backbone, get_backbone
 from tlkeras.blocks import Block, block_names, blocks
+from tlkeras.export import ExportResult, load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
 from tlkeras.strategy import Strategy, apply_strategy
+from tlkeras.training import RunResult, TrainConfig, fit, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
+    "AdvisorConfig",
     "AugmentConfig",
     "BackboneSpec",
     "Block",
+    "ExportResult",
     "HeadConfig",
     "ModelSpec",
+    "RunResult",
     "Strategy",
+    "TrainConfig",
     "__version__",
+    "advise",
     "apply_strategy",
     "backbone_names",
     "block_names",
     "blocks",
     "build_backbone",
     "build_model",
+    "data",
+    "export",
+    "features",
+    "fit",
     "get_backbone",
     "get_spec",
+    "load_exported",
+    "logme",
+    "rank_backbones",
+    "train",
+    "transfer",
 ]

@@ -19,9 +19,8 @@ if "tensorflow" not in sys.modules and not os.environ.get("TLKERAS_TF_LOGS"):
         _null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(_null, 2)
         try:
-            import tensorflow  # noqa: F401
-
             import keras  # noqa: F401
+            import tensorflow  # noqa: F401
         finally:
             os.dup2(_saved, 2)
             os.close(_saved)
