@@ -165,9 +165,7 @@ def main(argv: list[str]) -> None:
         fast=FLAGS.fast,
         verbose=1 if sys.stdout.isatty() else 2,  # progress bars only on a terminal
     )
-    print(f"Run directory: {result.run_dir}")
-    if result.export is not None:
-        print(f"Exported SavedModel: {result.export.path}")
+    print(f"Run directory: {result.run_dir}")  # the summary above already names the export
 
 
 if __name__ == "__main__":
