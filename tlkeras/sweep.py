@@ -406,6 +406,32 @@ def sweep(
                 flush=True,
             )
 
+    def fit_full_model(model, mode, k, block, lr, epochs, started: float) -> None:
+        """Plain compile + fit of the whole model: the fine-tuned rows and the scratch baseline."""
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=metrics())
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            callbacks=_early_stopping(patience),
+            verbose=keras_verbose,
+        )
+        acc, val_loss, test_acc = score(model)
+        add(
+            SweepRow(
+                mode,
+                k,
+                block,
+                _trainable_params(model),
+                acc,
+                val_loss,
+                test_acc,
+                len(history.history["loss"]),
+                time.perf_counter() - started,
+                "full_model",
+            )
+        )
+
     for k in resolved_ks:
         started = time.perf_counter()
         all_frozen = k == num_blocks
@@ -444,32 +470,8 @@ def sweep(
         if fine_tune:
             started = time.perf_counter()
             apply_strategy(model, "full")
-            model.compile(
-                optimizer=keras.optimizers.Adam(fine_tune_learning_rate),
-                loss=loss,
-                metrics=metrics(),
-            )
-            history = model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=fine_tune_epochs,
-                callbacks=_early_stopping(patience),
-                verbose=keras_verbose,
-            )
-            acc, val_loss, test_acc = score(model)
-            add(
-                SweepRow(
-                    FINE_TUNED,
-                    k,
-                    block,
-                    _trainable_params(model),
-                    acc,
-                    val_loss,
-                    test_acc,
-                    len(history.history["loss"]),
-                    time.perf_counter() - started,
-                    "full_model",
-                )
+            fit_full_model(
+                model, FINE_TUNED, k, block, fine_tune_learning_rate, fine_tune_epochs, started
             )
         del model
         keras.backend.clear_session(free_memory=True)
@@ -478,29 +480,7 @@ def sweep(
         started = time.perf_counter()
         model = new_model("scratch", None, None)
         _scratch_batchnorm(model)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics())
-        history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=scratch_epochs,
-            callbacks=_early_stopping(patience),
-            verbose=keras_verbose,
-        )
-        acc, val_loss, test_acc = score(model)
-        add(
-            SweepRow(
-                SCRATCH,
-                None,
-                names[0],
-                _trainable_params(model),
-                acc,
-                val_loss,
-                test_acc,
-                len(history.history["loss"]),
-                time.perf_counter() - started,
-                "full_model",
-            )
-        )
+        fit_full_model(model, SCRATCH, None, names[0], learning_rate, scratch_epochs, started)
         del model
 
     recommended, best, noise = recommend(rows, num_validation, noise_sigmas)
