@@ -23,6 +23,7 @@ from absl import logging as absl_logging
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli, training
 from tlkeras.data import DataConfig
+from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.model import AugmentConfig, HeadConfig
 from tlkeras.strategy import Strategy
 
@@ -92,6 +93,21 @@ flags.DEFINE_string(
 flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
+flags.DEFINE_enum(
+    "distribution",
+    DistributeConfig().distribution.value,
+    [d.value for d in Distribution],
+    "tf.distribute strategy; multi_worker reads the cluster from TF_CONFIG. "
+    "--batch_size is then per replica.",
+)
+flags.DEFINE_integer(
+    "cpu_replicas",
+    DistributeConfig().cpu_replicas,
+    "mirrored only: split the CPU into N logical devices (no GPU needed).",
+)
+flags.DEFINE_string(
+    "tpu", DistributeConfig().tpu, "tpu only: TPU name or grpc:// address, or 'local' (TPU VM)."
+)
 
 FLAGS = flags.FLAGS
 
@@ -163,6 +179,9 @@ def main(argv: list[str]) -> None:
         class_weight=parse_class_weight(FLAGS.class_weight),
         seed=FLAGS.seed,
         fast=FLAGS.fast,
+        distribution=DistributeConfig(
+            FLAGS.distribution, cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu
+        ),
         verbose=1 if sys.stdout.isatty() else 2,  # progress bars only on a terminal
     )
     print(f"Run directory: {result.run_dir}")  # the summary above already names the export

@@ -57,6 +57,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
             fail(str(e) or type(e).__name__)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as e:
+            # Library errors that carry an exit code (e.g. a lost worker: "re-run to resume").
+            if isinstance(getattr(e, "exit_code", None), int):
+                fail(str(e), e.exit_code)
+            raise
 
     app.run(guarded_main, flags_parser=parse_flags)
 

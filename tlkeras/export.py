@@ -672,7 +672,7 @@ def verify_export(
 
     Checks the signature names, input/output dtypes and shapes, the float signature against
     ``model.predict`` (max abs difference ≤ 1e-5) and the bytes signature against the training
-    pipeline's own decoding of ``images`` followed by ``model.predict``. Returns the child's report;
+    pipeline's own decoding of ``images`` followed by the model. Returns the child's report;
     raises ``ExportVerificationError`` on any mismatch.
     """
     path = Path(path)
@@ -682,7 +682,9 @@ def verify_export(
     head = head or _resolve_head(model, None, None)
     size = _input_size(model)
     pixels = _reference_decode(images, size)
-    expected = head.probabilities(model.predict(pixels, verbose=0, batch_size=len(images))).numpy()
+    # A plain call, not model.predict: under a multi-worker strategy predict gathers from every
+    # worker, and only the chief exports.
+    expected = head.probabilities(model(pixels, training=False)).numpy()
     if class_names is None:
         labels = path / ASSETS_EXTRA / LABELS_FILE
         class_names = labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else []

@@ -55,7 +55,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import reports
+from tlkeras import distribute, reports
 
 logger = logging.getLogger("tlkeras.training")
 
@@ -105,7 +105,8 @@ class TrainConfig:
         fine_tune_epochs: phase 2 epochs after ``apply_strategy`` unfreezes; 0 skips phase 2.
         learning_rate: AdamW learning rate of phase 1.
         fine_tune_learning_rate: phase 2 learning rate; ``None`` means ``learning_rate / 10``.
-        batch_size: examples per batch (the data pipeline batches; recorded for the run).
+        batch_size: examples per batch and replica (``tlkeras.train`` batches the data by
+            ``batch_size`` × replicas under a ``tf.distribute`` strategy).
         label_smoothing: for the cross-entropy losses, in ``[0, 1)``.
         weight_decay: AdamW decoupled weight decay (biases and normalisation parameters excluded).
         class_weight: ``"auto"`` (balanced from the training counts), a ``{class_index: weight}``
@@ -398,10 +399,14 @@ def _clear_run_dir(run_dir: Path) -> None:
             child.unlink()
 
 
-def prepare_run_dir(
+def check_run_dir(
     run_dir: str | Path, fingerprint: dict[str, Any], *, overwrite: bool = False
-) -> dict[str, Any]:
-    """Create, resume or (with ``overwrite``) clear ``run_dir``; return its state.
+) -> tuple[str, dict[str, Any] | None]:
+    """What :func:`prepare_run_dir` would do with ``run_dir``, without writing anything.
+
+    Returns ``(action, state)``: action ``"new"``, ``"overwrite"``, ``"restart"`` (a failed or
+    corrupt run) or ``"resume"``. Every worker of a multi-worker run checks before the chief
+    writes, so they all raise (or none does).
 
     Raises:
         FileExistsError: ``run_dir`` holds a finished run (and ``overwrite`` is False), or is a
@@ -409,31 +414,26 @@ def prepare_run_dir(
         ValueError: ``run_dir`` holds an unfinished run with a different configuration.
     """
     run_dir = Path(run_dir)
-    # Compare in JSON form: the stored fingerprint has lists where the new one has tuples.
-    fingerprint = json.loads(json.dumps(reports.to_jsonable(fingerprint), sort_keys=True))
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"run_dir: expected a directory, received the file {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = _read_state(run_dir)
-    if state is None and any(run_dir.iterdir()):
-        raise FileExistsError(
-            f"run_dir: expected an empty or tlkeras run directory, received {run_dir} holding "
-            "other files; choose another output directory (it is never cleared)"
-        )
-    if state is not None and overwrite:
-        print(f"Overwriting the run in {run_dir}")
-        _clear_run_dir(run_dir)
-        state = None
-    elif state is not None and state.get("status") == "done":
+    state = _read_state(run_dir) if run_dir.is_dir() else None
+    if state is None:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise FileExistsError(
+                f"run_dir: expected an empty or tlkeras run directory, received {run_dir} holding "
+                "other files; choose another output directory (it is never cleared)"
+            )
+        return "new", None
+    if overwrite:
+        return "overwrite", state
+    if state.get("status") == "done":
         raise FileExistsError(
             f"run_dir: {run_dir} holds a finished run (see {run_dir / reports.METRICS_JSON}); "
             "expected a new output directory, or overwrite=True (--overwrite) to replace it"
         )
-    elif state is not None and state.get("status") in ("failed", "corrupt"):
-        print(f"Previous run in {run_dir} {state.get('status')}; starting afresh")
-        _clear_run_dir(run_dir)
-        state = None
-    elif state is not None and state.get("fingerprint") != fingerprint:
+    if state.get("status") in ("failed", "corrupt"):
+        return "restart", state
+    if state.get("fingerprint") != fingerprint:
         changed = sorted(
             k
             for k in set(fingerprint) | set(state.get("fingerprint", {}))
@@ -444,11 +444,36 @@ def prepare_run_dir(
             "expected the same settings to resume it, another output directory, or "
             "overwrite=True (--overwrite)"
         )
-    if state is None:
-        state = {"status": "running", "fingerprint": fingerprint, "phases": {}, "resumes": 0}
-    else:
+    return "resume", state
+
+
+def _normal_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    # Compare in JSON form: the stored fingerprint has lists where the new one has tuples.
+    return json.loads(json.dumps(reports.to_jsonable(fingerprint), sort_keys=True))
+
+
+def prepare_run_dir(
+    run_dir: str | Path, fingerprint: dict[str, Any], *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Create, resume or (with ``overwrite``) clear ``run_dir``; return its state.
+
+    Raises: as :func:`check_run_dir`.
+    """
+    run_dir = Path(run_dir)
+    fingerprint = _normal_fingerprint(fingerprint)
+    action, state = check_run_dir(run_dir, fingerprint, overwrite=overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if action == "overwrite":
+        print(f"Overwriting the run in {run_dir}")
+        _clear_run_dir(run_dir)
+    elif action == "restart":
+        print(f"Previous run in {run_dir} {state.get('status')}; starting afresh")
+        _clear_run_dir(run_dir)
+    if action == "resume":
         state["resumes"] = int(state.get("resumes", 0)) + 1
         print(f"Resuming the unfinished run in {run_dir}")
+    else:
+        state = {"status": "running", "fingerprint": fingerprint, "phases": {}, "resumes": 0}
     _write_state(run_dir, state)
     return state
 
@@ -595,9 +620,12 @@ def _nan_epoch(history: Mapping[str, list]) -> int | None:
 
 
 def _evaluate(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    # A plain call, not predict_on_batch: under a strategy that would split (or gather across
+    # workers) a batch that only this process evaluates.
+    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     ys, probs = [], []
     for x, y in dataset:
-        probs.append(np.asarray(model.predict_on_batch(x)))
+        probs.append(np.asarray(predict(x)))
         ys.append(np.asarray(y))
     if not ys:
         raise ValueError("expected a non-empty evaluation dataset, received 0 batches")
@@ -672,6 +700,8 @@ def fit(
     phases = _phases(strategy, fine_tune_at, config)
 
     run_dir = Path(run_dir)
+    strategy_tf = model.distribute_strategy  # the tf.distribute strategy the model was built in
+    chief = distribute.is_chief(strategy_tf)
     fingerprint = {
         "config": config.to_dict(),
         "strategy": strategy,
@@ -680,11 +710,27 @@ def fit(
         "class_names": class_names,
         "source": str(getattr(data, "source", "")),
     }
-    state = prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
+    if distribute.is_multi_worker(strategy_tf):
+        # Every worker checks (and raises) before the chief writes; then the others copy the
+        # chief's run directory and work in that copy: the same resume point, no shared writes.
+        check_run_dir(run_dir, _normal_fingerprint(fingerprint), overwrite=overwrite)
+        distribute.barrier(strategy_tf)
+        if chief:
+            prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
+        distribute.barrier(strategy_tf)
+        shared_run_dir = run_dir
+        if not chief:
+            run_dir = distribute.worker_copy(run_dir, strategy_tf)
+        state = _read_state(run_dir)
+    else:
+        shared_run_dir = run_dir
+        state = prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
     set_seed(config.seed)
 
-    train_ds = encode_labels(data.train, task, num_classes)
-    val_ds = encode_labels(data.validation, task, num_classes)
+    train_ds = distribute.shard_by_data(encode_labels(data.train, task, num_classes), strategy_tf)
+    val_ds = distribute.shard_by_data(
+        encode_labels(data.validation, task, num_classes), strategy_tf
+    )
     best_path = run_dir / BEST_MODEL
     done_before = {k for k, v in state["phases"].items() if v.get("done")}
     initial_epoch = 0
@@ -706,7 +752,9 @@ def fit(
             _fast_batchnorm_statistics(model)
         trainable = _trainable_params(model)
         loss = loss_for(task, from_logits=from_logits, label_smoothing=config.label_smoothing)
-        optimizer = _optimizer(phase["learning_rate"], config.weight_decay)
+        with strategy_tf.scope():  # optimizer and metric variables live on every replica
+            optimizer = _optimizer(phase["learning_rate"], config.weight_decay)
+            metrics = metrics_for(task, from_logits=from_logits)
         best_so_far = min(
             (
                 r[monitor]
@@ -762,7 +810,11 @@ def fit(
 
         fit_frozen, fast_note = (None, "off")
         if phase["strategy"] == FEATURE_EXTRACTION and config.fast:
-            fit_frozen, fast_note = _fast_path(model)
+            if distribute.is_distributed(strategy_tf):
+                # Cached features would be computed on one device, outside the strategy.
+                fast_note = "off under tf.distribute (the frozen phase trains end to end)"
+            else:
+                fit_frozen, fast_note = _fast_path(model)
         if verbose:
             print(
                 f"Phase {number}/{len(phases)} ({phase['name']}): strategy={phase['strategy']} "
@@ -780,25 +832,32 @@ def fit(
                 epochs=phase["epochs"],
                 optimizer=optimizer,
                 loss=loss,
-                metrics=metrics_for(task, from_logits=from_logits),
+                metrics=metrics,
                 callbacks=callbacks,
                 class_weight=class_weight,
                 seed=config.seed,
                 verbose=verbose,
             )
         else:
-            model.compile(
-                optimizer=optimizer, loss=loss, metrics=metrics_for(task, from_logits=from_logits)
-            )
-            history = model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=initial_epoch + phase["epochs"],
-                initial_epoch=initial_epoch,
-                callbacks=callbacks,
-                class_weight=class_weight,
-                verbose=verbose,
-            )
+            with strategy_tf.scope():
+                model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+            with (
+                distribute.keras_fixes(strategy_tf),
+                distribute.lost_worker_as_error(strategy_tf, shared_run_dir),
+                warnings.catch_warnings(),
+            ):
+                # One pass over the finite dataset is one epoch: Keras's "ran out of data" is noise.
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                history = model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    shuffle=False,  # the pipeline shuffles (seeded: the same order on every worker)
+                    epochs=initial_epoch + phase["epochs"],
+                    initial_epoch=initial_epoch,
+                    callbacks=callbacks,
+                    class_weight=class_weight,
+                    verbose=verbose,
+                )
         model._initial_epoch = None
         elapsed = time.perf_counter() - started
 
@@ -855,6 +914,11 @@ def fit(
 
     history, boundary = merged_history(run_dir, len(phases))
     history_out = {**history, "phase_boundary": boundary}
+    if not chief:  # trained in a private copy of the run directory; the chief reports and exports
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return RunResult(
+            model=model, history=history_out, metrics={"chief": False}, run_dir=shared_run_dir
+        )
     reports.write_history(history, run_dir, boundary)
     reports.plot_history(history, run_dir / reports.HISTORY_PNG, boundary, title=run_dir.name)
 
@@ -895,6 +959,7 @@ def fit(
                 "config": config.to_dict(),
                 "model": spec,
                 "resumes": state.get("resumes", 0),
+                "distribution": distribute.describe(strategy_tf),
             },
         }
     )
@@ -1022,6 +1087,7 @@ def train(
     export_dir: str | Path | None = DEFAULT_EXPORT_DIR,
     model_name: str | None = None,
     overwrite: bool = False,
+    distribution: Any = None,
     verbose: int = 1,
     **config_overrides: Any,
 ) -> RunResult:
@@ -1048,6 +1114,9 @@ def train(
             skips the export.
         model_name: default from the data source (``digits_5_9``, ``hymenoptera``…).
         overwrite: replace a finished run in ``output_dir``.
+        distribution: ``tlkeras.distribute`` — a ``DistributeConfig``, its name (``default``,
+            ``mirrored``, ``multi_worker``, ``tpu``) or a ``tf.distribute.Strategy``; ``None``:
+            one device. ``batch_size`` is then per replica. Only the chief writes and exports.
     """
     from tlkeras import data as data_lib
     from tlkeras.model import AugmentConfig, HeadConfig, build_model
@@ -1081,12 +1150,23 @@ def train(
         else Path(DEFAULT_OUTPUT_ROOT) / model_name / strategy_enum.value
     )
 
+    # First: a multi-worker or logical-CPU strategy must exist before TensorFlow starts its devices.
+    if isinstance(distribution, tf.distribute.Strategy):
+        strategy_tf = distribution
+    else:
+        strategy_tf = distribute.make_strategy(distribution)
+    batch_size = distribute.global_batch_size(config.batch_size, strategy_tf)
+    if verbose and distribute.is_distributed(strategy_tf):
+        print(
+            f"Distribution: {distribute.describe(strategy_tf)}; global batch {batch_size} "
+            f"({config.batch_size} per replica)"
+        )
     set_seed(config.seed)
     data = data_lib.load(
         data_source,
         validation=validation_data,
         image_size=size,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         validation_split=validation_split,
         test_split=test_split,
         seed=config.seed,
@@ -1102,19 +1182,27 @@ def train(
             print(
                 f"partial: no fine_tune_at given; fine-tuning the top half (fine_tune_at={fine_tune_at})"
             )
+    # The chief pre-trains `source:` weights into the (shared) cache before the others look there.
+    multi_worker, chief = distribute.is_multi_worker(strategy_tf), distribute.is_chief(strategy_tf)
+    if multi_worker and not chief:
+        distribute.barrier(strategy_tf)
     resolved = _resolve_weights(weights, backbone, backbone_kwargs, input_shape)
-    model = build_model(
-        backbone,
-        len(data.class_names),
-        strategy=strategy_enum,
-        fine_tune_at=fine_tune_at,
-        weights=None if resolved is None else str(resolved),
-        input_shape=input_shape,
-        backbone_kwargs=backbone_kwargs,
-        head=head,
-        augment=augment,
-        train_bn=train_bn,
-    )
+    if multi_worker and chief:
+        distribute.barrier(strategy_tf)
+    with strategy_tf.scope():
+        model = build_model(
+            backbone,
+            len(data.class_names),
+            strategy=strategy_enum,
+            fine_tune_at=fine_tune_at,
+            weights=None if resolved is None else str(resolved),
+            input_shape=input_shape,
+            backbone_kwargs=backbone_kwargs,
+            head=head,
+            augment=augment,
+            train_bn=train_bn,
+        )
+    distribute.sync_from_chief(model, strategy_tf)
 
     def export_model(result: RunResult) -> None:
         if export_dir is None:
