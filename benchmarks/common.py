@@ -175,3 +175,36 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- section:{name} begin -->", f"<!-- section:{name} end -->"
+
+
+def write_section(path: str | Path, name: str, text: str) -> None:
+    """Put ``text`` into ``path`` as the named section: replaced in place, or appended."""
+    begin, end = _markers(name)
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) + 1 :]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + block
+    path.write_text(new)
+
+
+def kept_sections(path: str | Path) -> str:
+    """The named sections other benchmarks wrote into ``path`` (for a script rewriting the rest)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    out, start = [], 0
+    while (i := text.find("<!-- section:", start)) >= 0:
+        name = text[i + len("<!-- section:") :].split(" ", 1)[0]
+        end = _markers(name)[1]
+        j = text.find(end, i)
+        if j < 0:
+            break
+        out.append(text[i : j + len(end)] + "\n")
+        start = j + len(end)
+    return "\n".join(out)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from absl import flags
-from common import REPO, BenchConfig, machine, make_split, write_result
+from common import REPO, BenchConfig, kept_sections, machine, make_split, write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = REPO / "BENCHMARKS.md"
@@ -751,7 +751,8 @@ def main(argv: list[str]) -> None:
     )
     print(text[text.index("## Results") :])
     if FLAGS.output:
-        Path(FLAGS.output).write_text(text)
+        kept = kept_sections(FLAGS.output)  # e.g. benchmarks/distribute.py's section
+        Path(FLAGS.output).write_text(text.rstrip("\n") + "\n\n" + kept if kept else text)
         print(f"wrote {FLAGS.output}")
 
 

@@ -11,11 +11,13 @@ Where each concept lives:
 - offline transfer story and strategy comparison:         ``tlkeras.transfer``
 - which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
 - export (TF Serving SavedModels) and local serving:      ``tlkeras.export``, ``tlkeras.serving``
+- many devices and machines (tf.distribute):              ``tlkeras.distribute``
 """
 
 from tlkeras import (  # noqa: F401
     _quiet,  # noqa: F401  (must run before TensorFlow is imported)
     data,
+    distribute,
     export,  # noqa: F401  (callable: tlkeras.export(model, ...))
     features,
     transfer,
@@ -23,6 +25,7 @@ from tlkeras import (  # noqa: F401
 from tlkeras.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones
 from tlkeras.backbones import BackboneSpec, backbone_names, build_backbone, get_backbone
 from tlkeras.blocks import Block, block_names, blocks
+from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.export import ExportResult, load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
 from tlkeras.strategy import Strategy, apply_strategy
@@ -36,6 +39,8 @@ __all__ = [
     "AugmentConfig",
     "BackboneSpec",
     "Block",
+    "DistributeConfig",
+    "Distribution",
     "ExportResult",
     "HeadConfig",
     "ModelSpec",
@@ -51,6 +56,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "data",
+    "distribute",
     "export",
     "features",
     "fit",
