@@ -106,7 +106,7 @@ def run_one(name: str, seed: int, preset: dict[str, Any], work: Path) -> dict[st
         if p.returncode != 0:
             raise RuntimeError(f"{name} seed {seed} failed:\n{out[-2000:]}\n{err[-2000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    history = json.loads((run_dir / "history.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())["history"]
     val = [v for v in history.get("val_accuracy", []) if v is not None]
     best = int(np.argmin(history["val_loss"])) if history.get("val_loss") else None
     return {

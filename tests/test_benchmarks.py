@@ -162,3 +162,16 @@ def test_quick_run_machinery_on_tiny_synthetic_data(tmp_path):
         assert needle in text, needle
     # The report names the split both contenders shared: 20 images, 12 train / 4 val / 4 test.
     assert "train 12" in text and "val 4" in text and "test 4" in text
+
+
+def test_named_sections_are_replaced_in_place_and_kept_by_a_rewrite(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nmain tables\n")
+    common.write_section(path, "distribute", "## Distributed\nfirst")
+    common.write_section(path, "distribute", "## Distributed\nsecond")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nmain tables\n")
+    assert "second" in text and "first" not in text and text.count("## Distributed") == 1
+    kept = common.kept_sections(path)
+    assert kept.startswith("<!-- section:distribute begin -->") and "second" in kept
+    assert "main tables" not in kept

@@ -14,7 +14,9 @@ EVALUATE = REPO / "scripts" / "evaluate.py"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "keras_home")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "keras_home")}
+    env.pop("TF_CONFIG", None)  # a single-machine run, whatever the caller's environment
+    return env
 
 
 BAD_FLAGS = {
@@ -23,6 +25,9 @@ BAD_FLAGS = {
     "negative_epochs": (["--epochs=-1"], "--epochs"),
     "bad_class_weight": (["--class_weight=heavy"], "--class_weight"),
     "unknown_flag": (["--epoch=3"], "epoch"),
+    "multi_worker_without_tf_config": (["--distribution=multi_worker"], "TF_CONFIG"),
+    "cpu_replicas_without_mirrored": (["--cpu_replicas=2"], "cpu_replicas"),
+    "tpu_without_a_tpu": (["--distribution=tpu", "--tpu=local"], "distribution='tpu'"),
 }
 
 

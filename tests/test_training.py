@@ -220,6 +220,23 @@ def test_run_dir_is_never_silently_overwritten(tmp_path):
     assert state["status"] == "running" and not (run / "metrics.json").exists()
 
 
+def test_check_run_dir_names_every_action_and_writes_nothing(tmp_path):
+    # What every worker of a multi-worker run checks before the chief writes.
+    run, fp = tmp_path / "run", {"config": 1}
+    assert training.check_run_dir(run, fp) == ("new", None) and not run.exists()
+    state = training.prepare_run_dir(run, fp)
+    before = sorted(p.name for p in run.iterdir())
+    assert training.check_run_dir(run, fp) == ("resume", state)
+    assert training.check_run_dir(run, fp, overwrite=True)[0] == "overwrite"
+    training._write_state(run, {**state, "status": "failed"})
+    assert training.check_run_dir(run, fp)[0] == "restart"
+    training._write_state(run, {**state, "status": "done"})
+    with pytest.raises(FileExistsError, match="finished run"):
+        training.check_run_dir(run, fp)
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert json.loads((run / "run_state.json").read_text())["status"] == "done"
+
+
 def test_foreign_directory_is_never_cleared(tmp_path):
     (tmp_path / "thesis.tex").write_text("precious")
     for overwrite in (False, True):

@@ -46,7 +46,9 @@ class WorkerLost(RuntimeError):
 
 
 @contextlib.contextmanager
-def lost_worker_as_error(strategy: tf.distribute.Strategy, run_dir: str | Path) -> Iterator[None]:
+def lost_worker_as_error(
+    strategy: tf.distribute.Strategy, run_dir: str | Path | None = None
+) -> Iterator[None]:
     """Turn the collective-op failure of a lost peer into :class:`WorkerLost` with the fix."""
     try:
         yield
@@ -57,10 +59,10 @@ def lost_worker_as_error(strategy: tf.distribute.Strategy, run_dir: str | Path) 
         detail = next(
             (line for line in lines if "abort" in line.lower()), lines[-1] if lines else ""
         )
+        resume = f" to resume from the last epoch backed up in {run_dir}" if run_dir else ""
         raise WorkerLost(
             f"a worker was lost during training ({type(e).__name__}: {detail[:160]}); "
-            f"run the same command on every worker again to resume from the last epoch backed "
-            f"up in {run_dir}"
+            f"run the same command on every worker again{resume}"
         ) from e
 
 
@@ -276,7 +278,8 @@ def _collective(strategy: tf.distribute.Strategy, per_replica) -> tf.Tensor:
     def reduce():
         return strategy.reduce("SUM", strategy.run(per_replica), axis=None)
 
-    return tf.function(reduce, autograph=False)()
+    with lost_worker_as_error(strategy):
+        return tf.function(reduce, autograph=False)()
 
 
 def barrier(strategy: tf.distribute.Strategy) -> None:

@@ -725,6 +725,7 @@ def fit(
     else:
         shared_run_dir = run_dir
         state = prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
+    distribute.sync_from_chief(model, strategy_tf)  # weights loaded per worker may differ
     set_seed(config.seed)
 
     train_ds = distribute.shard_by_data(encode_labels(data.train, task, num_classes), strategy_tf)
@@ -1202,7 +1203,6 @@ def train(
             augment=augment,
             train_bn=train_bn,
         )
-    distribute.sync_from_chief(model, strategy_tf)
 
     def export_model(result: RunResult) -> None:
         if export_dir is None:
