@@ -245,9 +245,15 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 def describe(strategy: tf.distribute.Strategy) -> str:
     """One line: strategy, replicas and this process's role."""
-    name = type(strategy).__name__
-    if name == "_DefaultDistributionStrategy":
+    if not is_distributed(strategy):
         return "default (one device)"
+    # MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy: say the public name.
+    public = (
+        (tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),
+        (tf.distribute.MirroredStrategy, "MirroredStrategy"),
+        (tf.distribute.TPUStrategy, "TPUStrategy"),
+    )
+    name = next((n for c, n in public if isinstance(strategy, c)), type(strategy).__name__)
     task_type, task_id = worker_id(strategy)
     role = f", {task_type} {task_id}{' (chief)' if is_chief(strategy) else ''}" if task_type else ""
     return f"{name}, {strategy.num_replicas_in_sync} replica(s){role}"
