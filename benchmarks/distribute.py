@@ -2,7 +2,7 @@
 ``scripts/train.py`` on the shared ants/bees photos: does distributed training land in the same
 accuracy band, and what does it cost on one machine?
 
-    python benchmarks/distribute.py            # 3 seeds, 128², 5 + 5 epochs (about 10 minutes)
+    python benchmarks/distribute.py            # 3 seeds, 160², 10 + 10 epochs (about 15 minutes)
     python benchmarks/distribute.py --quick    # 1 seed, 96², 3 + 2 epochs (about 2 minutes)
 
 Each run is its own process (two for the multi-worker run, with their own TF_CONFIG), with the same
@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import DEFAULT_DATA, DEFAULT_WEIGHTS, machine, write_section  # noqa: E402
 
+from tlkeras.distribute import loopback_tf_configs  # noqa: E402
+
 TRAIN = REPO / "scripts" / "train.py"
 SECTION = "distribute"
 CONFIGS = {
@@ -40,7 +41,7 @@ CONFIGS = {
     },
     "multi_worker, 2 workers": {"flags": ["--distribution=multi_worker"], "workers": 2},
 }
-FULL = {"seeds": 3, "image_size": 128, "epochs": 5, "fine_tune_epochs": 5}
+FULL = {"seeds": 3, "image_size": 160, "epochs": 10, "fine_tune_epochs": 10}
 QUICK = {"seeds": 1, "image_size": 96, "epochs": 3, "fine_tune_epochs": 2}
 
 flags.DEFINE_boolean("quick", False, "1 seed, 96², 3 + 2 epochs.")
@@ -49,16 +50,6 @@ flags.DEFINE_string("weights", str(DEFAULT_WEIGHTS), "MobileNet(alpha=0.25) no-t
 flags.DEFINE_string("strategy", "full", "tlkeras strategy of every run.")
 flags.DEFINE_string("output", str(REPO / "BENCHMARKS.md"), "Markdown file; '' prints only.")
 FLAGS = flags.FLAGS
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def run_one(name: str, seed: int, preset: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -83,18 +74,12 @@ def run_one(name: str, seed: int, preset: dict[str, Any], work: Path) -> dict[st
         *config["flags"],
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ports = _free_ports(config["workers"])
+    tf_configs = loopback_tf_configs(config["workers"]) if config["workers"] > 1 else [None]
     started = time.perf_counter()
     procs = []
-    for index in range(config["workers"]):
-        if config["workers"] > 1:
-            cluster = {"worker": [f"localhost:{p}" for p in ports]}
-            env = {
-                **env,
-                "TF_CONFIG": json.dumps(
-                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
-                ),
-            }
+    for tf_config in tf_configs:
+        if tf_config is not None:
+            env = {**env, "TF_CONFIG": tf_config}
         procs.append(
             subprocess.Popen(
                 cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

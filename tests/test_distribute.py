@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -92,6 +91,14 @@ def test_read_tf_config_returns_the_cluster(monkeypatch):
     assert distribute.read_tf_config() == config
 
 
+def test_loopback_tf_configs_describe_one_cluster_of_distinct_local_ports():
+    configs = [json.loads(c) for c in distribute.loopback_tf_configs(3)]
+    hosts = configs[0]["cluster"]["worker"]
+    assert len(set(hosts)) == 3 and all(h.startswith("localhost:") for h in hosts)
+    assert all(c["cluster"] == {"worker": hosts} for c in configs)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+
+
 @pytest.mark.parametrize(
     "task_type, task_id, cluster, chief",
     [
@@ -160,21 +167,6 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _tf_config(ports: list[int], index: int) -> str:
-    workers = [f"localhost:{p}" for p in ports]
-    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-
-
 def _runner(tmp_path: Path, name: str, distribution: str, **extra) -> tuple[list[str], Path]:
     reports = tmp_path / "reports"
     kwargs = {
@@ -226,16 +218,16 @@ def test_mirrored_on_two_logical_cpus_trains_logs_true_metrics_and_exports(
     assert abs(metrics["accuracy"] - single_device_accuracy) <= ACCURACY_BAND
 
 
-def _start_workers(tmp_path: Path, cmd_for, ports: list[int]) -> list[subprocess.Popen]:
+def _start_workers(tmp_path: Path, cmd: list[str], workers: int = 2) -> list[subprocess.Popen]:
     return [
         subprocess.Popen(
-            cmd_for(i),
-            env=_env(tmp_path, TF_CONFIG=_tf_config(ports, i)),
+            cmd,
+            env=_env(tmp_path, TF_CONFIG=tf_config),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(len(ports))
+        for tf_config in distribute.loopback_tf_configs(workers)
     ]
 
 
@@ -257,7 +249,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[i
 @pytest.mark.slow
 def test_two_workers_on_loopback_agree_and_only_the_chief_exports(tmp_path, single_device_accuracy):
     cmd, reports = _runner(tmp_path, "two_workers", "multi_worker")
-    results = _finish(_start_workers(tmp_path, lambda i: cmd, _free_ports(2)))
+    results = _finish(_start_workers(tmp_path, cmd))
     for rc, out, err in results:
         assert rc == 0, out[-3000:] + err[-3000:]
     chief, other = (json.loads((reports / f"worker{i}.json").read_text()) for i in (0, 1))
@@ -299,8 +291,7 @@ def test_a_killed_worker_is_reported_and_the_restarted_workers_resume(tmp_path):
         "--model_name=restart",
     ]
     cmd = [sys.executable, str(TRAIN), *flags]
-    ports = _free_ports(2)
-    procs = _start_workers(tmp_path, lambda i: cmd, ports)
+    procs = _start_workers(tmp_path, cmd)
     backup = run / "backup" / "phase1" / "training_metadata.json"
     deadline = time.monotonic() + 300
     while not backup.exists():  # the chief backed up an epoch: kill worker 1 mid-run
@@ -316,7 +307,7 @@ def test_a_killed_worker_is_reported_and_the_restarted_workers_resume(tmp_path):
     assert not export.exists() or not any(export.rglob("saved_model.pb"))
 
     # A cluster manager restarts the workers with the same command: both resume and finish.
-    results = _finish(_start_workers(tmp_path, lambda i: cmd, _free_ports(2)))
+    results = _finish(_start_workers(tmp_path, cmd))
     for rc, out, err in results:
         assert rc == 0, out[-3000:] + err[-3000:]
         assert "Epoch 1/6" not in out  # neither worker repeats the backed-up epoch

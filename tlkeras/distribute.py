@@ -28,6 +28,7 @@ import enum
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,21 @@ def read_tf_config() -> dict[str, Any]:
             f"received {text!r}"
         ) from None
     return config
+
+
+def loopback_tf_configs(workers: int) -> list[str]:
+    """One ``TF_CONFIG`` per worker of a cluster on this machine (free localhost ports): try a
+    multi-worker run, or test one, without a cluster."""
+    sockets = [socket.socket() for _ in range(workers)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    hosts = [f"localhost:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    return [
+        json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})
+        for i in range(workers)
+    ]
 
 
 def split_cpu(replicas: int) -> list[str]:
