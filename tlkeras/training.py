@@ -659,6 +659,10 @@ def fit(
     epoch where it stopped. Final metrics are computed on ``data.test`` (never trained or
     early-stopped on; ``data.validation`` drives early stopping and the best checkpoint).
 
+    A model built under a ``tf.distribute`` strategy's scope trains in that strategy (see
+    ``tlkeras.distribute``): batch ``data`` by the global batch (per-replica batch × replicas);
+    on several workers run the same call on each, and only the chief writes ``run_dir``.
+
     Args:
         model: a model from ``tlkeras.build_model`` (or any model with a ``predictions`` layer and
             a ``backbone`` nested model the strategy functions understand).
