@@ -4,7 +4,7 @@ tlkeras adds no engine of its own: :func:`make_strategy` creates the ``tf.distri
 :class:`DistributeConfig` names, ``tlkeras.train`` builds and compiles the model under its scope and
 ``keras.Model.fit`` does the rest. This module holds what a correct multi-worker run needs around it:
 
-- ``--batch_size`` is per replica; the datasets are batched by :func:`global_batch_size` and
+- ``batch_size`` is per replica; the datasets are batched by :func:`global_batch_size` and
   ``tf.distribute`` splits each global batch across the replicas (and workers).
 - Multi-worker input is sharded by *data* (``AutoShardPolicy.DATA``, :func:`shard_by_data`): every
   worker reads the same seeded, shuffled file list and keeps its part of each global batch, so no
@@ -71,7 +71,7 @@ class Distribution(str, enum.Enum):
     """Which ``tf.distribute`` strategy trains the model."""
 
     DEFAULT = "default"  # no strategy: one device (TensorFlow's default strategy)
-    MIRRORED = "mirrored"  # every local GPU (or --cpu_replicas logical CPUs), synchronous
+    MIRRORED = "mirrored"  # every local GPU (or ``cpu_replicas`` logical CPUs), synchronous
     MULTI_WORKER = "multi_worker"  # MultiWorkerMirroredStrategy over the TF_CONFIG cluster
     TPU = "tpu"  # TPUStrategy
 
