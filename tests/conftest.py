@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,31 @@ def keras_home(tmp_path: Path) -> Path:
     (home / "models").mkdir(parents=True)
     os.symlink(MOBILENET_WEIGHTS, home / "models" / MOBILENET_WEIGHTS.name)
     return home
+
+
+def check_bad_flags_fail_in_one_line(
+    script: Path,
+    cases: Mapping[str, tuple[list[str], str]],
+    env: Mapping[str, str],
+    extra_args: Callable[[str], list[str]] = lambda name: [],
+) -> None:
+    """Each case ``name: (flags, text)`` ends ``script`` with exit 2 and one stderr line
+    ``<script>: error: …`` containing ``text``, no traceback. All cases run at once: each process
+    mostly waits on its TensorFlow import."""
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(script), *argv, *extra_args(name)],
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (argv, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=180)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, (name, err)
+        assert len(lines) == 1 and lines[0].startswith(f"{script.name}: error: "), (name, err)
+        assert cases[name][1] in lines[0], (name, lines[0])

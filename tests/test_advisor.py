@@ -9,7 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import HYMENOPTERA, MOBILENET_WEIGHTS, REPO, needs_hymenoptera, needs_shared_weights
+from conftest import (
+    HYMENOPTERA,
+    MOBILENET_WEIGHTS,
+    REPO,
+    check_bad_flags_fail_in_one_line,
+    needs_hymenoptera,
+    needs_shared_weights,
+)
 
 from tlkeras import advisor
 from tlkeras.advisor import AdvisorConfig, Case
@@ -257,22 +264,7 @@ BAD_FLAGS = {
 
 
 def test_advise_script_bad_flags_exit_2_with_one_line(tmp_path):
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(ADVISE), *argv],
-            env=_env(tmp_path),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (argv, _) in BAD_FLAGS.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=180)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2, (name, err)
-        assert len(lines) == 1 and lines[0].startswith("advise.py: error: "), (name, err)
-        assert BAD_FLAGS[name][1] in lines[0], (name, lines[0])
+    check_bad_flags_fail_in_one_line(ADVISE, BAD_FLAGS, _env(tmp_path))
 
 
 @needs_shared_weights

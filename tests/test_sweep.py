@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, check_bad_flags_fail_in_one_line
 
 from tlkeras.sweep import FINE_TUNED, FROZEN, SCRATCH, SweepRow, binomial_noise, recommend, sweep
 
@@ -164,19 +162,6 @@ BAD_FLAGS = {
 
 def test_sweep_script_bad_flags_exit_2_with_one_line(tmp_path):
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "kh"), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(SWEEP), *argv, f"--output_dir={tmp_path / name}"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (argv, _) in BAD_FLAGS.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=180)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2, (name, err)
-        assert len(lines) == 1 and lines[0].startswith("sweep.py: error: "), (name, err)
-        assert BAD_FLAGS[name][1] in lines[0], (name, lines[0])
+    check_bad_flags_fail_in_one_line(
+        SWEEP, BAD_FLAGS, env, lambda name: [f"--output_dir={tmp_path / name}"]
+    )

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import check_bad_flags_fail_in_one_line
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
@@ -32,24 +33,9 @@ BAD_FLAGS = {
 
 
 def test_bad_flags_exit_2_with_one_line_and_no_traceback(tmp_path):
-    # All cases at once: each process mostly waits on its TensorFlow import.
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(TRAIN), *argv, f"--output_dir={tmp_path / name}"],
-            env=_env(tmp_path),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (argv, _) in BAD_FLAGS.items()
-    }
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=180)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2, (name, err)
-        assert "Traceback" not in err, (name, err)
-        assert len(lines) == 1 and lines[0].startswith("train.py: error: "), (name, err)
-        assert BAD_FLAGS[name][1] in lines[0], (name, lines[0])
+    check_bad_flags_fail_in_one_line(
+        TRAIN, BAD_FLAGS, _env(tmp_path), lambda name: [f"--output_dir={tmp_path / name}"]
+    )
 
 
 @pytest.mark.slow
