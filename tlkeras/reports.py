@@ -42,6 +42,18 @@ def _labels_from(y: np.ndarray, num_classes: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _scores(row: dict[str, Any], *, support: bool) -> dict[str, Any]:
+    """One row of scikit-learn's ``classification_report(output_dict=True)`` as plain numbers."""
+    out: dict[str, Any] = {
+        "precision": float(row["precision"]),
+        "recall": float(row["recall"]),
+        "f1": float(row["f1-score"]),
+    }
+    if support:
+        out["support"] = int(row["support"])
+    return out
+
+
 def classification_metrics(
     y_true: np.ndarray | Sequence[int],
     y_prob: np.ndarray,
@@ -78,21 +90,9 @@ def classification_metrics(
     report = classification_report(
         true, pred, labels=labels, target_names=class_names, output_dict=True, zero_division=0
     )
-    per_class = {
-        name: {
-            "precision": float(report[name]["precision"]),
-            "recall": float(report[name]["recall"]),
-            "f1": float(report[name]["f1-score"]),
-            "support": int(report[name]["support"]),
-        }
-        for name in class_names
-    }
+    per_class = {name: _scores(report[name], support=True) for name in class_names}
     averages = {
-        key: {
-            "precision": float(report[key]["precision"]),
-            "recall": float(report[key]["recall"]),
-            "f1": float(report[key]["f1-score"]),
-        }
+        key: _scores(report[key], support=False)
         for key in ("macro avg", "weighted avg")
         if key in report
     }
@@ -123,15 +123,7 @@ def multilabel_metrics(
         "accuracy": float(accuracy_score(true, pred)),
         "num_examples": int(len(true)),
         "class_names": class_names,
-        "per_class": {
-            name: {
-                "precision": float(report[name]["precision"]),
-                "recall": float(report[name]["recall"]),
-                "f1": float(report[name]["f1-score"]),
-                "support": int(report[name]["support"]),
-            }
-            for name in class_names
-        },
+        "per_class": {name: _scores(report[name], support=True) for name in class_names},
         "confusion_matrix": multilabel_confusion_matrix(true, pred).tolist(),
     }
 
