@@ -598,44 +598,35 @@ def fit_frozen(
         print(plan.describe(), flush=True)
     for note in plan.notes:
         logger.info("fast frozen path: %s", note)
-    callbacks = list(callbacks)
-    if not plan.valid:
-        model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
-        history = model.fit(
-            train,
-            validation_data=validation,
-            epochs=epochs,
-            callbacks=callbacks,
-            class_weight=class_weight,
-            shuffle=False,
-            verbose=verbose,
+    # Invalid plan: the whole model trains on the images. Valid: the suffix trains on features the
+    # frozen prefix computes once (its weights are the model's).
+    trained, train_in, val_in, extra = model, train, validation, {}
+    if plan.valid:
+        start = time.perf_counter()
+        prefix, trained = split_at_block(model, plan.fine_tune_at)
+        augmentation = (
+            model.get_layer(AUGMENTATION_LAYER) if plan.mode == MODE_CACHED_VIEWS else None
         )
-        history.fast_path = plan.to_dict()
-        return history
+        train_in = cache_features(
+            prefix,
+            train,
+            views=1 + plan.augment_views if augmentation is not None else 1,
+            augmentation=augmentation,
+            seed=seed,
+            shuffle=True,
+        )
+        val_in = cache_features(prefix, validation) if validation is not None else None
+        extra = {"cache_seconds": round(time.perf_counter() - start, 3)}
 
-    start = time.perf_counter()
-    prefix, suffix = split_at_block(model, plan.fine_tune_at)
-    augmentation = model.get_layer(AUGMENTATION_LAYER) if plan.mode == MODE_CACHED_VIEWS else None
-    train_features = cache_features(
-        prefix,
-        train,
-        views=1 + plan.augment_views if augmentation is not None else 1,
-        augmentation=augmentation,
-        seed=seed,
-        shuffle=True,
-    )
-    val_features = cache_features(prefix, validation) if validation is not None else None
-    cache_seconds = time.perf_counter() - start
-
-    suffix.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
-    history = suffix.fit(
-        train_features,
-        validation_data=val_features,
+    trained.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
+    history = trained.fit(
+        train_in,
+        validation_data=val_in,
         epochs=epochs,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
         class_weight=class_weight,
         shuffle=False,  # datasets shuffle themselves; Keras would only warn
         verbose=verbose,
     )
-    history.fast_path = {**plan.to_dict(), "cache_seconds": round(cache_seconds, 3)}
+    history.fast_path = {**plan.to_dict(), **extra}
     return history
