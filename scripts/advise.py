@@ -20,27 +20,12 @@ from pathlib import Path
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import advisor, cli, transfer
+from tlkeras import advisor, cli
 
 _A = advisor.AdvisorConfig()
 
-flags.DEFINE_string(
-    "data", transfer.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
-)
-flags.DEFINE_string("backbone", transfer.DEFAULT_BACKBONE, "A keras.applications model name.")
-flags.DEFINE_string(
-    "backbone_kwargs",
-    ",".join(f"{k}={v}" for k, v in transfer.DEFAULT_BACKBONE_KWARGS.items()),
-    "Backbone constructor arguments, e.g. alpha=0.25.",
-)
-flags.DEFINE_string(
-    "weights",
-    transfer.SOURCE_PREFIX + transfer.DEFAULT_SOURCE,
-    "Pretrained weights: imagenet | PATH to a weights file | source:TASK.",
-)
-flags.DEFINE_integer(
-    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
-)
+cli.define_model_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_string(
     "candidates",
     None,

@@ -26,27 +26,14 @@ from tlkeras.training import TrainConfig
 _C = TrainConfig()
 _D = DataConfig()
 
-flags.DEFINE_string(
-    "data", transfer.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
+cli.define_model_flags(
+    "Initial weights of the pretrained strategies: imagenet | none | PATH | source:TASK "
+    "(scratch always starts from random init)."
 )
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_string("validation_data", None, "Validation folder or tfds split (default: a split).")
 flags.DEFINE_float("validation_split", _D.validation_split, "Fraction held out for validation.")
 flags.DEFINE_float("test_split", _D.test_split, "Fraction held out for the test accuracy.")
-flags.DEFINE_string("backbone", transfer.DEFAULT_BACKBONE, "A keras.applications model name.")
-flags.DEFINE_string(
-    "backbone_kwargs",
-    ",".join(f"{k}={v}" for k, v in transfer.DEFAULT_BACKBONE_KWARGS.items()),
-    "Backbone constructor arguments, e.g. alpha=0.25.",
-)
-flags.DEFINE_string(
-    "weights",
-    transfer.SOURCE_PREFIX + transfer.DEFAULT_SOURCE,
-    "Initial weights of the pretrained strategies: imagenet | none | PATH | source:TASK "
-    "(scratch always starts from random init).",
-)
-flags.DEFINE_integer(
-    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
-)
 flags.DEFINE_list("strategies", list(transfer.STRATEGIES), "Strategies to compare.")
 flags.DEFINE_integer("fine_tune_at", None, "First trainable block of 'partial' (default: half).")
 flags.DEFINE_integer("epochs", _C.epochs, "Phase 1 epochs (the whole budget of scratch/frozen).")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, transfer
+from tlkeras import cli
 from tlkeras.data import DataConfig
 from tlkeras.model import AugmentConfig
 from tlkeras.sweep import (
@@ -31,25 +31,10 @@ from tlkeras.sweep import (
 
 _D = DataConfig()
 
-flags.DEFINE_string(
-    "data", transfer.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
-)
+cli.define_model_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_float("validation_split", _D.validation_split, "Fraction held out to choose k on.")
 flags.DEFINE_float("test_split", _D.test_split, "Fraction held out for the test accuracy.")
-flags.DEFINE_string("backbone", transfer.DEFAULT_BACKBONE, "A keras.applications model name.")
-flags.DEFINE_string(
-    "backbone_kwargs",
-    ",".join(f"{k}={v}" for k, v in transfer.DEFAULT_BACKBONE_KWARGS.items()),
-    "Backbone constructor arguments, e.g. alpha=0.25.",
-)
-flags.DEFINE_string(
-    "weights",
-    transfer.SOURCE_PREFIX + transfer.DEFAULT_SOURCE,
-    "Pretrained weights: imagenet | PATH to a weights file | source:TASK.",
-)
-flags.DEFINE_integer(
-    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
-)
 flags.DEFINE_list(
     "ks",
     [str(k) for k in DEFAULT_KS],

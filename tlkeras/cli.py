@@ -2,7 +2,8 @@
 
 Scripts define flags and call library functions; this module only turns a script's ``main`` into a
 process that ends with one line on stderr and exit code 2 for usage/configuration errors (never a
-traceback), and parses the few flag *value formats* the scripts share. It never reads flag values.
+traceback), parses the few flag *value formats* the scripts share, and defines the data/backbone
+flags the experiment scripts share (:func:`define_model_flags`). It never reads flag values.
 """
 
 from __future__ import annotations
@@ -99,3 +100,31 @@ def parse_weights(text: str | None) -> str | None:
     if text.strip().lower() == "imagenet":
         return "imagenet"
     return text
+
+
+WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:TASK."
+
+
+def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
+    """Define ``--data --backbone --backbone_kwargs --weights --image_size`` with the offline
+    transfer story's defaults (``tlkeras.transfer``). Call at a script's module level, then
+    ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's own."""
+    from absl import flags
+
+    from tlkeras import transfer
+
+    flags.DEFINE_string(
+        "data", transfer.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
+    )
+    flags.DEFINE_string("backbone", transfer.DEFAULT_BACKBONE, "A keras.applications model name.")
+    flags.DEFINE_string(
+        "backbone_kwargs",
+        ",".join(f"{k}={v}" for k, v in transfer.DEFAULT_BACKBONE_KWARGS.items()),
+        "Backbone constructor arguments, e.g. alpha=0.25.",
+    )
+    flags.DEFINE_string("weights", transfer.SOURCE_PREFIX + transfer.DEFAULT_SOURCE, weights_help)
+    flags.DEFINE_integer(
+        "image_size",
+        None,
+        "Square input size (default: 32 for source: weights, else the backbone's).",
+    )
