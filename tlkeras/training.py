@@ -714,6 +714,7 @@ def fit(
         "class_names": class_names,
         "source": str(getattr(data, "source", "")),
     }
+    shared_run_dir = run_dir  # what the caller named; a non-chief worker trains in a copy of it
     if distribute.is_multi_worker(strategy_tf):
         # Every worker checks (and raises) before the chief writes; then the others copy the
         # chief's run directory and work in that copy: the same resume point, no shared writes.
@@ -722,12 +723,10 @@ def fit(
         if chief:
             prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
         distribute.barrier(strategy_tf)
-        shared_run_dir = run_dir
         if not chief:
             run_dir = distribute.worker_copy(run_dir, strategy_tf)
         state = _read_state(run_dir)
     else:
-        shared_run_dir = run_dir
         state = prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
     distribute.sync_from_chief(model, strategy_tf)  # weights loaded per worker may differ
     set_seed(config.seed)
