@@ -90,41 +90,30 @@ def run(config: BenchConfig, split_dir: str | Path, seed: int) -> dict[str, Any]
             monitor="val_loss", patience=config.patience, restore_best_weights=True
         )
 
-    callbacks = [early_stopping()] if config.patience else []
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
-        metrics=[keras.metrics.BinaryAccuracy()],
-    )
-    t0 = time.perf_counter()
-    frozen = model.fit(
-        train_ds,
-        epochs=config.epochs,
-        validation_data=validation_ds,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    frozen_s = time.perf_counter() - t0
+    def compile_and_fit(learning_rate: float, epochs: int):
+        """The guide's compile + fit, as it does it before and after unfreezing; (history, s)."""
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.BinaryAccuracy()],
+        )
+        t0 = time.perf_counter()
+        history = model.fit(
+            train_ds,
+            epochs=epochs,
+            validation_data=validation_ds,
+            callbacks=[early_stopping()] if config.patience else [],
+            verbose=0,
+        )
+        return history, time.perf_counter() - t0
+
+    frozen, frozen_s = compile_and_fit(1e-3, config.epochs)
     frozen_accuracy = _accuracy(model, test_ds)
     frozen_val_accuracy = _accuracy(model, validation_ds)
 
     means_before = _moving_means(base_model)
     base_model.trainable = True
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-5),
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
-        metrics=[keras.metrics.BinaryAccuracy()],
-    )
-    callbacks = [early_stopping()] if config.patience else []
-    t0 = time.perf_counter()
-    fine = model.fit(
-        train_ds,
-        epochs=config.fine_tune_epochs,
-        validation_data=validation_ds,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    fine_tune_s = time.perf_counter() - t0
+    fine, fine_tune_s = compile_and_fit(1e-5, config.fine_tune_epochs)
     accuracy = _accuracy(model, test_ds)
     val_accuracy = _accuracy(model, validation_ds)
     _, guide_metric = model.evaluate(test_ds, verbose=0)  # BinaryAccuracy(0.5) on logits
