@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
     weights = cli.parse_weights(FLAGS.weights)
-    candidates = advisor.parse_candidates(FLAGS.candidates, weights) if FLAGS.candidates else None
+    candidates = cli.parse_candidates(FLAGS.candidates, weights) if FLAGS.candidates else None
     config = advisor.AdvisorConfig(
         small_max_images=FLAGS.small_max_images,
         min_probe_gain=FLAGS.min_probe_gain,

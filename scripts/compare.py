@@ -18,7 +18,7 @@ from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli, transfer
-from tlkeras.backbones import get_backbone
+from tlkeras import weights as weights_lib
 from tlkeras.data import DataConfig, load
 from tlkeras.model import AugmentConfig
 from tlkeras.training import TrainConfig
@@ -52,21 +52,9 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected only --flags, received positional arguments {argv[1:]}")
-    unknown = [s for s in FLAGS.strategies if s not in transfer.STRATEGIES]
-    if not FLAGS.strategies or unknown:  # before any data loading or pre-training
-        raise ValueError(
-            f"--strategies: expected a non-empty subset of {','.join(transfer.STRATEGIES)}, "
-            f"received {','.join(FLAGS.strategies)}"
-        )
+    transfer.check_strategies(FLAGS.strategies)  # before any data loading or pre-training
     backbone_kwargs = cli.parse_kwargs(FLAGS.backbone_kwargs)
-    size = FLAGS.image_size
-    if size is None:
-        source_weights = (FLAGS.weights or "").startswith(transfer.SOURCE_PREFIX)
-        size = (
-            transfer.DEFAULT_IMAGE_SIZE
-            if source_weights
-            else get_backbone(FLAGS.backbone).default_size
-        )
+    size, _ = weights_lib.image_size_for(FLAGS.image_size, FLAGS.weights, FLAGS.backbone)
     config = TrainConfig(
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,
@@ -75,9 +63,7 @@ def main(argv: list[str]) -> None:
         fast=FLAGS.fast,
         seed=FLAGS.seed,
     )
-    weights = transfer.resolve_weights(
-        FLAGS.weights, FLAGS.backbone, backbone_kwargs, (size, size, 3)
-    )
+    weights = weights_lib.resolve(FLAGS.weights, FLAGS.backbone, backbone_kwargs, (size, size, 3))
     data = load(
         FLAGS.data,
         validation=FLAGS.validation_data,

@@ -43,6 +43,27 @@ def keras_home(tmp_path: Path) -> Path:
     return home
 
 
+def run_python(
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+    cwd: str | Path | None = None,
+    text: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run this interpreter on ``args`` (a script and its flags, or ``"-c", code, …``) and wait.
+
+    stdout and stderr are captured (as text unless ``text=False``); ``env`` defaults to this
+    process's environment. The one way tests run a script or a snippet in a fresh process."""
+    return subprocess.run(
+        [sys.executable, *(str(a) for a in args)],
+        env=None if env is None else dict(env),
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def check_bad_flags_fail_in_one_line(
     script: Path,
     cases: Mapping[str, tuple[list[str], str]],

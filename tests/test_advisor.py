@@ -18,7 +18,7 @@ from conftest import (
     needs_shared_weights,
 )
 
-from tlkeras import advisor
+from tlkeras import advisor, cli
 from tlkeras.advisor import AdvisorConfig, Case
 
 ADVISE = REPO / "scripts" / "advise.py"
@@ -179,13 +179,13 @@ def test_probe_gain(acc, random_acc, chance, expected):
     ],
 )
 def test_parse_candidates(text, expected):
-    assert advisor.parse_candidates(text) == expected
+    assert cli.parse_candidates(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", ";", "Mobile Net", "MobileNet(alpha)"])
 def test_parse_candidates_rejects_bad_text(text):
     with pytest.raises(ValueError, match="--candidates"):
-        advisor.parse_candidates(text)
+        cli.parse_candidates(text)
 
 
 def test_advise_needs_pretrained_weights():

@@ -7,6 +7,7 @@ import pytest
 import tlkeras
 from tests.conftest import small_input
 from tlkeras import Strategy
+from tlkeras.strategy import SCRATCH_BN_MOMENTUM, scratch_batchnorm
 
 HEAD = ("pool", "head_dropout", "predictions")
 
@@ -164,3 +165,23 @@ def test_scratch_trains_batchnorm_statistics():
     before = bn.moving_mean.numpy().copy()
     _train_one_step(m)
     assert not np.array_equal(bn.moving_mean.numpy(), before)
+
+
+def test_scratch_phase_speeds_up_batchnorm_statistics():
+    model = tlkeras.build_model(
+        "MobileNet",
+        3,
+        strategy="scratch",
+        weights=None,
+        input_shape=(32, 32, 3),
+        backbone_kwargs={"alpha": 0.25},
+    )
+    scratch_batchnorm(model)
+    bns = [
+        layer
+        for layer in model.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert bns and all(b.momentum == SCRATCH_BN_MOMENTUM for b in bns)
+    scratch_batchnorm(model, momentum=0.95)  # never raises a lowered momentum
+    assert all(b.momentum == SCRATCH_BN_MOMENTUM for b in bns)

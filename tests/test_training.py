@@ -9,7 +9,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
@@ -65,61 +64,6 @@ def test_config_rejects_bad_values_with_expected_received(kwargs, error):
 
 # ---------------------------------------------------------------------------------------------
 # Losses, metrics, labels per head task
-
-
-@pytest.mark.parametrize(
-    "task, from_logits, loss_cls",
-    [
-        ("multiclass", False, keras.losses.CategoricalCrossentropy),
-        ("multiclass", True, keras.losses.CategoricalCrossentropy),
-        ("binary", False, keras.losses.BinaryCrossentropy),
-        ("multilabel", True, keras.losses.BinaryCrossentropy),
-    ],
-)
-def test_loss_per_task_with_label_smoothing(task, from_logits, loss_cls):
-    loss = training.loss_for(task, from_logits=from_logits, label_smoothing=0.1)
-    assert isinstance(loss, loss_cls)
-    assert loss.get_config()["from_logits"] is from_logits
-    assert loss.get_config()["label_smoothing"] == pytest.approx(0.1)
-    (metric,) = training.metrics_for(task, from_logits=from_logits)
-    assert metric.name == "accuracy"
-    if task != "multiclass":
-        assert metric.get_config()["threshold"] == (0.0 if from_logits else 0.5)
-
-
-def test_label_smoothing_changes_the_loss_value():
-    y = np.eye(3)[[0, 1]]
-    p = np.array([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]])
-    plain = float(training.loss_for("multiclass")(y, p))
-    smooth = float(training.loss_for("multiclass", label_smoothing=0.2)(y, p))
-    assert smooth > plain + 0.1
-
-
-def test_unknown_task_is_rejected():
-    with pytest.raises(ValueError, match="expected task in"):
-        training.loss_for("regression")
-
-
-@pytest.mark.parametrize(
-    "head, num_classes, task, shape",
-    [
-        (tlkeras.HeadConfig(), 3, "multiclass", (None, 3)),
-        (tlkeras.HeadConfig(task="binary"), 2, "binary", (None, 1)),
-        (tlkeras.HeadConfig(task="multilabel", from_logits=True), 3, "multilabel", (None, 3)),
-    ],
-)
-def test_head_task_and_encoded_labels(head, num_classes, task, shape):
-    import tensorflow as tf
-
-    model = tlkeras.build_model("MobileNet", num_classes, head=head, **SMALL)
-    assert training.head_task(model) == (task, head.from_logits)
-    y = np.array([0, 1, 1], "int32") if task != "multilabel" else np.eye(3, dtype="float32")
-    ds = tf.data.Dataset.from_tensor_slices((np.zeros((3, 32, 32, 3), "float32"), y)).batch(3)
-    _, encoded = next(iter(training.encode_labels(ds, task, num_classes)))
-    assert tuple(encoded.shape) == (3,) + shape[1:]
-    assert encoded.dtype == tf.float32
-    if task == "multiclass":
-        np.testing.assert_array_equal(encoded.numpy(), np.eye(3)[[0, 1, 1]])
 
 
 def test_class_weight_auto_is_balanced_from_train_counts():
@@ -304,14 +248,3 @@ def test_sigkill_in_phase_two_resumes_in_phase_two(tmp_path):
     assert history["history"]["epoch"] == list(range(2 + epochs2))
     assert history["history"]["phase"] == [1, 1] + [2] * epochs2
     assert history["phase_boundary"] == 2
-
-
-def test_scratch_phase_speeds_up_batchnorm_statistics():
-    model = tlkeras.build_model("MobileNet", 3, strategy="scratch", **SMALL)
-    training._fast_batchnorm_statistics(model)
-    bns = [
-        layer
-        for layer in model.get_layer("backbone").layers
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    assert bns and all(b.momentum == training.SCRATCH_BN_MOMENTUM for b in bns)

@@ -1,15 +1,13 @@
-"""The offline transfer story: cached pre-trained weights, weights strings, strategy comparison."""
+"""The offline transfer story and the strategy comparison."""
 
 from __future__ import annotations
 
 import json
 
-import keras
-import numpy as np
 import pytest
 
 from tlkeras import transfer
-from tlkeras.model import build_model
+from tlkeras import weights as weights_lib
 from tlkeras.training import TrainConfig
 
 KWARGS = {"alpha": 0.25}
@@ -21,78 +19,8 @@ def home(tmp_path_factory):
     path = tmp_path_factory.mktemp("keras_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KERAS_HOME", str(path))
-        mp.setattr(transfer, "DEFAULT_PRETRAIN_EPOCHS", 1)
+        mp.setattr(weights_lib, "DEFAULT_PRETRAIN_EPOCHS", 1)
         yield path
-
-
-def test_pretrained_weights_are_cached_and_transfer(home):
-    path = transfer.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32)
-    assert path.is_file() and path.name.endswith(".weights.h5")
-    assert path.parent == home / "tlkeras" / "pretrained"
-    record = transfer.pretrained_record(path)
-    assert record["source"] == "digits:0-4" and record["class_names"] == list("01234")
-    assert 0.0 <= record["source_val_accuracy"] <= 1.0
-    mtime = path.stat().st_mtime_ns
-    assert transfer.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32) == path
-    assert path.stat().st_mtime_ns == mtime  # reused, not retrained
-    # Another recipe is another file (found in the cache or not: never the same name).
-    assert transfer._cache_key(a=1) != transfer._cache_key(a=2)
-    # The weights land in a new model's backbone, at any input size.
-    for size in (32, 48):
-        model = build_model(
-            "MobileNet", 5, weights=str(path), input_shape=(size, size, 3), backbone_kwargs=KWARGS
-        )
-        fresh = build_model(
-            "MobileNet", 5, weights=None, input_shape=(size, size, 3), backbone_kwargs=KWARGS
-        )
-        conv = model.get_layer("backbone").get_layer("conv1").get_weights()[0]
-        saved = (
-            keras.applications.MobileNet(
-                alpha=0.25, include_top=False, weights=str(path), input_shape=(32, 32, 3)
-            )
-            .get_layer("conv1")
-            .get_weights()[0]
-        )
-        np.testing.assert_array_equal(conv, saved)
-        assert not np.allclose(
-            conv, fresh.get_layer("backbone").get_layer("conv1").get_weights()[0]
-        )
-
-
-def test_resolve_weights_forms(home, tmp_path):  # after the test above: the cache is warm
-    assert transfer.resolve_weights(None) is None
-    assert transfer.resolve_weights("none") is None
-    assert transfer.resolve_weights("ImageNet") == "imagenet"
-    file = tmp_path / "w.weights.h5"
-    file.write_bytes(b"")
-    assert transfer.resolve_weights(str(file)) == str(file)
-    resolved = transfer.resolve_weights("source:digits:0-4", "MobileNet", KWARGS, (32, 32, 3))
-    assert resolved == str(transfer.pretrained_weights("digits:0-4", "MobileNet", KWARGS))
-    assert resolved.startswith(str(home)) and resolved.endswith(".weights.h5")
-
-
-@pytest.mark.parametrize(
-    "weights,error,match",
-    [
-        ("missing.h5", FileNotFoundError, "no such file"),
-        ("source:mnist", ValueError, "expected an embedded source task"),
-        ("source:digits:0-4x", ValueError, "expected an embedded source task"),
-        (3, TypeError, "expected 'imagenet'"),
-    ],
-)
-def test_resolve_weights_errors(home, weights, error, match):
-    with pytest.raises(error, match=match):
-        transfer.resolve_weights(weights, "MobileNet", KWARGS, (32, 32, 3))
-
-
-@pytest.mark.parametrize(
-    "kwargs", [{"image_size": 0}, {"epochs": -1}, {"backbone_kwargs": "alpha"}]
-)
-def test_pretrained_weights_bad_arguments(home, kwargs):
-    with pytest.raises((ValueError, TypeError), match="expected"):
-        transfer.pretrained_weights(
-            "digits:0-4", "MobileNet", **{"backbone_kwargs": KWARGS, **kwargs}
-        )
 
 
 def test_transfer_story_table(home, tmp_path):

@@ -29,14 +29,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
+
+from tlkeras.backbones import get_backbone
+from tlkeras.blocks import blocks
+from tlkeras.data import ImageData, load
+from tlkeras.features import cache_features, split_at_block
+from tlkeras.model import build_model
+from tlkeras.weights import image_size_for, resolve
 
 DEFAULT_SMALL_MAX_IMAGES = 1000
 DEFAULT_MIN_PROBE_GAIN = 0.5
@@ -267,8 +275,6 @@ class _Sample:
 
 
 def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, batch_size: int):
-    from tlkeras.data import ImageData, load
-
     if isinstance(data, ImageData):
         if image_size is not None:
             raise ValueError(
@@ -276,17 +282,13 @@ def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, batch_size
                 f"{data.image_size}), received {image_size!r}"
             )
         return data
-    from tlkeras.training import _resolve_image_size
-
-    size = _resolve_image_size(image_size, weights, backbone)
+    size = image_size_for(image_size, weights, backbone)
     # Advice looks at every labelled image: no split is held out (nothing is trained here).
     return load(data, image_size=size, batch_size=batch_size, validation_split=0.0, test_split=0.0)
 
 
 def _labelled_images(data: Any, config: AdvisorConfig) -> _Sample:
     """Train + validation images (never test) as one dataset, stratified-sampled to max_images."""
-    import tensorflow as tf
-
     if data.multilabel:
         raise ValueError("advise: expected single-label data, received multi-label data")
     parts = [ds for ds in (data.train, data.validation) if ds is not None]
@@ -326,10 +328,6 @@ def _features(
     sample: _Sample, backbone: str, weights: Any, backbone_kwargs: dict[str, Any]
 ) -> tuple[np.ndarray, int]:
     """Pooled frozen features ``[n, C]`` and the backbone's block count."""
-    from tlkeras.blocks import blocks
-    from tlkeras.features import cache_features, split_at_block
-    from tlkeras.model import build_model
-
     model = build_model(
         backbone,
         max(2, len(sample.class_names)),
@@ -345,8 +343,6 @@ def _features(
 
 
 def _resolve_weights(weights: Any, backbone: str, backbone_kwargs: dict, image_size) -> Any:
-    from tlkeras.training import _resolve_weights as resolve
-
     return resolve(weights, backbone, backbone_kwargs, (*image_size, 3))
 
 
@@ -517,10 +513,6 @@ def advise(
     Returns:
         An ``Advice``.
     """
-    import keras
-
-    from tlkeras.backbones import get_backbone
-
     started = time.perf_counter()
     config = config or AdvisorConfig()
     if not isinstance(config, AdvisorConfig):
@@ -629,10 +621,6 @@ def rank_backbones(
     ``image_size``, default the first candidate's size), so the scores compare. The probe
     accuracy is reported alongside (cross-validated, as in ``advise``).
     """
-    import keras
-
-    from tlkeras.backbones import get_backbone
-
     config = config or AdvisorConfig()
     if (
         isinstance(candidates, (str, bytes))
@@ -691,28 +679,3 @@ def ranking_table(rows: Sequence[Ranking]) -> str:
             f"{r.seconds:>7.1f}"
         )
     return "\n".join(lines)
-
-
-_CANDIDATE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)\s*(?:\((.*)\))?\s*(?:@(.+))?\s*$")
-
-
-def parse_candidates(text: str, default_weights: str | None = "imagenet") -> list[tuple]:
-    """Parse ``"MobileNet(alpha=0.25)@PATH;MobileNetV2(alpha=0.35)@imagenet;NASNetMobile"`` into
-    ``rank_backbones`` candidates (weights default to ``default_weights``)."""
-    from tlkeras.cli import parse_kwargs
-
-    out = []
-    for item in (text or "").split(";"):
-        if not item.strip():
-            continue
-        m = _CANDIDATE.match(item)
-        if m is None:
-            raise ValueError(
-                f"--candidates: expected NAME[(key=value,...)][@WEIGHTS] separated by ';', "
-                f"received {item.strip()!r}"
-            )
-        name, kwargs, weights = m.groups()
-        out.append((name, parse_kwargs(kwargs, "--candidates"), weights or default_weights))
-    if not out:
-        raise ValueError(f"--candidates: expected at least one candidate, received {text!r}")
-    return out

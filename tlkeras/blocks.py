@@ -27,6 +27,7 @@ import keras
 from keras.src.ops.function import make_node_key
 
 from tlkeras.backbones import Family, get_backbone
+from tlkeras.spec import get_spec
 
 STEM = "stem"
 TOP = "top"
@@ -180,8 +181,6 @@ def get_backbone_model(model: keras.Model) -> keras.Model:
 def blocks(model: keras.Model, backbone: str | None = None) -> list[Block]:
     """The blocks of a model built by ``tlkeras.build_model`` (or of a bare backbone when
     ``backbone`` names its row in the table), stem first, top last."""
-    from tlkeras.model import get_spec
-
     if backbone is None:
         backbone = get_spec(model).backbone
     base = get_backbone_model(model)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from tlkeras import weights as weights_lib
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -95,11 +98,7 @@ def parse_kwargs(text: str | None, flag: str = "--backbone_kwargs") -> dict[str,
 
 def parse_weights(text: str | None) -> str | None:
     """``imagenet`` | ``none`` | a weights-file path, as the library's ``weights`` argument."""
-    if text is None or text.strip().lower() in ("", "none", "null", "random"):
-        return None
-    if text.strip().lower() == "imagenet":
-        return "imagenet"
-    return text
+    return weights_lib.parse(text)
 
 
 WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:TASK."
@@ -111,20 +110,45 @@ def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
     ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's own."""
     from absl import flags
 
-    from tlkeras import transfer
-
     flags.DEFINE_string(
-        "data", transfer.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
+        "data", weights_lib.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
     )
-    flags.DEFINE_string("backbone", transfer.DEFAULT_BACKBONE, "A keras.applications model name.")
+    flags.DEFINE_string(
+        "backbone", weights_lib.DEFAULT_BACKBONE, "A keras.applications model name."
+    )
     flags.DEFINE_string(
         "backbone_kwargs",
-        ",".join(f"{k}={v}" for k, v in transfer.DEFAULT_BACKBONE_KWARGS.items()),
+        ",".join(f"{k}={v}" for k, v in weights_lib.DEFAULT_BACKBONE_KWARGS.items()),
         "Backbone constructor arguments, e.g. alpha=0.25.",
     )
-    flags.DEFINE_string("weights", transfer.SOURCE_PREFIX + transfer.DEFAULT_SOURCE, weights_help)
+    flags.DEFINE_string(
+        "weights", weights_lib.SOURCE_PREFIX + weights_lib.DEFAULT_SOURCE, weights_help
+    )
     flags.DEFINE_integer(
         "image_size",
         None,
         "Square input size (default: 32 for source: weights, else the backbone's).",
     )
+
+
+_CANDIDATE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)\s*(?:\((.*)\))?\s*(?:@(.+))?\s*$")
+
+
+def parse_candidates(text: str, default_weights: str | None = "imagenet") -> list[tuple]:
+    """Parse ``"MobileNet(alpha=0.25)@PATH;MobileNetV2(alpha=0.35)@imagenet;NASNetMobile"`` into
+    ``rank_backbones`` candidates (weights default to ``default_weights``)."""
+    out = []
+    for item in (text or "").split(";"):
+        if not item.strip():
+            continue
+        m = _CANDIDATE.match(item)
+        if m is None:
+            raise ValueError(
+                f"--candidates: expected NAME[(key=value,...)][@WEIGHTS] separated by ';', "
+                f"received {item.strip()!r}"
+            )
+        name, kwargs, weights = m.groups()
+        out.append((name, parse_kwargs(kwargs, "--candidates"), weights or default_weights))
+    if not out:
+        raise ValueError(f"--candidates: expected at least one candidate, received {text!r}")
+    return out

@@ -25,6 +25,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras.blocks import blocks as list_blocks
+from tlkeras.blocks import resolve_block_index
+
 logger = logging.getLogger(__name__)
 
 # Augmented views cached per training image when the model augments (plus the clean view).
@@ -152,9 +155,6 @@ def _num_blocks_and_prefix(
     model: keras.Model, k: int | None
 ) -> tuple[int | None, list[keras.layers.Layer]]:
     """Normalise ``k`` and list the backbone layers before block ``k`` (all of them for ``None``)."""
-    from tlkeras.blocks import blocks as list_blocks
-    from tlkeras.blocks import resolve_block_index
-
     backbone = _backbone(model)
     layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
     if k is None:

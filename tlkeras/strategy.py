@@ -29,6 +29,13 @@ import enum
 import keras
 
 from tlkeras.blocks import blocks, get_backbone_model, resolve_block_index
+from tlkeras.spec import get_spec
+
+# A short from-scratch run moves the weights fast; with Keras's default BatchNormalization momentum
+# (0.99) the moving statistics lag behind and inference-mode accuracy sits at chance while training
+# accuracy climbs (measured: MobileNet(alpha=0.25), digits 0-4 at 32x32, 8 epochs: 0.20 vs 0.88;
+# with momentum 0.9: 0.91).
+SCRATCH_BN_MOMENTUM = 0.9
 
 
 class Strategy(str, enum.Enum):
@@ -106,8 +113,6 @@ def apply_strategy(
     trainable flags when it compiles. ``train_bn`` defaults to the model's ModelSpec (see the
     BatchNorm rule above).
     """
-    from tlkeras.model import get_spec
-
     strategy = Strategy.parse(strategy)
     n_frozen = frozen_block_count(model, strategy, fine_tune_at)
     if train_bn is None:
@@ -126,3 +131,16 @@ def apply_strategy(
         if layer is not base:
             layer.trainable = True
     return n_frozen
+
+
+def scratch_batchnorm(model: keras.Model, momentum: float = SCRATCH_BN_MOMENTUM) -> None:
+    """The BatchNorm rule for ``scratch``: moving statistics that keep up with a short run.
+
+    Lowers (never raises) the momentum of every BatchNormalization layer, nested models included;
+    applying it twice changes nothing.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            scratch_batchnorm(layer, momentum)
+        elif isinstance(layer, keras.layers.BatchNormalization) and layer.momentum > momentum:
+            layer.momentum = momentum

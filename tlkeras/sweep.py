@@ -29,7 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+
+from tlkeras import reports
+from tlkeras.backbones import get_backbone
+from tlkeras.blocks import blocks, resolve_block_index
+from tlkeras.data import ImageData, load
+from tlkeras.features import fit_frozen
+from tlkeras.model import AugmentConfig, build_model
+from tlkeras.strategy import apply_strategy, scratch_batchnorm
+from tlkeras.task import encode_labels, infer, loss_for, metrics_for
+from tlkeras.weights import image_size_for, resolve
 
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"
@@ -188,16 +199,12 @@ def _trainable_params(model: Any) -> int:
 
 
 def _evaluate(model: Any, dataset: Any, loss: Any, metrics: Any) -> tuple[float, float]:
-    import keras
-
     model.compile(optimizer=keras.optimizers.Adam(), loss=loss, metrics=metrics)
     out = model.evaluate(dataset, verbose=0, return_dict=True)
     return float(out["accuracy"]), float(out["loss"])
 
 
 def _early_stopping(patience: int) -> list[Any]:
-    import keras
-
     if not patience:
         return []
     return [
@@ -208,8 +215,6 @@ def _early_stopping(patience: int) -> list[Any]:
 
 
 def _check_ks(ks: Any, all_blocks: Sequence[Any]) -> list[int]:
-    from tlkeras.blocks import resolve_block_index
-
     if isinstance(ks, (str, bytes, int)) or not isinstance(ks, Sequence) or not ks:
         raise ValueError(f"ks: expected a non-empty list of block indices, received {ks!r}")
     num_blocks = len(all_blocks)
@@ -284,24 +289,6 @@ def sweep(
     Returns:
         A ``SweepResult``.
     """
-    import keras
-
-    from tlkeras.backbones import get_backbone
-    from tlkeras.blocks import blocks
-    from tlkeras.data import ImageData, load
-    from tlkeras.features import fit_frozen
-    from tlkeras.model import AugmentConfig, build_model
-    from tlkeras.strategy import apply_strategy
-    from tlkeras.training import (
-        _resolve_image_size,
-        _resolve_weights,
-        encode_labels,
-        head_task,
-        loss_for,
-        metrics_for,
-    )
-    from tlkeras.transfer import _scratch_batchnorm
-
     spec = get_backbone(backbone)
     backbone_kwargs = dict(backbone_kwargs or {})
     if weights is None:
@@ -336,7 +323,7 @@ def sweep(
     else:
         data = load(
             data,
-            image_size=_resolve_image_size(image_size, weights, spec.name),
+            image_size=image_size_for(image_size, weights, spec.name),
             batch_size=batch_size,
             validation_split=validation_split,
             test_split=test_split,
@@ -348,7 +335,7 @@ def sweep(
         raise ValueError("data: expected single-label data, received multi-label data")
     size = tuple(data.image_size)
     input_shape = (*size, 3)
-    resolved = _resolve_weights(weights, spec.name, backbone_kwargs, input_shape)
+    resolved = resolve(weights, spec.name, backbone_kwargs, input_shape)
     num_classes = data.num_classes
     num_validation = int(sum(data.counts["validation"].values()))
 
@@ -376,7 +363,7 @@ def sweep(
     names = tuple(b.name for b in all_blocks)
     num_blocks = len(names)
     resolved_ks = _check_ks(ks, all_blocks)
-    task, from_logits = head_task(probe)
+    task, from_logits = infer(probe)
     del probe
     loss = loss_for(task, from_logits=from_logits)
 
@@ -479,7 +466,7 @@ def sweep(
     if baseline_scratch:
         started = time.perf_counter()
         model = new_model("scratch", None, None)
-        _scratch_batchnorm(model)
+        scratch_batchnorm(model)
         fit_full_model(model, SCRATCH, None, names[0], learning_rate, scratch_epochs, started)
         del model
 
@@ -521,8 +508,6 @@ def sweep(
 
 def write(result: SweepResult, output_dir: str | Path) -> dict[str, Path]:
     """Write ``sweep.json``, ``sweep.csv`` and ``sweep.png`` into ``output_dir``."""
-    from tlkeras import reports
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / SWEEP_JSON, "csv": out / SWEEP_CSV, "png": out / SWEEP_PNG}

@@ -38,11 +38,11 @@ import contextlib
 import csv
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -55,7 +55,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import distribute, reports
+from tlkeras import data as data_lib
+from tlkeras import distribute, features, reports
+from tlkeras import weights as weights_lib
+from tlkeras.blocks import blocks
+from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
+from tlkeras.strategy import Strategy, apply_strategy, check_fine_tune_at, scratch_batchnorm
+from tlkeras.task import encode_labels, infer, loss_for, metrics_for
 
 logger = logging.getLogger("tlkeras.training")
 
@@ -63,12 +69,9 @@ RUN_STATE = "run_state.json"
 BEST_MODEL = "model.keras"
 BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tb"
-TASKS = ("multiclass", "binary", "multilabel")
-SCRATCH_BN_MOMENTUM = 0.9  # see _fast_batchnorm_statistics
-
-# Strategy values as plain strings so this module imports before/without tlkeras.strategy.
-SCRATCH, FEATURE_EXTRACTION, PARTIAL, FULL = "scratch", "feature_extraction", "partial", "full"
-STRATEGIES = (SCRATCH, FEATURE_EXTRACTION, PARTIAL, FULL)
+# Phase plans hold strategies as their plain values: they are written to run_state.json.
+SCRATCH, FEATURE_EXTRACTION = Strategy.SCRATCH.value, Strategy.FEATURE_EXTRACTION.value
+PARTIAL, FULL = Strategy.PARTIAL.value, Strategy.FULL.value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,71 +218,8 @@ def set_seed(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loss, metrics and labels per head task
+# Class weights
 # --------------------------------------------------------------------------------------------------
-
-
-def head_task(model: keras.Model) -> tuple[str, bool]:
-    """``(task, from_logits)`` of a model: from ``tlkeras.get_spec`` or its ``predictions`` layer."""
-    try:
-        from tlkeras.model import get_spec
-
-        head = get_spec(model).head
-        return head.task, bool(head.from_logits)
-    except (ImportError, ValueError, AttributeError, KeyError):
-        pass
-    try:
-        layer = model.get_layer("predictions")
-    except ValueError as e:
-        raise ValueError(
-            "expected a model with a layer named 'predictions' (as tlkeras.build_model makes), "
-            f"received a model with layers {[la.name for la in model.layers][-3:]}"
-        ) from e
-    activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
-    if activation == "sigmoid":
-        return ("binary" if layer.units == 1 else "multilabel"), False
-    return "multiclass", activation != "softmax"
-
-
-def loss_for(task: str, *, from_logits: bool = False, label_smoothing: float = 0.0):
-    """The loss of a head task: categorical CE on one-hot labels, binary CE otherwise."""
-    if task == "multiclass":
-        return keras.losses.CategoricalCrossentropy(
-            from_logits=from_logits, label_smoothing=label_smoothing
-        )
-    if task in ("binary", "multilabel"):
-        return keras.losses.BinaryCrossentropy(
-            from_logits=from_logits, label_smoothing=label_smoothing
-        )
-    raise ValueError(f"expected task in {TASKS}, received {task!r}")
-
-
-def metrics_for(task: str, *, from_logits: bool = False) -> list[keras.metrics.Metric]:
-    """An ``accuracy`` metric that fits the task (logit heads threshold at 0, not 0.5)."""
-    if task == "multiclass":
-        return [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if task in ("binary", "multilabel"):
-        return [
-            keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0 if from_logits else 0.5)
-        ]
-    raise ValueError(f"expected task in {TASKS}, received {task!r}")
-
-
-def encode_labels(dataset: tf.data.Dataset | None, task: str, num_classes: int):
-    """Map int labels to the targets the loss expects: one-hot (multiclass), ``[B, 1]`` (binary)."""
-    if dataset is None:
-        return None
-
-    def encode(x, y):
-        if task == "multiclass":
-            if y.shape.rank == 2:  # already one-hot / soft labels
-                return x, tf.cast(y, tf.float32)
-            return x, tf.one_hot(tf.cast(y, tf.int32), num_classes)
-        if task == "binary":
-            return x, tf.reshape(tf.cast(y, tf.float32), [-1, 1])
-        return x, tf.cast(y, tf.float32)
-
-    return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _class_weight(config: TrainConfig, data: Any, task: str) -> dict[int, float] | None:
@@ -572,10 +512,6 @@ def _optimizer(learning_rate: float, weight_decay: float) -> keras.optimizers.Op
 def _fast_path(model: keras.Model):
     """``(fit_frozen, plan_description)`` when the fast frozen path is valid now, else ``(None, why)``."""
     try:
-        from tlkeras import features
-    except ImportError as e:
-        return None, f"unavailable ({e})"
-    try:
         plan = features.fast_path_plan(model, None)
     except (ValueError, TypeError) as e:
         return None, f"not valid ({e})"
@@ -584,32 +520,9 @@ def _fast_path(model: keras.Model):
     return features.fit_frozen, plan.mode
 
 
-def _fast_batchnorm_statistics(model: keras.Model, momentum: float = SCRATCH_BN_MOMENTUM) -> None:
-    """Let BatchNormalization moving statistics keep up with a short from-scratch run.
-
-    With Keras's default momentum (0.99) a few hundred steps leave the moving mean/variance far
-    from the batch statistics, and inference-mode accuracy sits at chance while training accuracy
-    climbs (measured: MobileNet(alpha=0.25), digits 0-4 at 32x32, 8 epochs: 0.20 vs 0.88; with
-    momentum 0.9: 0.91).
-    """
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            _fast_batchnorm_statistics(layer, momentum)
-        elif isinstance(layer, keras.layers.BatchNormalization) and layer.momentum > momentum:
-            layer.momentum = momentum
-
-
 def _tensorboard_available() -> bool:
     # tf.summary needs the separate `tensorboard` package, which TensorFlow no longer pulls in.
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def _apply_strategy(model: keras.Model, strategy: str, fine_tune_at: int | None, train_bn: bool):
-    from tlkeras.strategy import apply_strategy
-
-    if "train_bn" in inspect.signature(apply_strategy).parameters:
-        return apply_strategy(model, strategy, fine_tune_at, train_bn=train_bn)
-    return apply_strategy(model, strategy, fine_tune_at)
 
 
 def _nan_epoch(history: Mapping[str, list]) -> int | None:
@@ -634,10 +547,8 @@ def _evaluate(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray,
 
 def _model_description(model: keras.Model) -> dict[str, Any]:
     try:
-        from tlkeras.model import get_spec
-
         return get_spec(model).to_dict()
-    except (ImportError, ValueError, AttributeError, KeyError):
+    except (ValueError, AttributeError, KeyError):
         return {"name": model.name, "params": int(model.count_params())}
 
 
@@ -683,9 +594,7 @@ def fit(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, received {type(config).__name__}")
     spec = _model_description(model)
-    strategy = str(getattr(strategy, "value", strategy) or spec.get("strategy") or FULL)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {STRATEGIES}, received {strategy!r}")
+    strategy = Strategy.parse(strategy or spec.get("strategy") or FULL).value
     if fine_tune_at is None and strategy == PARTIAL:
         fine_tune_at = spec.get("fine_tune_at")
     if fine_tune_at is not None and strategy != PARTIAL:
@@ -694,7 +603,7 @@ def fit(
             f"strategy={strategy!r}"
         )
     train_bn = bool(spec.get("train_bn", False))
-    task, from_logits = head_task(model)
+    task, from_logits = infer(model)
     class_names = list(data.class_names)
     num_classes = len(class_names)
     if data.validation is None:
@@ -751,9 +660,9 @@ def fit(
             with warnings.catch_warnings():  # the file's optimizer state is phase N-1's
                 warnings.simplefilter("ignore")
                 model.load_weights(run_dir / f"phase{number - 1}.weights.h5")
-        _apply_strategy(model, phase["strategy"], phase["fine_tune_at"], train_bn)
+        apply_strategy(model, phase["strategy"], phase["fine_tune_at"], train_bn=train_bn)
         if phase["strategy"] == SCRATCH:
-            _fast_batchnorm_statistics(model)
+            scratch_batchnorm(model)
         trainable = _trainable_params(model)
         loss = loss_for(task, from_logits=from_logits, label_smoothing=config.label_smoothing)
         with strategy_tf.scope():  # optimizer and metric variables live on every replica
@@ -914,7 +823,7 @@ def fit(
         except (OSError, ValueError) as e:
             logger.warning("Could not read %s (%s); keeping the last weights.", best_path, e)
     # Leave the model in its intended strategy (the flags a user/exporter will inspect).
-    _apply_strategy(model, phases[-1]["strategy"], phases[-1]["fine_tune_at"], train_bn)
+    apply_strategy(model, phases[-1]["strategy"], phases[-1]["fine_tune_at"], train_bn=train_bn)
 
     history, boundary = merged_history(run_dir, len(phases))
     history_out = {**history, "phase_boundary": boundary}
@@ -982,21 +891,22 @@ def fit(
 # train: the one-call entry point of scripts/train.py
 # --------------------------------------------------------------------------------------------------
 
-DEFAULT_DATA = "digits:5-9"
-DEFAULT_WEIGHTS = "source:digits:0-4"  # resolved by tlkeras.transfer: a backbone pre-trained on 0-4
-DEFAULT_BACKBONE = "MobileNet"
-DEFAULT_BACKBONE_KWARGS = "alpha=0.25"  # flag text; the library itself defaults to {}
+# The offline digits story (tlkeras.weights): a backbone pre-trained on 0-4, transferred to 5-9.
+DEFAULT_DATA = weights_lib.DEFAULT_TARGET
+DEFAULT_WEIGHTS = weights_lib.SOURCE_PREFIX + weights_lib.DEFAULT_SOURCE
+DEFAULT_BACKBONE = weights_lib.DEFAULT_BACKBONE
+# Flag text; the library itself defaults to {}.
+DEFAULT_BACKBONE_KWARGS = ",".join(
+    f"{k}={v}" for k, v in weights_lib.DEFAULT_BACKBONE_KWARGS.items()
+)
 DEFAULT_STRATEGY = FULL
 DEFAULT_OUTPUT_ROOT = "runs"
 DEFAULT_EXPORT_DIR = "saved_models"
-DEFAULT_SOURCE_IMAGE_SIZE = 32  # digits are 8x8: the transfer story trains at MobileNet's minimum
 
 
 def default_model_name(data_source: Any) -> str:
     """A SavedModel name from the data source: ``digits:5-9`` -> ``digits_5_9``,
     ``…/hymenoptera/train`` -> ``hymenoptera``, ``tfds:tf_flowers`` -> ``tf_flowers``."""
-    import re
-
     if isinstance(data_source, (str, os.PathLike)):
         text = str(data_source)
         if text.startswith("tfds:"):
@@ -1014,46 +924,6 @@ def _is_digits(source: Any) -> bool:
     return isinstance(source, str) and (source == "digits" or source.startswith("digits:"))
 
 
-def _resolve_image_size(image_size, weights, backbone: str) -> tuple[int, int]:
-    if image_size is None:
-        if isinstance(weights, str) and weights.startswith("source:"):
-            try:
-                from tlkeras import transfer
-
-                size = getattr(transfer, "DEFAULT_IMAGE_SIZE", DEFAULT_SOURCE_IMAGE_SIZE)
-            except ImportError:
-                size = DEFAULT_SOURCE_IMAGE_SIZE
-        else:
-            from tlkeras.backbones import get_backbone
-
-            size = get_backbone(backbone).default_size
-        image_size = size
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        image_size = (int(image_size), int(image_size))
-    if (
-        not isinstance(image_size, (tuple, list))
-        or len(image_size) != 2
-        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in image_size)
-    ):
-        raise ValueError(
-            f"image_size: expected a positive int or (height, width), received {image_size!r}"
-        )
-    return int(image_size[0]), int(image_size[1])
-
-
-def _resolve_weights(weights, backbone: str, backbone_kwargs: dict, input_shape) -> Any:
-    if isinstance(weights, str) and weights.startswith("source:"):
-        from tlkeras import transfer
-
-        return transfer.resolve_weights(weights, backbone, backbone_kwargs, input_shape)
-    if isinstance(weights, str) and weights != "imagenet" and not Path(weights).exists():
-        raise FileNotFoundError(
-            f"weights: expected 'imagenet', None, 'source:TASK' or an existing weights file, "
-            f"received {weights!r} (no such file)"
-        )
-    return weights
-
-
 def default_fine_tune_at(
     backbone: str, input_shape: tuple[int, int, int], backbone_kwargs: dict[str, Any] | None = None
 ) -> int:
@@ -1061,9 +931,6 @@ def default_fine_tune_at(
 
     Counts the blocks on a weightless build (cheap: no weights are read).
     """
-    from tlkeras.blocks import blocks
-    from tlkeras.model import build_model
-
     probe = build_model(
         backbone, 2, weights=None, input_shape=input_shape, backbone_kwargs=backbone_kwargs
     )
@@ -1122,10 +989,6 @@ def train(
             ``mirrored``, ``multi_worker``, ``tpu``) or a ``tf.distribute.Strategy``; ``None``:
             one device. ``batch_size`` is then per replica. Only the chief writes and exports.
     """
-    from tlkeras import data as data_lib
-    from tlkeras.model import AugmentConfig, HeadConfig, build_model
-    from tlkeras.strategy import Strategy, check_fine_tune_at
-
     config = dataclasses.replace(config or TrainConfig(), **config_overrides)
     strategy_enum = Strategy.parse(strategy)
     if strategy_enum is not Strategy.PARTIAL or fine_tune_at is not None:
@@ -1146,7 +1009,7 @@ def train(
     elif augment is False:
         augment = None
     backbone_kwargs = dict(backbone_kwargs or {})
-    size = _resolve_image_size(image_size, weights, backbone)
+    size = weights_lib.image_size_for(image_size, weights, backbone)
     model_name = model_name or default_model_name(data_source)
     run_dir = (
         Path(output_dir)
@@ -1190,7 +1053,7 @@ def train(
     multi_worker, chief = distribute.is_multi_worker(strategy_tf), distribute.is_chief(strategy_tf)
     if multi_worker and not chief:
         distribute.barrier(strategy_tf)
-    resolved = _resolve_weights(weights, backbone, backbone_kwargs, input_shape)
+    resolved = weights_lib.resolve(weights, backbone, backbone_kwargs, input_shape)
     if multi_worker and chief:
         distribute.barrier(strategy_tf)
     with strategy_tf.scope():
@@ -1249,7 +1112,6 @@ def evaluate_export(
     Folder classes are matched to the model's labels by name, so a folder may hold a subset of the
     classes. Writes ``metrics.json`` and ``confusion.png`` to ``output_dir`` when given.
     """
-    from tlkeras import data as data_lib
     from tlkeras import export as export_lib
 
     exported = export_lib.load_exported(model_path)

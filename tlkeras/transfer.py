@@ -1,23 +1,15 @@
-"""The offline transfer story: pre-train a backbone on a source task, transfer it, compare strategies.
-
-``pretrained_weights("digits:0-4")`` trains a small backbone from scratch on the digits 0–4 (real
-scikit-learn scans, no download), saves the backbone's weights under ``$KERAS_HOME/tlkeras/pretrained``
-keyed by its arguments, and reuses them on later calls. ``build_model(..., weights=path)`` then
-transfers them. ``"source:digits:0-4"`` is the same thing as a ``weights`` string
-(``resolve_weights``), the default of ``scripts/train.py``.
+"""Compare strategies, and the offline transfer story (above training, beside the advisor and sweep).
 
 ``compare_strategies`` trains each strategy on the same data and split and returns one table
 (strategy, trainable params, wall time, test accuracy); ``transfer_story`` runs it on digits 5–9 with
-the backbone pre-trained on 0–4, so the scratch row shows what transfer bought.
+a backbone pre-trained on 0–4 (``tlkeras.weights.pretrained_weights``), so the scratch row shows what
+transfer bought.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,213 +19,24 @@ from typing import Any
 
 import keras
 
-SOURCE_PREFIX = "source:"
-DEFAULT_SOURCE = "digits:0-4"
-DEFAULT_TARGET = "digits:5-9"
-DEFAULT_BACKBONE = "MobileNet"
-DEFAULT_BACKBONE_KWARGS: dict[str, Any] = {"alpha": 0.25}
-DEFAULT_IMAGE_SIZE = 32  # digits are 8x8 scans: the source task trains at MobileNet's minimum size
-DEFAULT_PRETRAIN_EPOCHS = 10
-DEFAULT_LEARNING_RATE = 2e-3
-DEFAULT_BATCH_SIZE = 32
-STRATEGIES = ("scratch", "feature_extraction", "partial", "full")
-CACHE_SUBDIR = os.path.join("tlkeras", "pretrained")
-# A short from-scratch run moves the weights fast; with Keras's default BatchNormalization momentum
-# (0.99) the moving statistics lag behind and inference-mode accuracy collapses to chance.
-SCRATCH_BN_MOMENTUM = 0.9
-# Bump when the pre-training recipe changes, so stale cached weights are not reused.
-_RECIPE_VERSION = 2
+from tlkeras import training
+from tlkeras.backbones import get_backbone
+from tlkeras.blocks import blocks
+from tlkeras.data import load
+from tlkeras.model import build_model
+from tlkeras.strategy import Strategy, scratch_batchnorm
+from tlkeras.weights import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BACKBONE_KWARGS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SOURCE,
+    DEFAULT_TARGET,
+    pretrained_record,
+    pretrained_weights,
+    resolve,
+)
 
-
-def _scratch_batchnorm(model: keras.Model, momentum: float = SCRATCH_BN_MOMENTUM) -> None:
-    """Let BatchNormalization statistics keep up with a short from-scratch training run."""
-    for layer in model.get_layer("backbone").layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = momentum
-
-
-def cache_root() -> Path:
-    """``$KERAS_HOME/tlkeras/pretrained`` (read at call time, like ``keras.utils.get_file``)."""
-    home = os.environ.get("KERAS_HOME")
-    if not home:
-        base = os.path.expanduser("~")
-        base = base if os.access(base, os.W_OK) else tempfile.gettempdir()
-        home = os.path.join(base, ".keras")
-    return Path(home) / CACHE_SUBDIR
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, received {value!r}")
-    return value
-
-
-def _check_source(source: Any) -> str:
-    from tlkeras.data import DIGITS
-
-    if not isinstance(source, str) or not re.fullmatch(rf"{DIGITS}(:\d-\d)?", source.strip()):
-        raise ValueError(
-            f"source: expected an embedded source task such as 'digits' or 'digits:0-4', "
-            f"received {source!r}"
-        )
-    return source.strip()
-
-
-def _cache_key(**fields: Any) -> str:
-    text = json.dumps({**fields, "recipe": _RECIPE_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def pretrained_weights(
-    source: str = DEFAULT_SOURCE,
-    backbone: str = DEFAULT_BACKBONE,
-    backbone_kwargs: dict[str, Any] | None = None,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    epochs: int | None = None,
-    *,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    verbose: int = 0,
-) -> Path:
-    """A backbone pre-trained from scratch on ``source``, as a ``.weights.h5`` file (cached).
-
-    The file lives in ``cache_dir`` (default ``$KERAS_HOME/tlkeras/pretrained``) under a name keyed
-    by every argument, so a second call with the same arguments returns at once. Next to it, a
-    ``.json`` records the recipe and the source validation accuracy. Convolutional weights do not
-    depend on the input size, so the weights transfer to models of any input size.
-
-    Args:
-        source: an embedded task, ``"digits"`` or ``"digits:A-B"``.
-        backbone: a ``tlkeras.backbone_names()`` entry.
-        backbone_kwargs: constructor arguments (``None``: ``DEFAULT_BACKBONE_KWARGS`` for the
-            default backbone, else none).
-        image_size: square training size; raised to the backbone's minimum.
-        epochs: pre-training epochs (``None``: ``DEFAULT_PRETRAIN_EPOCHS``).
-        seed: seeds Keras (Python, NumPy, TF) and the data split before training.
-        cache_dir: where to keep the weights.
-        verbose: Keras verbosity of the pre-training fit.
-
-    Returns:
-        The path of the backbone weights, for ``tlkeras.build_model(..., weights=path)``.
-    """
-    from tlkeras.backbones import get_backbone
-    from tlkeras.data import load
-    from tlkeras.model import HeadConfig, build_model
-
-    source = _check_source(source)
-    spec = get_backbone(backbone)
-    if backbone_kwargs is None:
-        backbone_kwargs = dict(DEFAULT_BACKBONE_KWARGS) if spec.name == DEFAULT_BACKBONE else {}
-    if not isinstance(backbone_kwargs, dict):
-        raise TypeError(
-            f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
-        )
-    size = max(_check_positive_int("image_size", image_size), spec.min_size)
-    epochs = _check_positive_int("epochs", DEFAULT_PRETRAIN_EPOCHS if epochs is None else epochs)
-    directory = Path(cache_dir) if cache_dir is not None else cache_root()
-    key = _cache_key(
-        source=source,
-        backbone=spec.name,
-        kwargs=backbone_kwargs,
-        size=size,
-        epochs=epochs,
-        seed=seed,
-    )
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", source).strip("-")
-    path = directory / f"{spec.name}_{slug}_{size}px_{key}.weights.h5"
-    if path.is_file():
-        return path
-
-    directory.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    data = load(
-        source,
-        image_size=(size, size),
-        batch_size=DEFAULT_BATCH_SIZE,
-        seed=seed,
-        validation_split=0.1,
-        test_split=0.0,
-    )
-    model = build_model(
-        spec.name,
-        len(data.class_names),
-        strategy="scratch",
-        weights=None,
-        input_shape=(size, size, 3),
-        backbone_kwargs=backbone_kwargs,
-        head=HeadConfig(dropout=0.1),
-    )
-    _scratch_batchnorm(model)
-    model.compile(
-        optimizer=keras.optimizers.Adam(DEFAULT_LEARNING_RATE),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    started = time.perf_counter()
-    history = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=verbose)
-    seconds = time.perf_counter() - started
-    # Write next to the target and rename: a crash or a concurrent run never leaves half a file.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.weights.h5")
-    model.get_layer("backbone").save_weights(tmp)
-    os.replace(tmp, path)
-    record = {
-        "source": source,
-        "backbone": spec.name,
-        "backbone_kwargs": backbone_kwargs,
-        "image_size": size,
-        "epochs": epochs,
-        "seed": seed,
-        "train_seconds": round(seconds, 2),
-        "source_val_accuracy": float(history.history["val_accuracy"][-1]),
-        "class_names": data.class_names,
-    }
-    path.with_suffix("").with_suffix(".json").write_text(json.dumps(record, indent=2))
-    return path
-
-
-def pretrained_record(path: str | Path) -> dict[str, Any]:
-    """The JSON record written next to ``pretrained_weights``'s file (empty if missing)."""
-    record = Path(path).with_suffix("").with_suffix(".json")
-    return json.loads(record.read_text()) if record.is_file() else {}
-
-
-def resolve_weights(
-    weights: str | os.PathLike | None,
-    backbone: str = DEFAULT_BACKBONE,
-    backbone_kwargs: dict[str, Any] | None = None,
-    input_shape: Sequence[int] | None = None,
-) -> str | None:
-    """Turn a ``weights`` value or flag text into what ``tlkeras.build_model`` takes.
-
-    ``None``/``"none"`` → ``None``; ``"imagenet"`` → ``"imagenet"``; ``"source:TASK"`` (e.g.
-    ``"source:digits:0-4"``) → the path of a backbone pre-trained on TASK (``pretrained_weights``,
-    at ``DEFAULT_IMAGE_SIZE``; the weights fit any input size); any other string → an existing file.
-    """
-    if weights is None:
-        return None
-    if not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(
-            f"weights: expected 'imagenet', None, 'source:TASK' or a file path, received "
-            f"{type(weights).__name__}"
-        )
-    text = os.fspath(weights).strip()
-    if text.lower() in ("", "none", "null", "random"):
-        return None
-    if text.lower() == "imagenet":
-        return "imagenet"
-    if text.startswith(SOURCE_PREFIX):
-        if input_shape is not None and (len(input_shape) != 3 or input_shape[-1] != 3):
-            raise ValueError(
-                f"input_shape: expected (height, width, 3) for transferred weights, received "
-                f"{tuple(input_shape)}"
-            )
-        return str(pretrained_weights(text[len(SOURCE_PREFIX) :], backbone, backbone_kwargs))
-    if not Path(text).expanduser().is_file():
-        raise FileNotFoundError(
-            f"weights: expected 'imagenet', None, 'source:TASK' or an existing weights file, "
-            f"received {text!r} (no such file)"
-        )
-    return str(Path(text).expanduser())
+STRATEGIES = tuple(s.value for s in Strategy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,9 +125,17 @@ class Comparison:
         return paths
 
 
-def _default_fine_tune_at(model: keras.Model) -> int:
-    from tlkeras.blocks import blocks
+def check_strategies(strategies: Sequence[str]) -> None:
+    """A non-empty list of strategy names (``STRATEGIES``)."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if not strategies or unknown:
+        raise ValueError(
+            f"strategies: expected a non-empty subset of {','.join(STRATEGIES)}, "
+            f"received {','.join(map(str, strategies))}"
+        )
 
+
+def _default_fine_tune_at(model: keras.Model) -> int:
     return max(1, len(blocks(model)) // 2)
 
 
@@ -357,20 +168,13 @@ def compare_strategies(
     Returns:
         A ``Comparison``; ``.save(dir)`` writes the JSON and the plot.
     """
-    from tlkeras import training
-    from tlkeras.model import build_model
-
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if not strategies or unknown:
-        raise ValueError(
-            f"strategies: expected a non-empty subset of {STRATEGIES}, received {list(strategies)}"
-        )
+    check_strategies(strategies)
     if data.test is None:
         raise ValueError("data: expected a test split to score every strategy on, received none")
     backbone_kwargs = dict(backbone_kwargs or {})
     image_size = tuple(data.train.element_spec[0].shape[1:3])
     input_shape = (*image_size, 3)
-    resolved = resolve_weights(weights, backbone, backbone_kwargs, input_shape)
+    resolved = resolve(weights, backbone, backbone_kwargs, input_shape)
     config = config or training.TrainConfig()
     root = (
         Path(output_dir)
@@ -390,7 +194,7 @@ def compare_strategies(
             augment=augment,
         )
         if strategy == "scratch":
-            _scratch_batchnorm(model)
+            scratch_batchnorm(model)
         k = (fine_tune_at or _default_fine_tune_at(model)) if strategy == "partial" else None
         keras.utils.set_random_seed(config.seed)
         started = time.perf_counter()
@@ -446,14 +250,10 @@ def transfer_story(
 
     Returns the ``compare_strategies`` table with the source task's record in ``extra``.
     """
-    from tlkeras.backbones import get_backbone
-    from tlkeras.data import load
-    from tlkeras.training import TrainConfig
-
     spec = get_backbone(backbone)
     if backbone_kwargs is None:
         backbone_kwargs = dict(DEFAULT_BACKBONE_KWARGS) if spec.name == DEFAULT_BACKBONE else {}
-    config = config or TrainConfig()
+    config = config or training.TrainConfig()
     path = pretrained_weights(
         source, spec.name, backbone_kwargs, image_size, pretrain_epochs, seed=config.seed
     )

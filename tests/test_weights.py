@@ -1,0 +1,128 @@
+"""Weights: the one resolver of ``weights`` values and the cached source-task pre-training."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tlkeras import weights as weights_lib
+from tlkeras.model import build_model
+
+KWARGS = {"alpha": 0.25}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One KERAS_HOME for the module: the (1-epoch) pre-training runs once."""
+    path = tmp_path_factory.mktemp("keras_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_HOME", str(path))
+        mp.setattr(weights_lib, "DEFAULT_PRETRAIN_EPOCHS", 1)
+        yield path
+
+
+def test_pretrained_weights_are_cached_and_transfer(home):
+    path = weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32)
+    assert path.is_file() and path.name.endswith(".weights.h5")
+    assert path.parent == home / "tlkeras" / "pretrained"
+    record = weights_lib.pretrained_record(path)
+    assert record["source"] == "digits:0-4" and record["class_names"] == list("01234")
+    assert 0.0 <= record["source_val_accuracy"] <= 1.0
+    mtime = path.stat().st_mtime_ns
+    assert weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32) == path
+    assert path.stat().st_mtime_ns == mtime  # reused, not retrained
+    # Another recipe is another file (found in the cache or not: never the same name).
+    assert weights_lib._cache_key(a=1) != weights_lib._cache_key(a=2)
+    # The weights land in a new model's backbone, at any input size.
+    for size in (32, 48):
+        model = build_model(
+            "MobileNet", 5, weights=str(path), input_shape=(size, size, 3), backbone_kwargs=KWARGS
+        )
+        fresh = build_model(
+            "MobileNet", 5, weights=None, input_shape=(size, size, 3), backbone_kwargs=KWARGS
+        )
+        conv = model.get_layer("backbone").get_layer("conv1").get_weights()[0]
+        saved = (
+            keras.applications.MobileNet(
+                alpha=0.25, include_top=False, weights=str(path), input_shape=(32, 32, 3)
+            )
+            .get_layer("conv1")
+            .get_weights()[0]
+        )
+        np.testing.assert_array_equal(conv, saved)
+        assert not np.allclose(
+            conv, fresh.get_layer("backbone").get_layer("conv1").get_weights()[0]
+        )
+
+
+def test_resolve_weights_forms(home, tmp_path):  # after the test above: the cache is warm
+    assert weights_lib.resolve(None) is None
+    assert weights_lib.resolve("none") is None
+    assert weights_lib.resolve("ImageNet") == "imagenet"
+    file = tmp_path / "w.weights.h5"
+    file.write_bytes(b"")
+    assert weights_lib.resolve(str(file)) == str(file)
+    resolved = weights_lib.resolve("source:digits:0-4", "MobileNet", KWARGS, (32, 32, 3))
+    assert resolved == str(weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS))
+    assert resolved.startswith(str(home)) and resolved.endswith(".weights.h5")
+
+
+@pytest.mark.parametrize(
+    "weights,error,match",
+    [
+        ("missing.h5", FileNotFoundError, "no such file"),
+        ("source:mnist", ValueError, "expected an embedded source task"),
+        ("source:digits:0-4x", ValueError, "expected an embedded source task"),
+        (3, TypeError, "expected 'imagenet'"),
+    ],
+)
+def test_resolve_weights_errors(home, weights, error, match):
+    with pytest.raises(error, match=match):
+        weights_lib.resolve(weights, "MobileNet", KWARGS, (32, 32, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"image_size": 0}, {"epochs": -1}, {"backbone_kwargs": "alpha"}]
+)
+def test_pretrained_weights_bad_arguments(home, kwargs):
+    with pytest.raises((ValueError, TypeError), match="expected"):
+        weights_lib.pretrained_weights(
+            "digits:0-4", "MobileNet", **{"backbone_kwargs": KWARGS, **kwargs}
+        )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (None, None),
+        ("", None),
+        (" None ", None),
+        ("random", None),
+        ("ImageNet", "imagenet"),
+        (" w.h5 ", "w.h5"),
+        ("source:digits:0-4", "source:digits:0-4"),
+    ],
+)
+def test_parse_is_syntax_only(text, expected):
+    assert weights_lib.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    "image_size, weights, expected",
+    [
+        (None, "source:digits:0-4", (32, 32)),
+        (None, "imagenet", (224, 224)),
+        (None, None, (224, 224)),
+        (96, "imagenet", (96, 96)),
+        ((64, 80), None, (64, 80)),
+    ],
+)
+def test_image_size_for(image_size, weights, expected):
+    assert weights_lib.image_size_for(image_size, weights, "MobileNet") == expected
+
+
+@pytest.mark.parametrize("bad", [0, -3, (32,), (32, 0), "32", 2.5])
+def test_image_size_for_rejects(bad):
+    with pytest.raises(ValueError, match="image_size: expected a positive int"):
+        weights_lib.image_size_for(bad, None, "MobileNet")

@@ -1,0 +1,259 @@
+"""Weights: the one place a ``weights`` value is understood, and the offline source task.
+
+``resolve`` turns what a user writes into what ``tlkeras.build_model`` takes:
+
+| value                          | meaning                                                        |
+|--------------------------------|----------------------------------------------------------------|
+| ``None`` / ``"none"``          | random init                                                    |
+| ``"imagenet"``                 | Keras's own download and ``$KERAS_HOME/models/`` cache         |
+| a path                         | a ``.h5`` / ``.weights.h5`` file of the backbone               |
+| ``"source:digits:0-4"``        | a backbone pre-trained here on that embedded task (cached)     |
+
+``pretrained_weights("digits:0-4")`` trains a small backbone from scratch on the digits 0–4 (real
+scikit-learn scans, no download), saves the backbone's weights under ``$KERAS_HOME/tlkeras/pretrained``
+keyed by its arguments, and reuses them on later calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from tlkeras.backbones import get_backbone
+from tlkeras.data import DIGITS, load
+from tlkeras.model import HeadConfig, build_model
+from tlkeras.strategy import scratch_batchnorm
+
+IMAGENET = "imagenet"
+SOURCE_PREFIX = "source:"
+DEFAULT_SOURCE = "digits:0-4"
+DEFAULT_TARGET = "digits:5-9"  # the target of the offline transfer story
+DEFAULT_BACKBONE = "MobileNet"
+DEFAULT_BACKBONE_KWARGS: dict[str, Any] = {"alpha": 0.25}
+DEFAULT_IMAGE_SIZE = 32  # digits are 8x8 scans: the source task trains at MobileNet's minimum size
+DEFAULT_PRETRAIN_EPOCHS = 10
+DEFAULT_LEARNING_RATE = 2e-3
+DEFAULT_BATCH_SIZE = 32
+CACHE_SUBDIR = os.path.join("tlkeras", "pretrained")
+# Bump when the pre-training recipe changes, so stale cached weights are not reused.
+_RECIPE_VERSION = 2
+
+
+def cache_root() -> Path:
+    """``$KERAS_HOME/tlkeras/pretrained`` (read at call time, like ``keras.utils.get_file``)."""
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        base = os.path.expanduser("~")
+        base = base if os.access(base, os.W_OK) else tempfile.gettempdir()
+        home = os.path.join(base, ".keras")
+    return Path(home) / CACHE_SUBDIR
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, received {value!r}")
+    return value
+
+
+def _check_source(source: Any) -> str:
+    if not isinstance(source, str) or not re.fullmatch(rf"{DIGITS}(:\d-\d)?", source.strip()):
+        raise ValueError(
+            f"source: expected an embedded source task such as 'digits' or 'digits:0-4', "
+            f"received {source!r}"
+        )
+    return source.strip()
+
+
+def _cache_key(**fields: Any) -> str:
+    text = json.dumps({**fields, "recipe": _RECIPE_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def pretrained_weights(
+    source: str = DEFAULT_SOURCE,
+    backbone: str = DEFAULT_BACKBONE,
+    backbone_kwargs: dict[str, Any] | None = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    epochs: int | None = None,
+    *,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    verbose: int = 0,
+) -> Path:
+    """A backbone pre-trained from scratch on ``source``, as a ``.weights.h5`` file (cached).
+
+    The file lives in ``cache_dir`` (default ``$KERAS_HOME/tlkeras/pretrained``) under a name keyed
+    by every argument, so a second call with the same arguments returns at once. Next to it, a
+    ``.json`` records the recipe and the source validation accuracy. Convolutional weights do not
+    depend on the input size, so the weights transfer to models of any input size.
+
+    Args:
+        source: an embedded task, ``"digits"`` or ``"digits:A-B"``.
+        backbone: a ``tlkeras.backbone_names()`` entry.
+        backbone_kwargs: constructor arguments (``None``: ``DEFAULT_BACKBONE_KWARGS`` for the
+            default backbone, else none).
+        image_size: square training size; raised to the backbone's minimum.
+        epochs: pre-training epochs (``None``: ``DEFAULT_PRETRAIN_EPOCHS``).
+        seed: seeds Keras (Python, NumPy, TF) and the data split before training.
+        cache_dir: where to keep the weights.
+        verbose: Keras verbosity of the pre-training fit.
+
+    Returns:
+        The path of the backbone weights, for ``tlkeras.build_model(..., weights=path)``.
+    """
+    source = _check_source(source)
+    spec = get_backbone(backbone)
+    if backbone_kwargs is None:
+        backbone_kwargs = dict(DEFAULT_BACKBONE_KWARGS) if spec.name == DEFAULT_BACKBONE else {}
+    if not isinstance(backbone_kwargs, dict):
+        raise TypeError(
+            f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
+        )
+    size = max(_check_positive_int("image_size", image_size), spec.min_size)
+    epochs = _check_positive_int("epochs", DEFAULT_PRETRAIN_EPOCHS if epochs is None else epochs)
+    directory = Path(cache_dir) if cache_dir is not None else cache_root()
+    key = _cache_key(
+        source=source,
+        backbone=spec.name,
+        kwargs=backbone_kwargs,
+        size=size,
+        epochs=epochs,
+        seed=seed,
+    )
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", source).strip("-")
+    path = directory / f"{spec.name}_{slug}_{size}px_{key}.weights.h5"
+    if path.is_file():
+        return path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    data = load(
+        source,
+        image_size=(size, size),
+        batch_size=DEFAULT_BATCH_SIZE,
+        seed=seed,
+        validation_split=0.1,
+        test_split=0.0,
+    )
+    model = build_model(
+        spec.name,
+        len(data.class_names),
+        strategy="scratch",
+        weights=None,
+        input_shape=(size, size, 3),
+        backbone_kwargs=backbone_kwargs,
+        head=HeadConfig(dropout=0.1),
+    )
+    scratch_batchnorm(model)
+    model.compile(
+        optimizer=keras.optimizers.Adam(DEFAULT_LEARNING_RATE),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    started = time.perf_counter()
+    history = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=verbose)
+    seconds = time.perf_counter() - started
+    # Write next to the target and rename: a crash or a concurrent run never leaves half a file.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.weights.h5")
+    model.get_layer("backbone").save_weights(tmp)
+    os.replace(tmp, path)
+    record = {
+        "source": source,
+        "backbone": spec.name,
+        "backbone_kwargs": backbone_kwargs,
+        "image_size": size,
+        "epochs": epochs,
+        "seed": seed,
+        "train_seconds": round(seconds, 2),
+        "source_val_accuracy": float(history.history["val_accuracy"][-1]),
+        "class_names": data.class_names,
+    }
+    path.with_suffix("").with_suffix(".json").write_text(json.dumps(record, indent=2))
+    return path
+
+
+def pretrained_record(path: str | Path) -> dict[str, Any]:
+    """The JSON record written next to ``pretrained_weights``'s file (empty if missing)."""
+    record = Path(path).with_suffix("").with_suffix(".json")
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def parse(text: str | None) -> str | None:
+    """The syntax of a ``weights`` value, no file look-up: ``None``/``"none"`` → ``None``,
+    ``"ImageNet"`` → ``"imagenet"``, anything else stripped as it is."""
+    if text is None or text.strip().lower() in ("", "none", "null", "random"):
+        return None
+    if text.strip().lower() == IMAGENET:
+        return IMAGENET
+    return text.strip()
+
+
+def is_source(weights: Any) -> bool:
+    return isinstance(weights, str) and weights.strip().startswith(SOURCE_PREFIX)
+
+
+def image_size_for(image_size: Any, weights: Any, backbone: str) -> tuple[int, int]:
+    """``image_size`` as ``(height, width)``; ``None`` is the source task's size for ``source:``
+    weights (what they were pre-trained at) and the backbone's default size otherwise."""
+    if image_size is None:
+        image_size = (
+            DEFAULT_IMAGE_SIZE if is_source(weights) else get_backbone(backbone).default_size
+        )
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (int(image_size), int(image_size))
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in image_size)
+    ):
+        raise ValueError(
+            f"image_size: expected a positive int or (height, width), received {image_size!r}"
+        )
+    return int(image_size[0]), int(image_size[1])
+
+
+def resolve(
+    weights: str | os.PathLike | None,
+    backbone: str = DEFAULT_BACKBONE,
+    backbone_kwargs: dict[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> str | None:
+    """Turn a ``weights`` value or flag text into what ``tlkeras.build_model`` takes.
+
+    ``None``/``"none"`` → ``None``; ``"imagenet"`` → ``"imagenet"``; ``"source:TASK"`` (e.g.
+    ``"source:digits:0-4"``) → the path of a backbone pre-trained on TASK (``pretrained_weights``,
+    at ``DEFAULT_IMAGE_SIZE``; the weights fit any input size); any other string → an existing file.
+    """
+    if weights is None:
+        return None
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(
+            f"weights: expected 'imagenet', None, 'source:TASK' or a file path, received "
+            f"{type(weights).__name__}"
+        )
+    text = parse(os.fspath(weights))
+    if text in (None, IMAGENET):
+        return text
+    if text.startswith(SOURCE_PREFIX):
+        if input_shape is not None and (len(input_shape) != 3 or input_shape[-1] != 3):
+            raise ValueError(
+                f"input_shape: expected (height, width, 3) for transferred weights, received "
+                f"{tuple(input_shape)}"
+            )
+        return str(pretrained_weights(text[len(SOURCE_PREFIX) :], backbone, backbone_kwargs))
+    if not Path(text).expanduser().is_file():
+        raise FileNotFoundError(
+            f"weights: expected 'imagenet', None, 'source:TASK' or an existing weights file, "
+            f"received {text!r} (no such file)"
+        )
+    return str(Path(text).expanduser())
