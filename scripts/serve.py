@@ -31,7 +31,7 @@ flags.mark_flag_as_required("model_base_path")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected no positional arguments, received {argv[1:]}")
-    name = FLAGS.model_name or serving.default_model_name(FLAGS.model_base_path)
+    name = FLAGS.model_name or serving.model_name_from_base_path(FLAGS.model_base_path)
     server = serving.make_server(
         FLAGS.model_base_path,
         name,

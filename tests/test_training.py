@@ -147,48 +147,6 @@ def test_nan_loss_raises_a_clear_error_and_frees_the_run_dir(digits, tmp_path):
 # Run directories: never overwritten, never mixed
 
 
-def test_run_dir_is_never_silently_overwritten(tmp_path):
-    run = tmp_path / "run"
-    fp = {"config": 1}
-    state = training.prepare_run_dir(run, fp)
-    assert state["status"] == "running"
-    assert training.prepare_run_dir(run, fp)["resumes"] == 1  # unfinished, same settings: resume
-    with pytest.raises(ValueError, match="different settings"):
-        training.prepare_run_dir(run, {"config": 2})
-    training._write_state(run, {**state, "status": "done"})
-    (run / "metrics.json").write_text("{}")
-    with pytest.raises(FileExistsError, match="finished run.*overwrite"):
-        training.prepare_run_dir(run, fp)
-    assert (run / "metrics.json").exists()
-    state = training.prepare_run_dir(run, fp, overwrite=True)
-    assert state["status"] == "running" and not (run / "metrics.json").exists()
-
-
-def test_check_run_dir_names_every_action_and_writes_nothing(tmp_path):
-    # What every worker of a multi-worker run checks before the chief writes.
-    run, fp = tmp_path / "run", {"config": 1}
-    assert training.check_run_dir(run, fp) == ("new", None) and not run.exists()
-    state = training.prepare_run_dir(run, fp)
-    before = sorted(p.name for p in run.iterdir())
-    assert training.check_run_dir(run, fp) == ("resume", state)
-    assert training.check_run_dir(run, fp, overwrite=True)[0] == "overwrite"
-    training._write_state(run, {**state, "status": "failed"})
-    assert training.check_run_dir(run, fp)[0] == "restart"
-    training._write_state(run, {**state, "status": "done"})
-    with pytest.raises(FileExistsError, match="finished run"):
-        training.check_run_dir(run, fp)
-    assert sorted(p.name for p in run.iterdir()) == before
-    assert json.loads((run / "run_state.json").read_text())["status"] == "done"
-
-
-def test_foreign_directory_is_never_cleared(tmp_path):
-    (tmp_path / "thesis.tex").write_text("precious")
-    for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match="never cleared"):
-            training.prepare_run_dir(tmp_path, {}, overwrite=overwrite)
-    assert (tmp_path / "thesis.tex").read_text() == "precious"
-
-
 # ---------------------------------------------------------------------------------------------
 # Resume after SIGKILL (a real process), with a corrupted latest backup
 

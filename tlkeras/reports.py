@@ -14,20 +14,21 @@ arranges their output into the files a run directory holds:
 from __future__ import annotations
 
 import csv
-import json
-import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-HISTORY_JSON = "history.json"
-HISTORY_CSV = "history.csv"
-HISTORY_PNG = "history.png"
-CONFUSION_PNG = "confusion.png"
-METRICS_JSON = "metrics.json"
+from tlkeras.rundir import (  # noqa: F401  (re-exported: reports write these files)
+    CONFUSION_PNG,
+    HISTORY_CSV,
+    HISTORY_JSON,
+    HISTORY_PNG,
+    METRICS_JSON,
+    to_jsonable,
+    write_json,
+)
 
 
 def _labels_from(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -126,29 +127,6 @@ def multilabel_metrics(
         "per_class": {name: _scores(report[name], support=True) for name in class_names},
         "confusion_matrix": multilabel_confusion_matrix(true, pred).tolist(),
     }
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN/inf
-    return value
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as indented strict JSON atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def write_history(

@@ -293,7 +293,7 @@ def predict(model: ExportedModel, body: Any) -> dict[str, Any]:
     return {"outputs": {k: _jsonable(v, k) for k, v in sorted(outputs.items())}}
 
 
-def default_model_name(model_base_path: str | Path) -> str:
+def model_name_from_base_path(model_base_path: str | Path) -> str:
     """TF Serving's convention: the model is named after its base directory."""
     return Path(model_base_path).resolve().name
 

@@ -35,10 +35,8 @@ unfinished run with a *different* configuration raises ``ValueError`` instead of
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -60,15 +58,26 @@ from tlkeras import distribute, features, reports
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
 from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
+from tlkeras.rundir import (
+    BACKUP_DIR,
+    BEST_MODEL,
+    check_run_dir,
+    merged_history,
+    normal_fingerprint,
+    phase_backup,
+    phase_csv,
+    phase_tensorboard,
+    phase_weights,
+    prepare_run_dir,
+    read_phase_csv,
+    read_state,
+    write_state,
+)
 from tlkeras.strategy import Strategy, apply_strategy, check_fine_tune_at, scratch_batchnorm
 from tlkeras.task import encode_labels, infer, loss_for, metrics_for
 
 logger = logging.getLogger("tlkeras.training")
 
-RUN_STATE = "run_state.json"
-BEST_MODEL = "model.keras"
-BACKUP_DIR = "backup"
-TENSORBOARD_DIR = "tb"
 # Phase plans hold strategies as their plain values: they are written to run_state.json.
 SCRATCH, FEATURE_EXTRACTION = Strategy.SCRATCH.value, Strategy.FEATURE_EXTRACTION.value
 PARTIAL, FULL = Strategy.PARTIAL.value, Strategy.FULL.value
@@ -256,21 +265,6 @@ class _LogLearningRate(keras.callbacks.Callback):
             )
 
 
-class _FullModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """``ModelCheckpoint`` that always saves the *full* model.
-
-    The fast frozen path calls ``fit`` on a suffix model that shares layers with the full model, so
-    the callback's own ``self.model`` would be the suffix; the full model holds the same weights.
-    """
-
-    def __init__(self, full_model: keras.Model, filepath: str, **kwargs):
-        super().__init__(filepath, **kwargs)
-        self._full_model = full_model
-
-    def set_model(self, model):
-        super().set_model(self._full_model)
-
-
 class _BackupAndRestore(keras.callbacks.BackupAndRestore):
     """``BackupAndRestore`` keeping two epochs, falling back when a backup can't be read.
 
@@ -310,152 +304,6 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
 
 class _TrainingFailed(Exception):
     pass
-
-
-# --------------------------------------------------------------------------------------------------
-# Run directory state
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_state(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_STATE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"status": "corrupt"}
-
-
-def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    reports.write_json(state, run_dir / RUN_STATE)
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    for child in run_dir.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def check_run_dir(
-    run_dir: str | Path, fingerprint: dict[str, Any], *, overwrite: bool = False
-) -> tuple[str, dict[str, Any] | None]:
-    """What :func:`prepare_run_dir` would do with ``run_dir``, without writing anything.
-
-    Returns ``(action, state)``: action ``"new"``, ``"overwrite"``, ``"restart"`` (a failed or
-    corrupt run) or ``"resume"``. Every worker of a multi-worker run checks before the chief
-    writes, so they all raise (or none does).
-
-    Raises:
-        FileExistsError: ``run_dir`` holds a finished run (and ``overwrite`` is False), or is a
-            non-empty directory that is not a tlkeras run directory.
-        ValueError: ``run_dir`` holds an unfinished run with a different configuration.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"run_dir: expected a directory, received the file {run_dir}")
-    state = _read_state(run_dir) if run_dir.is_dir() else None
-    if state is None:
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise FileExistsError(
-                f"run_dir: expected an empty or tlkeras run directory, received {run_dir} holding "
-                "other files; choose another output directory (it is never cleared)"
-            )
-        return "new", None
-    if overwrite:
-        return "overwrite", state
-    if state.get("status") == "done":
-        raise FileExistsError(
-            f"run_dir: {run_dir} holds a finished run (see {run_dir / reports.METRICS_JSON}); "
-            "expected a new output directory, or overwrite=True (--overwrite) to replace it"
-        )
-    if state.get("status") in ("failed", "corrupt"):
-        return "restart", state
-    if state.get("fingerprint") != fingerprint:
-        changed = sorted(
-            k
-            for k in set(fingerprint) | set(state.get("fingerprint", {}))
-            if fingerprint.get(k) != state.get("fingerprint", {}).get(k)
-        )
-        raise ValueError(
-            f"run_dir: {run_dir} holds an unfinished run with different settings ({changed}); "
-            "expected the same settings to resume it, another output directory, or "
-            "overwrite=True (--overwrite)"
-        )
-    return "resume", state
-
-
-def _normal_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    # Compare in JSON form: the stored fingerprint has lists where the new one has tuples.
-    return json.loads(json.dumps(reports.to_jsonable(fingerprint), sort_keys=True))
-
-
-def prepare_run_dir(
-    run_dir: str | Path, fingerprint: dict[str, Any], *, overwrite: bool = False
-) -> dict[str, Any]:
-    """Create, resume or (with ``overwrite``) clear ``run_dir``; return its state.
-
-    Raises: as :func:`check_run_dir`.
-    """
-    run_dir = Path(run_dir)
-    fingerprint = _normal_fingerprint(fingerprint)
-    action, state = check_run_dir(run_dir, fingerprint, overwrite=overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if action == "overwrite":
-        print(f"Overwriting the run in {run_dir}")
-        _clear_run_dir(run_dir)
-    elif action == "restart":
-        print(f"Previous run in {run_dir} {state.get('status')}; starting afresh")
-        _clear_run_dir(run_dir)
-    if action == "resume":
-        state["resumes"] = int(state.get("resumes", 0)) + 1
-        print(f"Resuming the unfinished run in {run_dir}")
-    else:
-        state = {"status": "running", "fingerprint": fingerprint, "phases": {}, "resumes": 0}
-    _write_state(run_dir, state)
-    return state
-
-
-def _read_phase_csv(path: Path) -> list[dict[str, Any]]:
-    """Rows of a phase's CSV log, one per epoch (the last row wins when a resume repeated one)."""
-    if not path.exists():
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                parsed = {k: float(v) for k, v in row.items() if k and v not in (None, "")}
-            except ValueError:
-                continue  # a line cut short by a kill
-            if "epoch" in parsed:
-                by_epoch[int(parsed["epoch"])] = parsed
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def merged_history(run_dir: str | Path, num_phases: int) -> tuple[dict[str, list], int | None]:
-    """Merge ``history_phase{N}.csv`` into one column dict with ``epoch`` and ``phase`` columns."""
-    run_dir = Path(run_dir)
-    rows: list[dict[str, Any]] = []
-    boundary = None
-    for phase in range(1, num_phases + 1):
-        phase_rows = _read_phase_csv(run_dir / f"history_phase{phase}.csv")
-        if phase == 2 and phase_rows:
-            boundary = int(phase_rows[0]["epoch"])
-        rows += [{**r, "phase": phase} for r in phase_rows]
-    keys: list[str] = ["epoch", "phase"]
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    history = {k: [r.get(k) for r in rows] for k in keys}
-    if "epoch" in history:
-        history["epoch"] = [int(e) for e in history["epoch"]]
-    return history, boundary
-
-
-# --------------------------------------------------------------------------------------------------
-# fit
-# --------------------------------------------------------------------------------------------------
 
 
 def _trainable_params(model: keras.Model) -> int:
@@ -627,14 +475,14 @@ def fit(
     if distribute.is_multi_worker(strategy_tf):
         # Every worker checks (and raises) before the chief writes; then the others copy the
         # chief's run directory and work in that copy: the same resume point, no shared writes.
-        check_run_dir(run_dir, _normal_fingerprint(fingerprint), overwrite=overwrite)
+        check_run_dir(run_dir, normal_fingerprint(fingerprint), overwrite=overwrite)
         distribute.barrier(strategy_tf)
         if chief:
             prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
         distribute.barrier(strategy_tf)
         if not chief:
             run_dir = distribute.worker_copy(run_dir, strategy_tf)
-        state = _read_state(run_dir)
+        state = read_state(run_dir)
     else:
         state = prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
     distribute.sync_from_chief(model, strategy_tf)  # weights loaded per worker may differ
@@ -659,7 +507,7 @@ def fit(
             # Resuming: phase N starts from the end of phase N-1, finished by an earlier process.
             with warnings.catch_warnings():  # the file's optimizer state is phase N-1's
                 warnings.simplefilter("ignore")
-                model.load_weights(run_dir / f"phase{number - 1}.weights.h5")
+                model.load_weights(run_dir / phase_weights(number - 1))
         apply_strategy(model, phase["strategy"], phase["fine_tune_at"], train_bn=train_bn)
         if phase["strategy"] == SCRATCH:
             scratch_batchnorm(model)
@@ -672,12 +520,12 @@ def fit(
             (
                 r[monitor]
                 for p in range(1, number + 1)
-                for r in _read_phase_csv(run_dir / f"history_phase{p}.csv")
+                for r in read_phase_csv(run_dir / phase_csv(p))
                 if monitor in r and math.isfinite(r[monitor])
             ),
             default=None,
         )
-        backup = _BackupAndRestore(str(run_dir / BACKUP_DIR / f"phase{number}"))
+        backup = _BackupAndRestore(str(run_dir / phase_backup(number)))
         callbacks: list[keras.callbacks.Callback] = [
             _LogLearningRate(),
             keras.callbacks.TerminateOnNaN(),
@@ -701,21 +549,21 @@ def fit(
                 )
             )
         callbacks += [
-            _FullModelCheckpoint(
+            features.SaveFullModel(
                 model,
                 str(best_path),
                 monitor=monitor,
                 save_best_only=True,
                 initial_value_threshold=best_so_far,
             ),
-            keras.callbacks.CSVLogger(str(run_dir / f"history_phase{number}.csv"), append=True),
+            keras.callbacks.CSVLogger(str(run_dir / phase_csv(number)), append=True),
             backup,  # last: an epoch is logged before it is backed up
         ]
         if _tensorboard_available():
             callbacks.insert(
                 -2,
                 keras.callbacks.TensorBoard(
-                    str(run_dir / TENSORBOARD_DIR / f"phase{number}"), write_graph=False
+                    str(run_dir / phase_tensorboard(number)), write_graph=False
                 ),
             )
         elif number == 1 and verbose:
@@ -778,13 +626,13 @@ def fit(
         if bad is not None:
             epoch = history.epoch[bad] + 1 if history.epoch else bad + 1
             state["status"] = "failed"
-            _write_state(run_dir, state)
+            write_state(run_dir, state)
             raise ValueError(
                 f"loss became NaN at epoch {epoch} (phase {number}, {phase['name']}) with "
                 f"learning_rate={phase['learning_rate']:g}; expected a smaller learning rate "
                 "(--learning_rate / --fine_tune_learning_rate)"
             )
-        rows = _read_phase_csv(run_dir / f"history_phase{number}.csv")
+        rows = read_phase_csv(run_dir / phase_csv(number))
         epochs_run = len(rows) if rows else len(history.history.get("loss", []))
         resumed_at = backup.restored_epoch
         record = {
@@ -802,13 +650,13 @@ def fit(
             "fast_path": fast_note if fit_frozen else None,
             "done": True,
         }
-        weights_path = run_dir / f"phase{number}.weights.h5"
+        weights_path = run_dir / phase_weights(number)
         tmp_weights = run_dir / f"phase{number}.tmp.weights.h5"
         model.save_weights(tmp_weights)
         os.replace(tmp_weights, weights_path)
         state["phases"][key] = record
-        _write_state(run_dir, state)
-        shutil.rmtree(run_dir / BACKUP_DIR / f"phase{number}", ignore_errors=True)
+        write_state(run_dir, state)
+        shutil.rmtree(run_dir / phase_backup(number), ignore_errors=True)
         with contextlib.suppress(OSError):  # only when empty
             (run_dir / BACKUP_DIR).rmdir()
         phase_info.append(record)
@@ -881,7 +729,7 @@ def fit(
         _before_done(result)  # e.g. export: a kill before this line resumes instead of refusing
     reports.write_json(result.metrics, run_dir / reports.METRICS_JSON)
     state["status"] = "done"
-    _write_state(run_dir, state)
+    write_state(run_dir, state)
     if verbose:
         print(reports.summary_text(result.metrics))
     return result
@@ -904,7 +752,7 @@ DEFAULT_OUTPUT_ROOT = "runs"
 DEFAULT_EXPORT_DIR = "saved_models"
 
 
-def default_model_name(data_source: Any) -> str:
+def model_name_for(data_source: Any) -> str:
     """A SavedModel name from the data source: ``digits:5-9`` -> ``digits_5_9``,
     ``…/hymenoptera/train`` -> ``hymenoptera``, ``tfds:tf_flowers`` -> ``tf_flowers``."""
     if isinstance(data_source, (str, os.PathLike)):
@@ -1010,7 +858,7 @@ def train(
         augment = None
     backbone_kwargs = dict(backbone_kwargs or {})
     size = weights_lib.image_size_for(image_size, weights, backbone)
-    model_name = model_name or default_model_name(data_source)
+    model_name = model_name or model_name_for(data_source)
     run_dir = (
         Path(output_dir)
         if output_dir
