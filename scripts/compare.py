@@ -1,7 +1,7 @@
 """Train every strategy on the same data and split; print one table and plot it.
 
 With no flags it runs the offline transfer story: a MobileNet(alpha=0.25) pre-trained on digits 0-4
-(``tlkeras.transfer``) is transferred to digits 5-9 with each strategy, next to ``scratch``.
+(``tlkeras.weights``) is transferred to digits 5-9 with each strategy, next to ``scratch``.
 
     python scripts/compare.py
     python scripts/compare.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\

@@ -1,7 +1,7 @@
 """Train and export an image classifier by transfer learning, in two phases.
 
 With no flags it runs the embedded offline default: a MobileNet(alpha=0.25) pre-trained on digits
-0-4 is transferred to digits 5-9 (``tlkeras.transfer``), fine-tuned, scored on a held-out test split
+0-4 is transferred to digits 5-9 (``tlkeras.weights``), fine-tuned, scored on a held-out test split
 and exported as a SavedModel.
 
     python scripts/train.py

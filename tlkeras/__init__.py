@@ -1,17 +1,22 @@
 """tlkeras: transfer learning and fine-tuning of Keras Applications image classifiers.
 
-Where each concept lives:
+Where each concept lives (each module imports only the ones above it in this list):
 - backbones (the table of 40 keras.applications models): ``tlkeras.backbones``
+- model spec, head and augmentation configs:              ``tlkeras.spec``
 - blocks (a backbone split into its natural units):       ``tlkeras.blocks``
-- strategies (which blocks train, the BatchNorm rule):    ``tlkeras.strategy``
-- the model and its head:                                 ``tlkeras.model``
+- strategies (which blocks train, the BatchNorm rules):   ``tlkeras.strategy``
+- head tasks (loss, metrics, labels, activation):         ``tlkeras.task``
+- the model builder:                                      ``tlkeras.model``
 - data in (folders, TFDS, arrays, digits; bad files):     ``tlkeras.data``
-- phases (two-phase training, resume, reports):           ``tlkeras.training``, ``tlkeras.reports``
+- weights (imagenet, a file, None, source: pre-training): ``tlkeras.weights``
+- the run directory (file names, state, history logs):    ``tlkeras.rundir``, ``tlkeras.reports``
 - the fast frozen path (features computed once):          ``tlkeras.features``
-- offline transfer story and strategy comparison:         ``tlkeras.transfer``
+- many devices and machines (tf.distribute):              ``tlkeras.distribute``
+- phases (two-phase training, resume):                    ``tlkeras.training``
+- strategy comparison and the offline transfer story:     ``tlkeras.transfer``
 - which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
 - export (TF Serving SavedModels) and local serving:      ``tlkeras.export``, ``tlkeras.serving``
-- many devices and machines (tf.distribute):              ``tlkeras.distribute``
+- the scripts' flag helpers and one-line errors:          ``tlkeras.cli``
 """
 
 from tlkeras import (  # noqa: F401
@@ -21,6 +26,7 @@ from tlkeras import (  # noqa: F401
     export,  # noqa: F401  (callable: tlkeras.export(model, ...))
     features,
     transfer,
+    weights,
 )
 from tlkeras.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones
 from tlkeras.backbones import BackboneSpec, backbone_names, build_backbone, get_backbone
@@ -67,4 +73,5 @@ __all__ = [
     "rank_backbones",
     "train",
     "transfer",
+    "weights",
 ]

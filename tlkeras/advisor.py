@@ -505,7 +505,7 @@ def advise(
         data: a ``tlkeras.data.ImageData`` or anything ``tlkeras.data.load`` accepts (then loaded
             whole, at ``image_size``: default the backbone's size, 32 for ``source:`` weights).
         backbone: a ``tlkeras.backbone_names()`` entry.
-        weights: ``"imagenet"``, a weights file, or ``"source:TASK"`` (``tlkeras.transfer``).
+        weights: ``"imagenet"``, a weights file, or ``"source:TASK"`` (``tlkeras.weights``).
         backbone_kwargs: constructor arguments, e.g. ``{"alpha": 0.25}``.
         config: thresholds and recipes (``AdvisorConfig``).
         verbose: print the summary.

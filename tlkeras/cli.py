@@ -106,7 +106,7 @@ WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:T
 
 def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
     """Define ``--data --backbone --backbone_kwargs --weights --image_size`` with the offline
-    transfer story's defaults (``tlkeras.transfer``). Call at a script's module level, then
+    transfer story's defaults (``tlkeras.weights``). Call at a script's module level, then
     ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's own."""
     from absl import flags
 

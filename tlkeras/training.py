@@ -818,7 +818,7 @@ def train(
             ``digits[:A-B]``); default: the embedded digits 5-9 (offline).
         backbone, backbone_kwargs, fine_tune_at, train_bn: as ``tlkeras.build_model``.
         weights: ``"imagenet"``, a weights file, ``None`` (random init; required by ``scratch``),
-            or ``"source:TASK"`` (a backbone pre-trained on TASK by ``tlkeras.transfer``; default
+            or ``"source:TASK"`` (a backbone pre-trained on TASK by ``tlkeras.weights``; default
             ``"source:digits:0-4"``).
         image_size: training/serving size; ``None``: 32 for ``source:`` weights, else the
             backbone's default size.
