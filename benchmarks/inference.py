@@ -52,7 +52,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
     import tlkeras
     from tlkeras import data as data_lib
-    from tlkeras import export as export_lib
+    from tlkeras import signatures
 
     n, repeats = (64, 2) if quick else (256, 5)
     weights = str(WEIGHTS) if WEIGHTS.is_file() else None
@@ -71,12 +71,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     pixels = [decode(tf.constant(b)).numpy() for b in batches]
 
     with tempfile.TemporaryDirectory(prefix="tlkeras-bench-") as tmp:
-        result = export_lib.export(
+        result = tlkeras.export(
             model, "bench", base_dir=tmp, class_names=["ants", "bees"], verify=False
         )
-        exported = export_lib.load_exported(result.path)
-        float_sig = exported.signatures[export_lib.FLOAT_SIGNATURE]
-        bytes_sig = exported.signatures[export_lib.BYTES_SIGNATURE]
+        exported = tlkeras.load_exported(result.path)
+        float_sig = exported.signatures[signatures.FLOAT_SIGNATURE]
+        bytes_sig = exported.signatures[signatures.BYTES_SIGNATURE]
         float_inputs = [tf.constant(p) for p in pixels]
         bytes_inputs = [tf.constant(b, tf.string) for b in batches]
         paths = {

@@ -11,21 +11,21 @@ verified in a fresh process before its version directory appears.
 from absl import flags, logging
 
 import tlkeras.cli
-from tlkeras import export as export_lib
+from tlkeras import exported, layout, savedmodel, signatures
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "model", None, "A .keras model file, or a run directory containing model.keras."
 )
 flags.DEFINE_string("model_name", None, "Model name: the folder under --base_dir and the URL name.")
-flags.DEFINE_string("base_dir", export_lib.DEFAULT_BASE_DIR, "SavedModel base directory.")
+flags.DEFINE_string("base_dir", layout.DEFAULT_BASE_DIR, "SavedModel base directory.")
 flags.DEFINE_list(
     "class_names", None, "Class names in output order (default: the run's metrics.json)."
 )
 flags.DEFINE_integer("version", None, "Version number (default: the next free one).", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --version.")
 flags.DEFINE_integer(
-    "top_k", export_lib.DEFAULT_TOP_K, "Classes returned per image.", lower_bound=1
+    "top_k", signatures.DEFAULT_TOP_K, "Classes returned per image.", lower_bound=1
 )
 flags.DEFINE_multi_string(
     "images", [], "Image files or folders for verification and TF Serving warmup."
@@ -40,9 +40,9 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"expected no positional arguments, received {argv[1:]}")
     if not FLAGS["verbosity"].present:  # tf.saved_model.save logs every asset at INFO
         logging.set_verbosity(logging.WARNING)
-    model, class_names = export_lib.load_keras_model(FLAGS.model, FLAGS.class_names)
-    images = export_lib.read_images(FLAGS.images, limit=FLAGS.max_images) if FLAGS.images else None
-    result = export_lib.export(
+    model, class_names = exported.load_keras_model(FLAGS.model, FLAGS.class_names)
+    images = exported.read_images(FLAGS.images, limit=FLAGS.max_images) if FLAGS.images else None
+    result = savedmodel.export(
         model,
         FLAGS.model_name,
         base_dir=FLAGS.base_dir,

@@ -11,7 +11,7 @@ import json
 from absl import flags
 
 import tlkeras.cli
-from tlkeras import export as export_lib
+from tlkeras import exported
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -28,8 +28,8 @@ flags.mark_flag_as_required("model")
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise ValueError("expected at least one IMAGE_OR_FOLDER argument, received none")
-    model = export_lib.load_exported(FLAGS.model)
-    results = export_lib.predict_files(
+    model = exported.load_exported(FLAGS.model)
+    results = exported.predict_files(
         model, argv[1:], top_k=FLAGS.top_k, batch_size=FLAGS.batch_size
     )
     if FLAGS.json:
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
             json.dumps({"model": str(model.path), "results": results}, indent=2, ensure_ascii=False)
         )
     else:
-        print(export_lib.format_predictions(results))
+        print(exported.format_predictions(results))
     return 1 if any("error" in r for r in results) else 0
 
 

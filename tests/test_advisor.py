@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from conftest import (
     check_bad_flags_fail_in_one_line,
     needs_hymenoptera,
     needs_shared_weights,
+    run_python,
 )
 
 from tlkeras import advisor, cli
@@ -271,22 +270,16 @@ def test_advise_script_bad_flags_exit_2_with_one_line(tmp_path):
 @needs_hymenoptera
 def test_advise_script_prints_a_case_and_writes_json(tmp_path):
     out = tmp_path / "advice.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ADVISE),
-            f"--data={HYMENOPTERA}",
-            "--backbone=MobileNet",
-            "--backbone_kwargs=alpha=0.25",
-            f"--weights={MOBILENET_WEIGHTS}",
-            "--image_size=96",
-            "--max_images=60",
-            f"--output={out}",
-        ],
+    proc = run_python(
+        ADVISE,
+        f"--data={HYMENOPTERA}",
+        "--backbone=MobileNet",
+        "--backbone_kwargs=alpha=0.25",
+        f"--weights={MOBILENET_WEIGHTS}",
+        "--image_size=96",
+        "--max_images=60",
+        f"--output={out}",
         env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("case ") and "evidence:" in proc.stdout

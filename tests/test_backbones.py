@@ -1,14 +1,12 @@
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
+from conftest import MOBILENET_WEIGHTS, needs_shared_weights, run_python, small_input
 
 import tlkeras
-from tests.conftest import MOBILENET_WEIGHTS, needs_shared_weights, small_input
 from tlkeras.backbones import BACKBONES, FAMILIES, PREPROCESS_MODES
 
 KERAS_APPLICATION_MODELS = sorted(n for n in dir(keras.applications) if n[0].isupper())
@@ -115,13 +113,7 @@ print(json.dumps(out))
 @needs_shared_weights
 def test_imagenet_weights_through_the_keras_cache(keras_home):
     env = {**os.environ, "KERAS_HOME": str(keras_home)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _IMAGENET_SCRIPT, str(MOBILENET_WEIGHTS)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("-c", _IMAGENET_SCRIPT, MOBILENET_WEIGHTS, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for layer, (matches_file, random_matches) in result.items():
@@ -137,13 +129,7 @@ tlkeras.build_model("MobileNetV2", 2, weights="imagenet", input_shape=(96, 96, 3
 
 def test_missing_imagenet_weights_names_the_file(tmp_path):
     env = {**os.environ, "KERAS_HOME": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _MISSING_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("-c", _MISSING_SCRIPT, env=env)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5" in last

@@ -8,16 +8,15 @@ never assert a time: timings are the benchmark's business, not the tests'.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, run_python
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
 
@@ -102,15 +101,7 @@ def test_bench_config_rejects_bad_settings(tmp_path, kwargs, match):
 
 
 def _run_bench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    return subprocess.run(
-        [sys.executable, str(BENCHMARKS / "run.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=timeout,
-    )
+    return run_python(BENCHMARKS / "run.py", *args, cwd=REPO, timeout=timeout)
 
 
 def test_bad_flag_value_is_one_line_and_exit_2(tmp_path):

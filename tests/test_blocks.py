@@ -2,9 +2,9 @@
 
 import keras
 import pytest
+from conftest import small_input
 
 import tlkeras
-from tests.conftest import small_input
 from tlkeras.blocks import STEM, TOP, _graph, resolve_block_index, split_backbone
 
 # The natural unit each family must produce (a sample of expected block names).

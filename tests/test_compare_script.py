@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
 
 
-def _run(args, tmp_path, timeout=300):
+def _run(args, tmp_path, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home")}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=tmp_path,
-    )
+    return run_python(SCRIPT, *args, env=env, timeout=timeout, cwd=tmp_path)
 
 
 def test_compare_feature_extraction_and_partial(tmp_path):

@@ -1,11 +1,10 @@
-"""tlkeras.export: SavedModels TF Serving serves unchanged, verified, written atomically."""
+"""tlkeras.export (savedmodel, signatures, layout, verify, exported): SavedModels TF Serving serves unchanged, verified, written atomically."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import sys
 import textwrap
 
 import badfiles
@@ -13,12 +12,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import HYMENOPTERA, MOBILENET_WEIGHTS, needs_hymenoptera, needs_shared_weights
+from conftest import (
+    HYMENOPTERA,
+    MOBILENET_WEIGHTS,
+    needs_hymenoptera,
+    needs_shared_weights,
+    run_python,
+)
 from tensorflow.core.framework import tensor_pb2
 
 import tlkeras
 from tlkeras import data as data_lib
-from tlkeras import export as ex
+from tlkeras import exported, layout, savedmodel, signatures, verify
 
 SIZE = (32, 32)
 
@@ -73,13 +78,13 @@ def test_signatures_give_probabilities_classes_scores(tmp_path, head):
     model_kwargs, export_kwargs, to_probs = HEADS[head]
     model = tiny_model(**model_kwargs)
     names = ["cat", "dog"] if model_kwargs["units"] == 1 else ["ant", "bee", "wasp"]
-    result = ex.export(
+    result = savedmodel.export(
         model, "m", base_dir=tmp_path, class_names=names, verify=False, top_k=2, **export_kwargs
     )
     assert result.path == tmp_path / "m" / "1" and result.version == 1
-    assert result.signatures == (ex.BYTES_SIGNATURE, ex.FLOAT_SIGNATURE)
+    assert result.signatures == (signatures.BYTES_SIGNATURE, signatures.FLOAT_SIGNATURE)
 
-    loaded = ex.load_exported(tmp_path / "m")
+    loaded = exported.load_exported(tmp_path / "m")
     images = jpegs()
     pixels = pixels_of(images)
     expected = np.asarray(to_probs(model.predict(pixels, verbose=0)), "float32")
@@ -93,7 +98,7 @@ def test_signatures_give_probabilities_classes_scores(tmp_path, head):
         for row in range(len(images)):
             for name, score in zip(out["classes"][row], out["scores"][row], strict=True):
                 assert abs(expected[row, names.index(name.decode())] - score) < 1e-5
-    task = ex._resolve_head(model, export_kwargs.get("task"), None).task
+    task = signatures._resolve_head(model, export_kwargs.get("task"), None).task
     assert loaded.metadata["task"] == task
     if task == "multiclass" or task == "binary":
         np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-5)
@@ -102,7 +107,7 @@ def test_signatures_give_probabilities_classes_scores(tmp_path, head):
 def test_export_layout_metadata_warmup_and_fresh_process_verification(tmp_path):
     model = tiny_model()
     images = jpegs(3) + [badfiles.encode(badfiles.picture((20, 30)), "PNG")]
-    result = ex.export(
+    result = savedmodel.export(
         model,
         "flowers",
         base_dir=tmp_path,
@@ -113,10 +118,10 @@ def test_export_layout_metadata_warmup_and_fresh_process_verification(tmp_path):
     path = result.path
     assert sorted(p.name for p in (tmp_path / "flowers").iterdir()) == ["1"]  # no temporaries left
     assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir()
-    extra = path / ex.ASSETS_EXTRA
-    assert (extra / ex.LABELS_FILE).read_text().splitlines() == ["daisy", "rose", "tulip"]
+    extra = path / layout.ASSETS_EXTRA
+    assert (extra / layout.LABELS_FILE).read_text().splitlines() == ["daisy", "rose", "tulip"]
 
-    meta = json.loads((extra / ex.METADATA_FILE).read_text())
+    meta = json.loads((extra / layout.METADATA_FILE).read_text())
     assert meta["class_names"] == ["daisy", "rose", "tulip"]
     assert meta["input_size"] == [32, 32] and meta["task"] == "multiclass"
     assert meta["metrics"] == {"test_accuracy": 0.5}
@@ -125,19 +130,21 @@ def test_export_layout_metadata_warmup_and_fresh_process_verification(tmp_path):
 
     report = result.verification
     assert report["num_images"] == len(images)
-    assert report["serving_float_max_abs_diff"] <= ex.FLOAT_TOLERANCE
-    assert report["serving_default_max_abs_diff"] <= ex.BYTES_TOLERANCE
-    assert report["signatures"][ex.BYTES_SIGNATURE]["inputs"] == {"image_bytes": ["string", [None]]}
-    assert report["signatures"][ex.FLOAT_SIGNATURE]["inputs"] == {
+    assert report["serving_float_max_abs_diff"] <= verify.FLOAT_TOLERANCE
+    assert report["serving_default_max_abs_diff"] <= verify.BYTES_TOLERANCE
+    assert report["signatures"][signatures.BYTES_SIGNATURE]["inputs"] == {
+        "image_bytes": ["string", [None]]
+    }
+    assert report["signatures"][signatures.FLOAT_SIGNATURE]["inputs"] == {
         "images": ["float32", [None, 32, 32, 3]]
     }
 
-    logs = ex.read_warmup_requests(extra / ex.WARMUP_FILE)
+    logs = savedmodel.read_warmup_requests(extra / layout.WARMUP_FILE)
     assert len(logs) == len(images)
     for log, image in zip(logs, images, strict=True):
         request = log.predict_log.request
         assert request.model_spec.name == "flowers"
-        assert request.model_spec.signature_name == ex.BYTES_SIGNATURE
+        assert request.model_spec.signature_name == signatures.BYTES_SIGNATURE
         # Our private proto pool has its own TensorProto class: read it through the wire format.
         proto = tensor_pb2.TensorProto.FromString(request.inputs["image_bytes"].SerializeToString())
         tensor = tf.make_ndarray(proto)
@@ -171,7 +178,7 @@ def test_warmup_records_parse_with_tensorflow_serving_protos(tmp_path):
     from tensorflow_serving.apis import prediction_log_pb2
 
     images = jpegs(2)
-    path = ex.write_warmup_requests(tmp_path / "warmup", "m", images)
+    path = savedmodel.write_warmup_requests(tmp_path / "warmup", "m", images)
     for record, image in zip(tf.data.TFRecordDataset(str(path)), images, strict=True):
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         assert log.WhichOneof("log_type") == "predict_log"
@@ -180,11 +187,11 @@ def test_warmup_records_parse_with_tensorflow_serving_protos(tmp_path):
 
 
 def test_verification_catches_a_model_that_does_not_match(tmp_path):
-    result = ex.export(
+    result = savedmodel.export(
         tiny_model(seed=0), "m", base_dir=tmp_path, class_names=["a", "b", "c"], verify=False
     )
-    with pytest.raises(ex.ExportVerificationError, match="max abs difference"):
-        ex.verify_export(result.path, tiny_model(seed=1), jpegs(2))
+    with pytest.raises(verify.ExportVerificationError, match="max abs difference"):
+        verify.verify_export(result.path, tiny_model(seed=1), jpegs(2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,16 +200,20 @@ def test_verification_catches_a_model_that_does_not_match(tmp_path):
 
 def test_versions_are_numbered_and_never_silently_overwritten(tmp_path):
     model = tiny_model()
-    assert ex.next_version(tmp_path, "m") == 1
-    first = ex.export(model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], verify=False)
-    second = ex.export(model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], verify=False)
+    assert layout.next_version(tmp_path, "m") == 1
+    first = savedmodel.export(
+        model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], verify=False
+    )
+    second = savedmodel.export(
+        model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], verify=False
+    )
     assert (first.version, second.version) == (1, 2)
-    assert ex.next_version(tmp_path, "m") == 3
+    assert layout.next_version(tmp_path, "m") == 3
     with pytest.raises(FileExistsError, match="already exists"):
-        ex.export(
+        savedmodel.export(
             model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], version=1, verify=False
         )
-    ex.export(
+    savedmodel.export(
         model,
         "m",
         base_dir=tmp_path,
@@ -211,9 +222,9 @@ def test_versions_are_numbered_and_never_silently_overwritten(tmp_path):
         overwrite=True,
         verify=False,
     )
-    assert ex.load_exported(tmp_path / "m" / "1").class_names == ["x", "y", "z"]
-    assert ex.load_exported(tmp_path / "m").version == 2  # highest version by default
-    assert ex.load_exported(tmp_path / "m", version=1).version == 1
+    assert exported.load_exported(tmp_path / "m" / "1").class_names == ["x", "y", "z"]
+    assert exported.load_exported(tmp_path / "m").version == 2  # highest version by default
+    assert exported.load_exported(tmp_path / "m", version=1).version == 1
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
 
 
@@ -221,34 +232,32 @@ KILL_MID_WRITE = textwrap.dedent(
     """
     import os, signal, sys
     import keras
-    from tlkeras import export as ex
+    from tlkeras import savedmodel
 
     def die(*args, **kwargs):  # the SavedModel is on disk, the version not yet in place
         os.kill(os.getpid(), signal.SIGKILL)
 
-    ex.write_warmup_requests = die
+    savedmodel.write_warmup_requests = die
     inputs = keras.Input((32, 32, 3))
     outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(
         keras.layers.GlobalAveragePooling2D()(inputs))
-    ex.export(keras.Model(inputs, outputs), "m", base_dir=sys.argv[1], class_names=["a", "b"],
-              verify=False)
+    savedmodel.export(keras.Model(inputs, outputs), "m", base_dir=sys.argv[1],
+                      class_names=["a", "b"], verify=False)
     """
 )
 
 
 def test_export_killed_mid_write_leaves_no_version_directory(tmp_path):
     model = tiny_model(units=2)
-    ex.export(model, "m", base_dir=tmp_path, class_names=["a", "b"], verify=False)
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_MID_WRITE, str(tmp_path)], capture_output=True, timeout=300
-    )
+    savedmodel.export(model, "m", base_dir=tmp_path, class_names=["a", "b"], verify=False)
+    proc = run_python("-c", KILL_MID_WRITE, tmp_path, text=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     (tmp,) = [p for p in (tmp_path / "m").iterdir() if p.name != "1"]
     assert tmp.name.startswith(".tmp-export-")  # hidden and non-numeric: TF Serving ignores it
     assert (tmp / "saved_model.pb").is_file()  # it really was killed mid-write
-    assert ex.load_exported(tmp_path / "m").version == 1  # the previous version still serves
+    assert exported.load_exported(tmp_path / "m").version == 1  # the previous version still serves
     # The next export cleans the dead process's temporary and takes version 2.
-    result = ex.export(model, "m", base_dir=tmp_path, class_names=["a", "b"], verify=False)
+    result = savedmodel.export(model, "m", base_dir=tmp_path, class_names=["a", "b"], verify=False)
     assert result.version == 2
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
 
@@ -260,17 +269,17 @@ def test_export_killed_mid_write_leaves_no_version_directory(tmp_path):
 @pytest.mark.parametrize("case", badfiles.DECODED_CASES, ids=lambda c: c.name)
 def test_bytes_signature_decodes_what_training_decodes(case):
     data = case.make()
-    got = ex.decode_and_resize(tf.constant(data), SIZE).numpy()
+    got = signatures.decode_and_resize(tf.constant(data), SIZE).numpy()
     assert got.shape == (*SIZE, 3) and got.dtype == np.float32
     np.testing.assert_array_equal(got, pixels_of([data])[0])
 
 
 @pytest.mark.parametrize("case", badfiles.BAD_CASES, ids=lambda c: c.name)
 def test_bytes_signature_rejects_bad_files_with_a_clear_error(case):
-    decode = tf.function(lambda x: ex.decode_and_resize(x, SIZE), autograph=False)
+    decode = tf.function(lambda x: signatures.decode_and_resize(x, SIZE), autograph=False)
     with pytest.raises(tf.errors.InvalidArgumentError) as info:
         decode(tf.constant(case.make()))
-    message = ex.tf_error_message(info.value)
+    message = exported.tf_error_message(info.value)
     assert message and "node" not in message.lower()
     if case.name == "bomb.png":
         assert "declares more than" in message
@@ -280,7 +289,7 @@ def test_bytes_signature_rejects_bad_files_with_a_clear_error(case):
 
 def test_byte_cap_is_checked_in_the_graph():
     with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 100 bytes"):
-        ex.decode_and_resize(tf.constant(jpegs(1)[0]), SIZE, max_bytes=100)
+        signatures.decode_and_resize(tf.constant(jpegs(1)[0]), SIZE, max_bytes=100)
 
 
 @pytest.mark.parametrize(
@@ -299,7 +308,7 @@ def test_declared_pixels_read_from_every_supported_header(fmt, kwargs, mode):
     from PIL import Image
 
     data = badfiles.encode(Image.new(mode, (301, 123)), fmt, **kwargs)
-    assert int(ex._declared_pixels(tf.constant(data))) == 301 * 123
+    assert int(signatures._declared_pixels(tf.constant(data))) == 301 * 123
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,7 +334,7 @@ def test_declared_pixels_read_from_every_supported_header(fmt, kwargs, mode):
 def test_bad_arguments_raise_clear_errors(tmp_path, kwargs, error, match):
     args = {"model_name": "m", "class_names": ["a", "b", "c"], **kwargs}
     with pytest.raises(error, match=match):
-        ex.export(tiny_model(), base_dir=tmp_path, verify=False, **args)
+        savedmodel.export(tiny_model(), base_dir=tmp_path, verify=False, **args)
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
 
 
@@ -335,15 +344,17 @@ def test_model_without_fixed_input_size_is_refused(tmp_path):
         keras.layers.GlobalAveragePooling2D()(inputs)
     )
     with pytest.raises(ValueError, match="H and W fixed"):
-        ex.export(keras.Model(inputs, outputs), "m", base_dir=tmp_path, class_names=["a", "b"])
+        savedmodel.export(
+            keras.Model(inputs, outputs), "m", base_dir=tmp_path, class_names=["a", "b"]
+        )
 
 
 def test_load_exported_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        ex.load_exported(tmp_path / "missing")
+        exported.load_exported(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="numeric version"):
-        ex.load_exported(tmp_path / "empty")
+        exported.load_exported(tmp_path / "empty")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,10 +371,10 @@ def test_build_model_export_reads_the_spec(tmp_path):
         backbone_kwargs={"alpha": 0.25},
         head=tlkeras.HeadConfig(task=task),
     )
-    result = ex.export(
+    result = savedmodel.export(
         model, "mobilenet", base_dir=tmp_path, class_names=["ants", "bees"], verify=False
     )
-    loaded = ex.load_exported(result.path)
+    loaded = exported.load_exported(result.path)
     meta = loaded.metadata
     assert (meta["backbone"], meta["strategy"], meta["task"]) == (
         "MobileNet",
@@ -397,10 +408,10 @@ def test_real_weights_export_matches_on_real_photos(tmp_path):
     )
     gifs = [p for p in HYMENOPTERA.rglob("*.jpg") if p.read_bytes()[:3] == b"GIF"]
     images = [p.read_bytes() for p in files + gifs[:1]]
-    result = ex.export(
+    result = savedmodel.export(
         model, "ants_bees", base_dir=tmp_path, class_names=["ants", "bees"], warmup_images=images
     )
     report = result.verification
     assert report["ok"] and report["num_images"] == len(images)
     assert report["serving_float_max_abs_diff"] <= 1e-5
-    assert report["serving_default_max_abs_diff"] <= ex.BYTES_TOLERANCE
+    assert report["serving_default_max_abs_diff"] <= verify.BYTES_TOLERANCE

@@ -14,24 +14,18 @@ from pathlib import Path
 import badfiles
 import keras
 import pytest
+from conftest import REPO, run_python
 
-from tlkeras import export as ex
+from tlkeras import exported as exported_lib
+from tlkeras import layout, savedmodel
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 NAMES = ["ants", "bees"]
 
 
 def run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+    return run_python(SCRIPTS / script, *args, env=env, timeout=timeout, cwd=REPO)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -85,9 +79,11 @@ def exported(tmp_path_factory, keras_file, images) -> Path:
 
 
 def test_export_script_writes_a_loadable_version(exported):
-    model = ex.load_exported(exported)
+    model = exported_lib.load_exported(exported)
     assert model.version == 1 and model.class_names == NAMES
-    assert len(ex.read_warmup_requests(model.path / "assets.extra" / ex.WARMUP_FILE)) == 2
+    assert (
+        len(savedmodel.read_warmup_requests(model.path / "assets.extra" / layout.WARMUP_FILE)) == 2
+    )
 
 
 def test_predict_table_and_bad_file(exported, images, tmp_path):
@@ -100,7 +96,9 @@ def test_predict_table_and_bad_file(exported, images, tmp_path):
     assert str(images / "photo_0.jpg") in out and str(images / "photo_1.jpg") in out
     assert "notes.txt" not in out
     assert f"{bad}\n  error: Unknown image file format" in out
-    want = ex.load_exported(exported).predict_bytes([(images / "photo_0.jpg").read_bytes()])
+    want = exported_lib.load_exported(exported).predict_bytes(
+        [(images / "photo_0.jpg").read_bytes()]
+    )
     top = want["classes"][0][0].decode()
     assert f"{images / 'photo_0.jpg'}\n  {top}  {want['scores'][0][0]:.4f}" in out
 

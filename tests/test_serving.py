@@ -12,8 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from tlkeras import export as ex
-from tlkeras import serving
+from tlkeras import exported, savedmodel, serving
 
 NAMES = ["ants", "bees", "wasps"]
 
@@ -32,7 +31,7 @@ def tiny_model(seed: int = 0) -> keras.Model:
 def base(tmp_path_factory):
     """A model base path with version 1 (the module's tests may add versions)."""
     root = tmp_path_factory.mktemp("saved_models")
-    ex.export(tiny_model(), "tiny", base_dir=root, class_names=NAMES, verify=False, top_k=2)
+    savedmodel.export(tiny_model(), "tiny", base_dir=root, class_names=NAMES, verify=False, top_k=2)
     return root / "tiny"
 
 
@@ -52,7 +51,7 @@ JPEGS = [
 
 
 def expected_probabilities(base, images=JPEGS, version=None):
-    return ex.load_exported(base, version).predict_bytes(images)["probabilities"]
+    return exported.load_exported(base, version).predict_bytes(images)["probabilities"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def test_float_signature(client, base):
         json={"signature_name": "serving_float", "instances": pixels.tolist()},
     )
     assert r.status_code == 200, r.json
-    want = ex.load_exported(base).predict_pixels(pixels)["probabilities"]
+    want = exported.load_exported(base).predict_pixels(pixels)["probabilities"]
     np.testing.assert_allclose([p["probabilities"] for p in r.json["predictions"]], want, atol=1e-5)
 
 
@@ -264,11 +263,13 @@ def test_bad_requests_get_json_errors_and_the_server_stays_up(client, case):
 
 
 def test_new_version_is_served_without_restart_and_broken_ones_fall_back(tmp_path):
-    ex.export(tiny_model(), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False)
+    savedmodel.export(tiny_model(), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False)
     base = tmp_path / "tiny"
     client = serving.create_app(base, "tiny").test_client()
     assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "1"
-    ex.export(tiny_model(seed=7), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False)
+    savedmodel.export(
+        tiny_model(seed=7), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False
+    )
     assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "2"
     r = client.post("/v1/models/tiny:predict", json={"instances": [b64(JPEGS[0])]})
     np.testing.assert_allclose(

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from conftest import small_input
 
 import tlkeras
-from tests.conftest import small_input
 from tlkeras import Strategy
 from tlkeras.strategy import SCRATCH_BN_MOMENTUM, scratch_batchnorm
 

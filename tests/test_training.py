@@ -35,7 +35,9 @@ def test_config_defaults_and_fine_tune_learning_rate():
     assert (c.epochs, c.fine_tune_epochs, c.learning_rate, c.weight_decay) == (10, 10, 1e-3, 1e-4)
     assert c.resolved_fine_tune_learning_rate == pytest.approx(1e-4)
     assert TrainConfig(fine_tune_learning_rate=3e-5).resolved_fine_tune_learning_rate == 3e-5
-    assert json.dumps(TrainConfig(class_weight={0: 1.0, 1: 2.0}).to_dict())
+    as_dict = TrainConfig(class_weight={0: 1.0, 1: 2.0}).to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict  # run_state.json stores it: strict JSON
+    assert as_dict["class_weight"] == {"0": 1.0, "1": 2.0}
 
 
 @pytest.mark.parametrize(

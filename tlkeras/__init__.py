@@ -15,7 +15,11 @@ Where each concept lives (each module imports only the ones above it in this lis
 - phases (two-phase training, resume):                    ``tlkeras.training``
 - strategy comparison and the offline transfer story:     ``tlkeras.transfer``
 - which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
-- export (TF Serving SavedModels) and local serving:      ``tlkeras.export``, ``tlkeras.serving``
+- an export's directories, versions and file names:       ``tlkeras.layout``
+- serving signatures (in-graph decoding, the head):       ``tlkeras.signatures``
+- verifying an export in a fresh process:                 ``tlkeras.verify``
+- export (TF Serving SavedModels), ``tlkeras.export``:    ``tlkeras.savedmodel``
+- loading exports and predicting; local serving:          ``tlkeras.exported``, ``tlkeras.serving``
 - the scripts' flag helpers and one-line errors:          ``tlkeras.cli``
 """
 
@@ -23,7 +27,6 @@ from tlkeras import (  # noqa: F401
     _quiet,  # noqa: F401  (must run before TensorFlow is imported)
     data,
     distribute,
-    export,  # noqa: F401  (callable: tlkeras.export(model, ...))
     features,
     transfer,
     weights,
@@ -32,8 +35,9 @@ from tlkeras.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones
 from tlkeras.backbones import BackboneSpec, backbone_names, build_backbone, get_backbone
 from tlkeras.blocks import Block, block_names, blocks
 from tlkeras.distribute import DistributeConfig, Distribution
-from tlkeras.export import ExportResult, load_exported
+from tlkeras.exported import load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
+from tlkeras.savedmodel import ExportResult, export
 from tlkeras.strategy import Strategy, apply_strategy
 from tlkeras.training import RunResult, TrainConfig, fit, train
 

@@ -30,7 +30,8 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-from tlkeras.export import BYTES_SIGNATURE, ExportedModel, load_exported, tf_error_message  # noqa: E402
+from tlkeras.exported import ExportedModel, load_exported, tf_error_message  # noqa: E402
+from tlkeras.signatures import BYTES_SIGNATURE  # noqa: E402
 
 DEFAULT_PORT = 8501
 DEFAULT_HOST = "127.0.0.1"

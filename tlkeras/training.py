@@ -54,9 +54,10 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import data as data_lib
-from tlkeras import distribute, features, reports
+from tlkeras import distribute, features, reports, savedmodel
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
+from tlkeras.exported import load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
 from tlkeras.rundir import (
     BACKUP_DIR,
@@ -211,7 +212,7 @@ class RunResult:
             ``"phase_boundary"`` (first epoch of phase 2, or ``None``).
         metrics: the ``metrics.json`` content (test-split metrics, data counts, phases).
         run_dir: the run directory.
-        export: the ``tlkeras.export.ExportResult`` when :func:`train` exported, else ``None``.
+        export: the ``tlkeras.ExportResult`` when :func:`train` exported, else ``None``.
     """
 
     model: keras.Model
@@ -811,7 +812,7 @@ def train(
     **config_overrides: Any,
 ) -> RunResult:
     """Data in, trained and exported classifier out: ``load`` → ``build_model`` → :func:`fit` →
-    ``tlkeras.export.export``.
+    ``tlkeras.export``.
 
     Args:
         data_source: anything ``tlkeras.data.load`` takes (folder, ``tfds:NAME``, ``(x, y)``,
@@ -921,9 +922,7 @@ def train(
     def export_model(result: RunResult) -> None:
         if export_dir is None:
             return
-        from tlkeras import export as export_lib
-
-        exported = export_lib.export(
+        exported = savedmodel.export(
             result.model,
             model_name,
             base_dir=export_dir,
@@ -960,9 +959,7 @@ def evaluate_export(
     Folder classes are matched to the model's labels by name, so a folder may hold a subset of the
     classes. Writes ``metrics.json`` and ``confusion.png`` to ``output_dir`` when given.
     """
-    from tlkeras import export as export_lib
-
-    exported = export_lib.load_exported(model_path)
+    exported = load_exported(model_path)
     names = list(exported.class_names)
     if not names:
         raise ValueError(

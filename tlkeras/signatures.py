@@ -1,0 +1,255 @@
+"""The serving contract of a tlkeras export: decoding in the graph, the head, the two signatures.
+
+Owns what a served request means, not where it is written (``tlkeras.savedmodel``):
+
+- ``serving_default``: ``image_bytes`` tf.string [None] encoded JPEG/PNG/GIF/BMP/WebP, decoded by real
+  format, resized exactly as the training pipeline does, then the Keras model (preprocessing inside).
+  Byte-size and declared-pixel caps are checked in the graph before decoding.
+- ``serving_float``: ``images`` float32 [None, H, W, 3] raw RGB pixels 0–255.
+
+Both return ``probabilities`` float32 [None, C], ``classes`` string [None, k] and ``scores``
+float32 [None, k] (top-k by score). How the model's output becomes probabilities (task inference
+from the output layer: ``_Head``/``_resolve_head``) lives here too, in one section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
+
+import keras  # noqa: E402  isort: skip
+import tensorflow as tf  # noqa: E402  isort: skip
+
+from tlkeras.data import decode_image  # noqa: E402
+from tlkeras.model import get_spec  # noqa: E402
+
+BYTES_SIGNATURE = "serving_default"
+FLOAT_SIGNATURE = "serving_float"
+SIGNATURES = (BYTES_SIGNATURE, FLOAT_SIGNATURE)
+BYTES_INPUT = "image_bytes"
+FLOAT_INPUT = "images"
+OUTPUTS = ("probabilities", "classes", "scores")
+TASKS = ("multiclass", "binary", "multilabel")
+DEFAULT_TOP_K = 5
+# Caps on one encoded image in the bytes signature (the pixel cap is the training scan's default).
+MAX_IMAGE_BYTES = 32 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding: one implementation for the training pipeline's reference and the serving graph.
+
+
+def _declared_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width × height an encoded image declares in its header (0 for unknown formats), int64.
+
+    Read before decoding so a decompression bomb (a tiny file declaring a huge canvas) is refused
+    without allocating it. JPEG via TF's own SOF parser; the other formats' headers are fixed
+    offsets (PNG IHDR, GIF logical screen, BMP info header, WebP VP8/VP8L/VP8X).
+    """
+    head = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 32)]), 0, 32)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+    shr, band = tf.bitwise.right_shift, tf.bitwise.bitwise_and
+
+    def le(i, n):
+        return sum(b[i + j] * 2 ** (8 * j) for j in range(n))
+
+    def be32(i):
+        return b[i] * 2**24 + b[i + 1] * 2**16 + b[i + 2] * 2**8 + b[i + 3]
+
+    def bmp():  # height is negative for top-down bitmaps
+        w, h = le(18, 4), le(22, 4)
+        return tf.abs(tf.where(w >= 2**31, w - 2**32, w)) * tf.abs(
+            tf.where(h >= 2**31, h - 2**32, h)
+        )
+
+    def webp():
+        chunk = tf.strings.substr(head, 12, 4)
+        vp8 = band(le(26, 2), 0x3FFF) * band(le(28, 2), 0x3FFF)
+        lossless = (1 + band(le(21, 2), 0x3FFF)) * (1 + band(shr(le(22, 4), 6), 0x3FFF))
+        extended = (1 + le(24, 3)) * (1 + le(27, 3))
+        return tf.case(
+            [
+                (tf.equal(chunk, b"VP8 "), lambda: vp8),
+                (tf.equal(chunk, b"VP8L"), lambda: lossless),
+                (tf.equal(chunk, b"VP8X"), lambda: extended),
+            ],
+            default=lambda: tf.constant(0, tf.int64),
+        )
+
+    def jpeg():
+        return tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64))
+
+    def starts(prefix: bytes, at: int = 0) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(head, at, len(prefix)), prefix)
+
+    return tf.case(
+        [
+            (starts(b"\xff\xd8"), jpeg),
+            (starts(b"\x89PNG"), lambda: be32(16) * be32(20)),
+            (starts(b"GIF"), lambda: le(6, 2) * le(8, 2)),
+            (starts(b"BM"), bmp),
+            (tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8)), webp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+        exclusive=False,
+    )
+
+
+def decode_and_resize(
+    data: tf.Tensor,
+    image_size: tuple[int, int],
+    *,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> tf.Tensor:
+    """One encoded image (scalar tf.string) → float32 [H, W, 3] RGB pixels 0–255, graph-safe.
+
+    The byte and declared-pixel caps are checked first; the decoding and resizing are the training
+    pipeline's own (``tlkeras.data.decode_image``), so served and trained pixels are identical.
+    """
+    size = tf.strings.length(data)
+    checks = [
+        tf.debugging.Assert(size > 0, ["image is empty (0 bytes)"]),
+        tf.debugging.Assert(size <= max_bytes, [f"image is larger than {max_bytes} bytes"]),
+    ]
+    with tf.control_dependencies(checks):
+        pixels = _declared_pixels(data)
+    cap = tf.debugging.Assert(
+        pixels <= max_pixels, [f"image declares more than {max_pixels} pixels"]
+    )
+    with tf.control_dependencies([cap]):
+        data = tf.identity(data)
+    return tf.cast(decode_image(data, image_size), tf.float32)
+
+
+def _decode_batch(images: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    return tf.map_fn(
+        lambda x: decode_and_resize(x, image_size),
+        images,
+        fn_output_signature=tf.TensorSpec([*image_size, 3], tf.float32),
+    )
+
+
+def reference_decode(images: Sequence[bytes], image_size: tuple[int, int]) -> np.ndarray:
+    """The training pipeline's decoding of ``images``, eagerly: float32 [N, H, W, 3]."""
+    return np.stack([decode_and_resize(tf.constant(b), image_size).numpy() for b in images]).astype(
+        "float32"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# What the model's output means: the head (task inference from the output layer).
+
+
+@dataclass(frozen=True)
+class _Head:
+    task: str
+    from_logits: bool
+    units: int
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, received {self.task!r}")
+        if self.task == "binary" and self.units != 1:
+            raise ValueError(
+                f"task 'binary': expected a model with one sigmoid output unit, received "
+                f"{self.units} units (use task='multiclass' for a 2-unit softmax)"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.task == "binary" else self.units
+
+    def probabilities(self, y: tf.Tensor) -> tf.Tensor:
+        y = tf.cast(y, tf.float32)
+        if self.task == "multiclass":
+            return tf.nn.softmax(y, axis=-1) if self.from_logits else y
+        p = tf.sigmoid(y) if self.from_logits else y
+        return tf.concat([1.0 - p, p], axis=-1) if self.task == "binary" else p
+
+
+def _output_layer(model: Any):
+    try:
+        return model.get_layer("predictions")
+    except ValueError:
+        return model.outputs[0]._keras_history.operation
+
+
+def _resolve_head(model: Any, task: str | None, from_logits: bool | None) -> _Head:
+    if len(model.outputs) != 1:
+        raise ValueError(f"expected a model with one output, received {len(model.outputs)}")
+    units = int(model.outputs[0].shape[-1])
+    spec_head = None
+    try:
+        spec_head = get_spec(model).head
+    except ValueError:
+        pass
+    if spec_head is not None:
+        task = spec_head.task if task is None else task
+        from_logits = spec_head.from_logits if from_logits is None else from_logits
+    if task is None or from_logits is None:
+        activation = getattr(_output_layer(model), "activation", None)
+        act = getattr(activation, "__name__", None)
+        if from_logits is None:
+            from_logits = act in (None, "linear")
+        if task is None:
+            task = "binary" if units == 1 else ("multilabel" if act == "sigmoid" else "multiclass")
+    return _Head(task=task, from_logits=bool(from_logits), units=units)
+
+
+def input_size(model: Any) -> tuple[int, int]:
+    if len(model.inputs) != 1:
+        raise ValueError(f"expected a model with one image input, received {len(model.inputs)}")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[2] is None:
+        raise ValueError(
+            f"expected a model input of shape (None, H, W, 3) with H and W fixed, received {shape}"
+        )
+    return int(shape[1]), int(shape[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# The serving functions.
+
+
+def build_archive(model: Any, class_names: Sequence[str], head: _Head, top_k: int):
+    """A Keras ``ExportArchive`` tracking ``model`` with the two serving signatures."""
+    size = input_size(model)
+    k = min(top_k, head.num_classes)
+    names = tf.constant(list(class_names), dtype=tf.string)
+
+    def outputs(pixels):
+        probabilities = head.probabilities(model(pixels, training=False))
+        scores, indices = tf.math.top_k(probabilities, k=k)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.gather(names, indices),
+            "scores": scores,
+        }
+
+    def serving_default(image_bytes):
+        return outputs(_decode_batch(image_bytes, size))
+
+    def serving_float(images):
+        return outputs(images)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    # The first endpoint is also what ExportArchive aliases as serving_default; naming it so keeps it.
+    archive.add_endpoint(
+        BYTES_SIGNATURE,
+        serving_default,
+        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
+    )
+    archive.add_endpoint(
+        FLOAT_SIGNATURE,
+        serving_float,
+        input_signature=[tf.TensorSpec([None, *size, 3], tf.float32, name=FLOAT_INPUT)],
+    )
+    return archive

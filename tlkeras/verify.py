@@ -1,0 +1,207 @@
+"""Verifying an export in a fresh Python process, against the in-memory Keras model.
+
+``verify_export`` (this process) writes the images, the training pipeline's decoding of them and the
+model's probabilities to a work directory, then runs ``python -m tlkeras.verify --verify
+SAVED_MODEL_DIR WORK_DIR``; that child reloads the SavedModel with ``tf.saved_model.load`` only and
+checks signature names, dtypes, shapes and outputs against them (``_check_in_this_process``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
+
+import tensorflow as tf  # noqa: E402  isort: skip
+
+from tlkeras.layout import ASSETS_EXTRA, LABELS_FILE  # noqa: E402
+from tlkeras.signatures import (  # noqa: E402
+    BYTES_INPUT,
+    BYTES_SIGNATURE,
+    FLOAT_INPUT,
+    FLOAT_SIGNATURE,
+    OUTPUTS,
+    SIGNATURES,
+    _Head,
+    _resolve_head,
+    input_size,
+    reference_decode,
+)
+
+FLOAT_TOLERANCE = 1e-5
+# The bytes signature decodes in the graph and the reference eagerly, with the same function; both
+# then run the same model, so they agree up to float rounding.
+BYTES_TOLERANCE = 1e-4
+
+
+class ExportVerificationError(RuntimeError):
+    """The reloaded SavedModel does not match the in-memory Keras model."""
+
+
+def verify_export(
+    path: str | Path,
+    model: Any,
+    images: Sequence[bytes],
+    *,
+    head: _Head | None = None,
+    class_names: Sequence[str] | None = None,
+    timeout: float = 600,
+) -> dict[str, Any]:
+    """Reload ``path`` in a fresh Python process and compare it with the in-memory ``model``.
+
+    Checks the signature names, input/output dtypes and shapes, the float signature against
+    ``model.predict`` (max abs difference ≤ 1e-5) and the bytes signature against the training
+    pipeline's own decoding of ``images`` followed by the model. Returns the child's report;
+    raises ``ExportVerificationError`` on any mismatch.
+    """
+    path = Path(path)
+    images = [bytes(b) for b in images]
+    if not images:
+        raise ValueError("images: expected at least one encoded image, received none")
+    head = head or _resolve_head(model, None, None)
+    size = input_size(model)
+    pixels = reference_decode(images, size)
+    # A plain call, not model.predict: under a multi-worker strategy predict gathers from every
+    # worker, and only the chief exports.
+    expected = head.probabilities(model(pixels, training=False)).numpy()
+    if class_names is None:
+        labels = path / ASSETS_EXTRA / LABELS_FILE
+        class_names = labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else []
+    with tempfile.TemporaryDirectory(prefix="tlkeras-verify-") as work:
+        work = Path(work)
+        for i, b in enumerate(images):
+            (work / f"image_{i:04d}.bin").write_bytes(b)
+        np.savez(work / "expected.npz", pixels=pixels, probabilities=expected)
+        (work / "spec.json").write_text(
+            json.dumps(
+                {
+                    "input_size": list(size),
+                    "num_classes": len(class_names),
+                    "class_names": list(class_names),
+                }
+            ),
+            encoding="utf-8",
+        )
+        env = dict(os.environ)
+        pkg_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        proc = subprocess.run(
+            [sys.executable, "-m", "tlkeras.verify", "--verify", str(path), str(work)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ExportVerificationError(
+            f"verification process failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+        )
+    report = json.loads(lines[-1])
+    if not report.get("ok"):
+        raise ExportVerificationError(
+            f"exported model at {str(path)!r} does not match the Keras model: "
+            + "; ".join(report.get("problems", ["unknown"]))
+        )
+    return report
+
+
+def _check_in_this_process(path: Path, work: Path) -> dict[str, Any]:
+    """The fresh process's side of ``verify_export``: TensorFlow only, no Keras model code."""
+    spec = json.loads((work / "spec.json").read_text(encoding="utf-8"))
+    ref = np.load(work / "expected.npz")
+    images = [p.read_bytes() for p in sorted(work.glob("image_*.bin"))]
+    h, w = spec["input_size"]
+    c = spec["num_classes"]
+    problems: list[str] = []
+    loaded = tf.saved_model.load(str(path))
+    sigs = dict(loaded.signatures)
+    report: dict[str, Any] = {"signatures": {}}
+    for name in SIGNATURES:
+        if name not in sigs:
+            problems.append(f"signature {name!r} missing (found {sorted(sigs)})")
+    expect_in = {
+        BYTES_SIGNATURE: (BYTES_INPUT, tf.string, [None]),
+        FLOAT_SIGNATURE: (FLOAT_INPUT, tf.float32, [None, h, w, 3]),
+    }
+    for name, (key, dtype, shape) in expect_in.items():
+        if name not in sigs:
+            continue
+        fn = sigs[name]
+        _, kwargs = fn.structured_input_signature
+        outs = fn.structured_outputs
+        report["signatures"][name] = {
+            "inputs": {n: [s.dtype.name, s.shape.as_list()] for n, s in kwargs.items()},
+            "outputs": {n: [s.dtype.name, s.shape.as_list()] for n, s in outs.items()},
+        }
+        if (
+            set(kwargs) != {key}
+            or kwargs[key].dtype != dtype
+            or kwargs[key].shape.as_list() != shape
+        ):
+            problems.append(f"{name}: expected input {key} {dtype.name} {shape}, received {kwargs}")
+        if set(outs) != set(OUTPUTS):
+            problems.append(f"{name}: expected outputs {OUTPUTS}, received {sorted(outs)}")
+            continue
+        want = {
+            "probabilities": (tf.float32, [None, c]),
+            "classes": (tf.string, [None, None]),
+            "scores": (tf.float32, [None, None]),
+        }
+        for out, (dt, shp) in want.items():
+            got = outs[out]
+            if got.dtype != dt or not tf.TensorShape(shp).is_compatible_with(got.shape):
+                problems.append(f"{name}: output {out} expected {dt.name} {shp}, received {got}")
+    expected = ref["probabilities"]
+    results = {}
+    if not problems:
+        results[FLOAT_SIGNATURE] = sigs[FLOAT_SIGNATURE](
+            **{FLOAT_INPUT: tf.constant(ref["pixels"])}
+        )
+        results[BYTES_SIGNATURE] = sigs[BYTES_SIGNATURE](
+            **{BYTES_INPUT: tf.constant(images, dtype=tf.string)}
+        )
+        for name, tol in ((FLOAT_SIGNATURE, FLOAT_TOLERANCE), (BYTES_SIGNATURE, BYTES_TOLERANCE)):
+            out = {n: t.numpy() for n, t in results[name].items()}
+            diff = float(np.max(np.abs(out["probabilities"] - expected)))
+            report[f"{name}_max_abs_diff"] = diff
+            if diff > tol:
+                problems.append(f"{name}: max abs difference {diff:.3g} > {tol:g}")
+            top1 = np.argmax(expected, axis=-1)
+            want_names = np.array(spec["class_names"])[top1]
+            got_names = np.char.decode(out["classes"][:, 0].astype(bytes), "utf-8")
+            # Near-ties may swap the top class within tolerance; then the scores must still agree.
+            swapped = got_names != want_names
+            if (
+                swapped.any()
+                and np.max(np.abs(out["scores"][swapped, 0] - expected[swapped].max(axis=-1)))
+                > BYTES_TOLERANCE
+            ):
+                problems.append(f"{name}: top-1 classes {got_names} != {want_names}")
+    report["num_images"] = len(images)
+    report["problems"] = problems
+    report["ok"] = not problems
+    return report
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "--verify":
+        print("usage: python -m tlkeras.verify --verify SAVED_MODEL_DIR WORK_DIR", file=sys.stderr)
+        return 2
+    report = _check_in_this_process(Path(argv[1]), Path(argv[2]))
+    print(json.dumps(report, default=str), flush=True)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
