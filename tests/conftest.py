@@ -90,3 +90,15 @@ def check_bad_flags_fail_in_one_line(
         assert "Traceback" not in err, (name, err)
         assert len(lines) == 1 and lines[0].startswith(f"{script.name}: error: "), (name, err)
         assert cases[name][1] in lines[0], (name, lines[0])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One KERAS_HOME for a module whose tests pre-train the source task: it runs once, 1 epoch."""
+    from tlkeras import weights as weights_lib
+
+    path = tmp_path_factory.mktemp("keras_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_HOME", str(path))
+        mp.setattr(weights_lib, "DEFAULT_PRETRAIN_EPOCHS", 1)
+        yield path

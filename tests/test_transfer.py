@@ -7,20 +7,10 @@ import json
 import pytest
 
 from tlkeras import transfer
-from tlkeras import weights as weights_lib
+from tlkeras import weights as weights_lib  # noqa: F401
 from tlkeras.training import TrainConfig
 
 KWARGS = {"alpha": 0.25}
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One KERAS_HOME for the module: the (1-epoch) pre-training runs once."""
-    path = tmp_path_factory.mktemp("keras_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_HOME", str(path))
-        mp.setattr(weights_lib, "DEFAULT_PRETRAIN_EPOCHS", 1)
-        yield path
 
 
 def test_transfer_story_table(home, tmp_path):

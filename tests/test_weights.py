@@ -12,16 +12,6 @@ from tlkeras.model import build_model
 KWARGS = {"alpha": 0.25}
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One KERAS_HOME for the module: the (1-epoch) pre-training runs once."""
-    path = tmp_path_factory.mktemp("keras_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_HOME", str(path))
-        mp.setattr(weights_lib, "DEFAULT_PRETRAIN_EPOCHS", 1)
-        yield path
-
-
 def test_pretrained_weights_are_cached_and_transfer(home):
     path = weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32)
     assert path.is_file() and path.name.endswith(".weights.h5")
