@@ -15,21 +15,8 @@ epochs (the same epoch budget as the two-phase strategies), at ``learning_rate``
 Guards: AdamW weight decay, label smoothing, EarlyStopping with best-weights restore, optional
 ReduceLROnPlateau, TerminateOnNaN (turned into a ``ValueError`` naming the epoch and learning rate).
 
-Run directory (``run_dir``), everything needed to resume or audit a run:
-
-- ``run_state.json``: configuration fingerprint, status (running/done/failed), per-phase progress;
-- ``backup/phase{N}/``: Keras ``BackupAndRestore`` with ``double_checkpoint=True`` (the latest and
-  the previous epoch), so re-running the same call after a kill resumes in the same phase and epoch,
-  and a corrupted latest backup falls back to the previous one, then to a clean phase restart
-  (logged);
-- ``phase{N}.weights.h5``: the weights at the end of each phase (phase 2 starts from them on resume);
-- ``model.keras``: the best model so far by validation loss across both phases (the final model);
-- ``history_phase{N}.csv`` (per epoch, as written), ``history.json``/``history.csv`` (merged),
-  ``history.png``, ``confusion.png``, ``metrics.json`` (test split), ``tb/`` (TensorBoard).
-
-A finished run directory is never overwritten: a new run there raises ``FileExistsError`` unless
-``overwrite=True``, which clears it (only if it is a tlkeras run directory). A directory holding an
-unfinished run with a *different* configuration raises ``ValueError`` instead of mixing two runs.
+Run directory (``run_dir``): every file in it, its state and the resume rules are ``tlkeras.rundir``'s
+(re-running the same call after a kill resumes in the same phase and epoch).
 """
 
 from __future__ import annotations
