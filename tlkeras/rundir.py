@@ -14,6 +14,9 @@ One run directory (``run_dir``) holds everything needed to resume or audit a run
 Training, reports, export and the distributed runner ask this module for these names. A finished run
 directory is never overwritten unless asked, and a directory that is not a tlkeras run directory is
 never cleared.
+A directory holding an unfinished run with a *different* configuration raises ``ValueError`` instead
+of mixing two runs; a corrupted latest backup falls back to the previous one, then to a clean phase
+restart.
 """
 
 from __future__ import annotations
