@@ -118,6 +118,9 @@ def test_sweep_writes_table_plot_json_and_recommends_a_swept_k(tmp_path, tiny_pr
     record = json.loads((tmp_path / "sweep.json").read_text())
     assert record["recommended"]["k"] == result.recommended.k
     assert record["settings"]["ks"] == [13, 14]
+    # Every row started from one head warm-up on the frozen backbone, as `train` does.
+    warm_up = record["settings"]["head_warm_up"]
+    assert warm_up["fast_path"] == "cached" and 1 <= warm_up["epochs_run"] <= 2
     with (tmp_path / "sweep.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["mode"] for r in rows] == [FROZEN, FINE_TUNED, FROZEN, FINE_TUNED, SCRATCH]

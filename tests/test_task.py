@@ -91,13 +91,16 @@ def test_infer_from_the_predictions_layer_of_a_plain_model():
         (1, "sigmoid", ("binary", False)),
         (3, "sigmoid", ("multilabel", False)),
         (3, None, ("multiclass", True)),
+        (1, None, ("binary", True)),
     ]:
         model = keras.Model(
             inputs, keras.layers.Dense(units, activation=act, name="predictions")(inputs)
         )
         assert task_lib.infer(model) == expected
+    unnamed = keras.layers.Dense(2, activation="sigmoid", name="out")
     with pytest.raises(ValueError, match="layer named 'predictions'"):
-        task_lib.infer(keras.Model(inputs, keras.layers.Dense(2, name="out")(inputs)))
+        task_lib.infer(keras.Model(inputs, unnamed(inputs)))
+    assert task_lib.infer_from_layer(unnamed) == ("multilabel", False)
 
 
 @pytest.mark.parametrize("name", ["multiclass", "binary", "multilabel"])

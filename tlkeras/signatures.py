@@ -9,7 +9,7 @@ Owns what a served request means, not where it is written (``tlkeras.savedmodel`
 
 Both return ``probabilities`` float32 [None, C], ``classes`` string [None, k] and ``scores``
 float32 [None, k] (top-k by score). How the model's output becomes probabilities (task inference
-from the output layer: ``_Head``/``_resolve_head``) lives here too, in one section.
+from ``tlkeras.task``: ``_Head``/``_resolve_head``) lives here too, in one section.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.data import decode_image  # noqa: E402
-from tlkeras.model import get_spec  # noqa: E402
+from tlkeras.spec import TASKS  # noqa: E402
+from tlkeras.task import infer, infer_from_layer, probabilities  # noqa: E402
 
 BYTES_SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "serving_float"
@@ -34,7 +35,6 @@ SIGNATURES = (BYTES_SIGNATURE, FLOAT_SIGNATURE)
 BYTES_INPUT = "image_bytes"
 FLOAT_INPUT = "images"
 OUTPUTS = ("probabilities", "classes", "scores")
-TASKS = ("multiclass", "binary", "multilabel")
 DEFAULT_TOP_K = 5
 # Caps on one encoded image in the bytes signature (the pixel cap is the training scan's default).
 MAX_IMAGE_BYTES = 32 * 2**20
@@ -167,40 +167,25 @@ class _Head:
         return 2 if self.task == "binary" else self.units
 
     def probabilities(self, y: tf.Tensor) -> tf.Tensor:
-        y = tf.cast(y, tf.float32)
-        if self.task == "multiclass":
-            return tf.nn.softmax(y, axis=-1) if self.from_logits else y
-        p = tf.sigmoid(y) if self.from_logits else y
+        p = probabilities(y, self.task, from_logits=self.from_logits)
+        # A binary head's one unit becomes two columns: [P(class 0), P(class 1)].
         return tf.concat([1.0 - p, p], axis=-1) if self.task == "binary" else p
 
 
-def _output_layer(model: Any):
-    try:
-        return model.get_layer("predictions")
-    except ValueError:
-        return model.outputs[0]._keras_history.operation
-
-
 def _resolve_head(model: Any, task: str | None, from_logits: bool | None) -> _Head:
+    """The head of ``model``: ``task``/``from_logits`` as given, else as ``tlkeras.task`` infers."""
     if len(model.outputs) != 1:
         raise ValueError(f"expected a model with one output, received {len(model.outputs)}")
-    units = int(model.outputs[0].shape[-1])
-    spec_head = None
-    try:
-        spec_head = get_spec(model).head
-    except ValueError:
-        pass
-    if spec_head is not None:
-        task = spec_head.task if task is None else task
-        from_logits = spec_head.from_logits if from_logits is None else from_logits
     if task is None or from_logits is None:
-        activation = getattr(_output_layer(model), "activation", None)
-        act = getattr(activation, "__name__", None)
-        if from_logits is None:
-            from_logits = act in (None, "linear")
-        if task is None:
-            task = "binary" if units == 1 else ("multilabel" if act == "sigmoid" else "multiclass")
-    return _Head(task=task, from_logits=bool(from_logits), units=units)
+        try:
+            inferred_task, inferred_logits = infer(model)
+        except ValueError:  # a plain Keras classifier: read its output layer
+            inferred_task, inferred_logits = infer_from_layer(
+                model.outputs[0]._keras_history.operation
+            )
+        task = inferred_task if task is None else task
+        from_logits = inferred_logits if from_logits is None else from_logits
+    return _Head(task=task, from_logits=bool(from_logits), units=int(model.outputs[0].shape[-1]))
 
 
 def input_size(model: Any) -> tuple[int, int]:

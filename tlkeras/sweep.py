@@ -1,6 +1,8 @@
 """The transferability curve: validation accuracy against the freeze point k (Yosinski et al. 2014).
 
-For each block index k, ``sweep`` trains the ``partial(k)`` model (blocks < k frozen, pretrained
+Every row starts as ``tlkeras.train`` does, from a head warmed up on the frozen backbone (one
+warm-up, shared by the rows), so the curve measures the freeze point, not a missing warm-up.
+For each block index k, ``sweep`` then trains the ``partial(k)`` model (blocks < k frozen, pretrained
 blocks >= k and the head train) on the fast frozen path (``tlkeras.features.fit_frozen``: the
 frozen prefix runs once per k, at the block boundary). ``k == num_blocks`` freezes the whole
 backbone (``feature_extraction``). With ``fine_tune=True`` each model is then fine-tuned end to end
@@ -23,7 +25,6 @@ import csv
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,12 @@ import numpy as np
 
 from tlkeras import reports
 from tlkeras.backbones import get_backbone
-from tlkeras.blocks import blocks, resolve_block_index
+from tlkeras.blocks import BACKBONE_LAYER, blocks, resolve_block_index
 from tlkeras.data import ImageData, load
-from tlkeras.features import fit_frozen
+from tlkeras.features import MODE_FULL_MODEL
 from tlkeras.model import AugmentConfig, build_model
-from tlkeras.strategy import apply_strategy, scratch_batchnorm
+from tlkeras.phase import FEATURE_EXTRACTION, FULL, PARTIAL, Phase, PhaseResult, run_phase
+from tlkeras.phase import SCRATCH as SCRATCH_STRATEGY
 from tlkeras.task import encode_labels, infer, loss_for, metrics_for
 from tlkeras.weights import image_size_for, resolve
 
@@ -194,24 +196,10 @@ def recommend(
 # Training one row
 
 
-def _trainable_params(model: Any) -> int:
-    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
-
-
 def _evaluate(model: Any, dataset: Any, loss: Any, metrics: Any) -> tuple[float, float]:
-    model.compile(optimizer=keras.optimizers.Adam(), loss=loss, metrics=metrics)
+    model.compile(optimizer="adam", loss=loss, metrics=metrics)  # evaluation only: nothing trains
     out = model.evaluate(dataset, verbose=0, return_dict=True)
     return float(out["accuracy"]), float(out["loss"])
-
-
-def _early_stopping(patience: int) -> list[Any]:
-    if not patience:
-        return []
-    return [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True
-        )
-    ]
 
 
 def _check_ks(ks: Any, all_blocks: Sequence[Any]) -> list[int]:
@@ -238,6 +226,155 @@ def _positive(name: str, value: Any, minimum: float = 0, *, integer: bool = Fals
     if isinstance(value, bool) or not isinstance(value, types) or not value >= minimum:
         kind = "an int" if integer else "a number"
         raise ValueError(f"{name}: expected {kind} >= {minimum}, received {value!r}")
+
+
+def _check_settings(
+    weights: Any,
+    augment: Any,
+    epochs: int,
+    fine_tune_epochs: int,
+    scratch_epochs: int,
+    **numbers: Any,
+) -> None:
+    if weights is None:
+        raise ValueError(
+            "weights: a sweep transfers pretrained blocks; expected 'imagenet', a weights file or "
+            "'source:TASK', received None"
+        )
+    if augment is not None and not isinstance(augment, AugmentConfig):
+        raise TypeError(f"augment: expected an AugmentConfig or None, received {augment!r}")
+    for name, value in (
+        ("epochs", epochs),
+        ("fine_tune_epochs", fine_tune_epochs),
+        ("scratch_epochs", scratch_epochs),
+    ):
+        _positive(name, value, 1, integer=True)
+    _positive("patience", numbers["patience"], 0, integer=True)
+    _positive("noise_sigmas", numbers["noise_sigmas"], 0)
+    for name in ("learning_rate", "fine_tune_learning_rate"):
+        _positive(name, numbers[name], 0)
+        if numbers[name] == 0:
+            raise ValueError(f"{name}: expected a number > 0, received {numbers[name]!r}")
+
+
+def _sweep_data(data: Any, image_size: Any, weights: Any, backbone: str, **load_kwargs: Any):
+    """``data`` as a single-label ``ImageData`` with a validation split (loaded when needed)."""
+    if isinstance(data, ImageData):
+        if image_size is not None:
+            raise ValueError(
+                f"image_size: expected None with an ImageData (its images are {data.image_size}), "
+                f"received {image_size!r}"
+            )
+    else:
+        data = load(data, image_size=image_size_for(image_size, weights, backbone), **load_kwargs)
+    if data.validation is None:
+        raise ValueError("data: expected a validation split to choose k on, received none")
+    if data.multilabel:
+        raise ValueError("data: expected single-label data, received multi-label data")
+    return data
+
+
+@dataclass
+class _Rows:
+    """What every row of one sweep shares: how to build its model, train a phase and score it."""
+
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    weights: str | None
+    augment: AugmentConfig | None
+    datasets: tuple[Any, Any, Any]  # train, validation, test (labels encoded)
+    patience: int
+    seed: int
+    verbose: int
+    rows: list[SweepRow] = field(default_factory=list)
+
+    def model(self, strategy: str, k: int | None, weights: Any) -> keras.Model:
+        keras.utils.set_random_seed(self.seed)  # the same head initialisation for every row
+        return build_model(
+            self.backbone,
+            self.num_classes,
+            strategy=strategy,
+            fine_tune_at=k,
+            weights=weights,
+            input_shape=self.input_shape,
+            backbone_kwargs=self.backbone_kwargs,
+            augment=self.augment,
+        )
+
+    def train(self, model: keras.Model, phase: Phase) -> PhaseResult:
+        early = (
+            []
+            if not self.patience
+            else [
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=self.patience, restore_best_weights=True
+                )
+            ]
+        )
+        train, validation, _ = self.datasets
+        keras_verbose = 2 if self.verbose >= 2 else 0
+        return run_phase(
+            model, phase, train, validation, callbacks=early, seed=self.seed, verbose=keras_verbose
+        )
+
+    def add(self, mode: str, k: int | None, block: str, model: keras.Model, result: PhaseResult):
+        """Score ``model`` (trained by ``result``) and record it as a row."""
+        task, from_logits = infer(model)
+        loss = loss_for(task, from_logits=from_logits)
+        _, validation, test = self.datasets
+        acc, val_loss = _evaluate(
+            model, validation, loss, metrics_for(task, from_logits=from_logits)
+        )
+        test_acc = None
+        if test is not None:
+            test_acc = _evaluate(model, test, loss, metrics_for(task, from_logits=from_logits))[0]
+        row = SweepRow(
+            mode,
+            k,
+            block,
+            result.trainable_params,
+            acc,
+            val_loss,
+            test_acc,
+            result.epochs_run,
+            result.seconds,
+            result.fast_path or MODE_FULL_MODEL,
+        )
+        self.rows.append(row)
+        if self.verbose:
+            test = "" if row.test_accuracy is None else f", test accuracy {row.test_accuracy:.3f}"
+            print(
+                f"[sweep] {row.mode} k={row.k}: val accuracy {row.val_accuracy:.3f}{test} "
+                f"({row.trainable_params:,} trainable, {row.epochs_run} epochs, "
+                f"{row.seconds:.1f}s)",
+                flush=True,
+            )
+
+
+def _warm_head(rows: _Rows, learning_rate: float, epochs: int) -> tuple[dict[str, list], dict]:
+    """The head warmed up once on the frozen backbone, as every row of ``train`` starts.
+
+    Returns the weights of every layer outside the backbone (by name) and a summary.
+    """
+    model = rows.model(FEATURE_EXTRACTION, None, rows.weights)
+    result = rows.train(
+        model, Phase("head warm-up", FEATURE_EXTRACTION, None, learning_rate, epochs, fast=True)
+    )
+    head = {
+        layer.name: layer.get_weights()
+        for layer in model.layers
+        if layer.name != BACKBONE_LAYER and layer.weights
+    }
+    summary = {
+        "epochs_run": result.epochs_run,
+        "seconds": round(result.seconds, 3),
+        "fast_path": result.fast_path,
+    }
+    del model
+    keras.backend.clear_session(free_memory=True)
+    return head, summary
 
 
 def sweep(
@@ -267,6 +404,10 @@ def sweep(
 ) -> SweepResult:
     """Train ``partial(k)`` for every k in ``ks`` and plot validation accuracy against k.
 
+    Every row starts, as ``tlkeras.train`` does, from a head warmed up on the frozen backbone
+    (once, shared by the rows: ``epochs`` at ``learning_rate`` on the fast path), so the curve
+    measures the freeze point and not a missing warm-up.
+
     Args:
         data: a ``tlkeras.data.ImageData`` with a validation split, or anything
             ``tlkeras.data.load`` accepts (loaded at ``image_size`` with ``validation_split``,
@@ -277,7 +418,8 @@ def sweep(
         weights: ``"imagenet"``, a weights file or ``"source:TASK"``.
         fine_tune: after each frozen-prefix run, fine-tune the whole model for
             ``fine_tune_epochs`` (default ``epochs``) at ``fine_tune_learning_rate``.
-        epochs: epochs of each frozen-prefix run (fast frozen path), at ``learning_rate`` (Adam).
+        epochs: epochs of the head warm-up and of each frozen-prefix run (fast frozen path), at
+            ``learning_rate``.
         baseline_scratch: also train the architecture from random init for ``scratch_epochs``
             (default: the transferred models' total epochs) as the baseline line.
         augment: an ``AugmentConfig`` (cached augmented views on the fast path) or ``None``.
@@ -291,203 +433,98 @@ def sweep(
     """
     spec = get_backbone(backbone)
     backbone_kwargs = dict(backbone_kwargs or {})
-    if weights is None:
-        raise ValueError(
-            "weights: a sweep transfers pretrained blocks; expected 'imagenet', a weights file or "
-            "'source:TASK', received None"
-        )
-    if augment is not None and not isinstance(augment, AugmentConfig):
-        raise TypeError(f"augment: expected an AugmentConfig or None, received {augment!r}")
-    _positive("epochs", epochs, 1, integer=True)
     fine_tune_epochs = epochs if fine_tune_epochs is None else fine_tune_epochs
-    _positive("fine_tune_epochs", fine_tune_epochs, 1, integer=True)
     total_epochs = epochs + (fine_tune_epochs if fine_tune else 0)
     scratch_epochs = total_epochs if scratch_epochs is None else scratch_epochs
-    _positive("scratch_epochs", scratch_epochs, 1, integer=True)
-    _positive("patience", patience, 0, integer=True)
-    _positive("noise_sigmas", noise_sigmas, 0)
-    for name, value in (
-        ("learning_rate", learning_rate),
-        ("fine_tune_learning_rate", fine_tune_learning_rate),
-    ):
-        _positive(name, value, 0)
-        if value == 0:
-            raise ValueError(f"{name}: expected a number > 0, received {value!r}")
-
-    if isinstance(data, ImageData):
-        if image_size is not None:
-            raise ValueError(
-                f"image_size: expected None with an ImageData (its images are {data.image_size}), "
-                f"received {image_size!r}"
-            )
-    else:
-        data = load(
-            data,
-            image_size=image_size_for(image_size, weights, spec.name),
-            batch_size=batch_size,
-            validation_split=validation_split,
-            test_split=test_split,
-            seed=seed,
-        )
-    if data.validation is None:
-        raise ValueError("data: expected a validation split to choose k on, received none")
-    if data.multilabel:
-        raise ValueError("data: expected single-label data, received multi-label data")
-    size = tuple(data.image_size)
-    input_shape = (*size, 3)
-    resolved = resolve(weights, spec.name, backbone_kwargs, input_shape)
-    num_classes = data.num_classes
-    num_validation = int(sum(data.counts["validation"].values()))
-
-    def new_model(strategy: str, k: int | None, init: Any) -> keras.Model:
-        keras.utils.set_random_seed(seed)  # the same head initialisation for every row
-        return build_model(
-            spec.name,
-            num_classes,
-            strategy=strategy,
-            fine_tune_at=k,
-            weights=init,
-            input_shape=input_shape,
-            backbone_kwargs=backbone_kwargs,
-            augment=augment,
-        )
-
+    _check_settings(
+        weights,
+        augment,
+        epochs,
+        fine_tune_epochs,
+        scratch_epochs,
+        patience=patience,
+        noise_sigmas=noise_sigmas,
+        learning_rate=learning_rate,
+        fine_tune_learning_rate=fine_tune_learning_rate,
+    )
+    data = _sweep_data(
+        data,
+        image_size,
+        weights,
+        spec.name,
+        batch_size=batch_size,
+        validation_split=validation_split,
+        test_split=test_split,
+        seed=seed,
+    )
+    input_shape = (*data.image_size, 3)
     probe = build_model(
         spec.name,
-        num_classes,
+        data.num_classes,
         weights=None,
         input_shape=input_shape,
         backbone_kwargs=backbone_kwargs,
     )
-    all_blocks = blocks(probe)
-    names = tuple(b.name for b in all_blocks)
-    num_blocks = len(names)
-    resolved_ks = _check_ks(ks, all_blocks)
-    task, from_logits = infer(probe)
+    names = tuple(b.name for b in blocks(probe))
+    resolved_ks = _check_ks(ks, blocks(probe))
+    task = infer(probe)[0]
     del probe
-    loss = loss_for(task, from_logits=from_logits)
-
-    def metrics() -> list[Any]:
-        return metrics_for(task, from_logits=from_logits)
-
-    train_ds = encode_labels(data.train, task, num_classes)
-    val_ds = encode_labels(data.validation, task, num_classes)
-    test_ds = encode_labels(data.test, task, num_classes)
-    keras_verbose = 2 if verbose >= 2 else 0
-
-    def score(model: keras.Model) -> tuple[float, float, float | None]:
-        acc, val_loss = _evaluate(model, val_ds, loss, metrics())
-        test_acc = _evaluate(model, test_ds, loss, metrics())[0] if test_ds is not None else None
-        return acc, val_loss, test_acc
-
-    rows: list[SweepRow] = []
-
-    def add(row: SweepRow) -> None:
-        rows.append(row)
-        if verbose:
-            test = "" if row.test_accuracy is None else f", test accuracy {row.test_accuracy:.3f}"
-            print(
-                f"[sweep] {row.mode} k={row.k}: val accuracy {row.val_accuracy:.3f}{test} "
-                f"({row.trainable_params:,} trainable, {row.epochs_run} epochs, "
-                f"{row.seconds:.1f}s)",
-                flush=True,
-            )
-
-    def fit_full_model(model, mode, k, block, lr, epochs, started: float) -> None:
-        """Plain compile + fit of the whole model: the fine-tuned rows and the scratch baseline."""
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=metrics())
-        history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=epochs,
-            callbacks=_early_stopping(patience),
-            verbose=keras_verbose,
-        )
-        acc, val_loss, test_acc = score(model)
-        add(
-            SweepRow(
-                mode,
-                k,
-                block,
-                _trainable_params(model),
-                acc,
-                val_loss,
-                test_acc,
-                len(history.history["loss"]),
-                time.perf_counter() - started,
-                "full_model",
-            )
-        )
-
+    rows = _Rows(
+        spec.name,
+        backbone_kwargs,
+        input_shape,
+        data.num_classes,
+        resolve(weights, spec.name, backbone_kwargs, input_shape),
+        augment,
+        tuple(
+            encode_labels(d, task, data.num_classes)
+            for d in (data.train, data.validation, data.test)
+        ),
+        patience,
+        seed,
+        verbose,
+    )
+    head, warm_up = _warm_head(rows, learning_rate, epochs)
     for k in resolved_ks:
-        started = time.perf_counter()
-        all_frozen = k == num_blocks
-        model = new_model(
-            "feature_extraction" if all_frozen else "partial", None if all_frozen else k, resolved
-        )
-        history = fit_frozen(
-            model,
-            train_ds,
-            val_ds,
-            epochs=epochs,
-            optimizer=keras.optimizers.Adam(learning_rate),
-            loss=loss,
-            metrics=metrics(),
-            callbacks=_early_stopping(patience),
-            fine_tune_at=None if all_frozen else k,
-            seed=seed,
-            verbose=keras_verbose,
-        )
-        acc, val_loss, test_acc = score(model)
+        all_frozen = k == len(names)
+        strategy, fine_tune_at = (FEATURE_EXTRACTION, None) if all_frozen else (PARTIAL, k)
+        model = rows.model(strategy, fine_tune_at, rows.weights)
+        for name, values in head.items():
+            model.get_layer(name).set_weights(values)
         block = "-" if all_frozen else names[k]
-        add(
-            SweepRow(
-                FROZEN,
-                k,
-                block,
-                _trainable_params(model),
-                acc,
-                val_loss,
-                test_acc,
-                len(history.history.get("loss", [])),
-                time.perf_counter() - started,
-                history.fast_path["mode"],
-            )
-        )
+        phase = Phase("frozen prefix", strategy, fine_tune_at, learning_rate, epochs, fast=True)
+        rows.add(FROZEN, k, block, model, rows.train(model, phase))
         if fine_tune:
-            started = time.perf_counter()
-            apply_strategy(model, "full")
-            fit_full_model(
-                model, FINE_TUNED, k, block, fine_tune_learning_rate, fine_tune_epochs, started
-            )
+            phase = Phase("fine-tuning", FULL, None, fine_tune_learning_rate, fine_tune_epochs)
+            rows.add(FINE_TUNED, k, block, model, rows.train(model, phase))
         del model
         keras.backend.clear_session(free_memory=True)
-
     if baseline_scratch:
-        started = time.perf_counter()
-        model = new_model("scratch", None, None)
-        scratch_batchnorm(model)
-        fit_full_model(model, SCRATCH, None, names[0], learning_rate, scratch_epochs, started)
+        model = rows.model(SCRATCH_STRATEGY, None, None)
+        phase = Phase("scratch", SCRATCH_STRATEGY, None, learning_rate, scratch_epochs)
+        rows.add(SCRATCH, None, names[0], model, rows.train(model, phase))
         del model
 
-    recommended, best, noise = recommend(rows, num_validation, noise_sigmas)
+    num_validation = int(sum(data.counts["validation"].values()))
+    recommended, best, noise = recommend(rows.rows, num_validation, noise_sigmas)
     result = SweepResult(
-        rows=tuple(rows),
+        rows=tuple(rows.rows),
         recommended=recommended,
         best=best,
         noise=noise,
         noise_sigmas=float(noise_sigmas),
         num_validation=num_validation,
-        num_blocks=num_blocks,
+        num_blocks=len(names),
         block_names=names,
         backbone=spec.name,
         backbone_kwargs=backbone_kwargs,
-        weights=None if resolved is None else str(resolved),
-        image_size=size,
+        weights=None if rows.weights is None else str(rows.weights),
+        image_size=tuple(data.image_size),
         settings={
             "ks": resolved_ks,
             "fine_tune": fine_tune,
             "epochs": epochs,
+            "head_warm_up": warm_up,
             "fine_tune_epochs": fine_tune_epochs if fine_tune else None,
             "scratch_epochs": scratch_epochs if baseline_scratch else None,
             "learning_rate": learning_rate,

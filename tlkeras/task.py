@@ -51,9 +51,16 @@ def infer(model: keras.Model) -> tuple[str, bool]:
             f"expected a model with a layer named {PREDICTIONS_LAYER!r} (as tlkeras.build_model "
             f"makes), received a model with layers {[la.name for la in model.layers][-3:]}"
         ) from e
+    return infer_from_layer(layer)
+
+
+def infer_from_layer(layer: Any) -> tuple[str, bool]:
+    """``(task, from_logits)`` of an output layer, from its activation and units."""
     activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
+    if int(layer.units) == 1:  # one unit is a binary head, whatever else it could be
+        return "binary", activation != "sigmoid"
     if activation == "sigmoid":
-        return ("binary" if layer.units == 1 else "multilabel"), False
+        return "multilabel", False
     return "multiclass", activation != "softmax"
 
 

@@ -29,9 +29,7 @@ import math
 import os
 import re
 import shutil
-import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,16 @@ from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
 from tlkeras.exported import load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
+from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is where users look)
+    FULL,
+    PARTIAL,
+    LogLearningRate,
+    LossNotFinite,
+    Phase,
+    TrainConfig,
+    plan_phases,
+    run_phase,
+)
 from tlkeras.rundir import (
     BACKUP_DIR,
     BEST_MODEL,
@@ -61,132 +69,15 @@ from tlkeras.rundir import (
     read_state,
     write_state,
 )
-from tlkeras.strategy import Strategy, apply_strategy, check_fine_tune_at, scratch_batchnorm
-from tlkeras.task import encode_labels, infer, loss_for, metrics_for
+from tlkeras.strategy import Strategy, apply_strategy, check_fine_tune_at
+from tlkeras.task import encode_labels, infer, probabilities
 
 logger = logging.getLogger("tlkeras.training")
 
-# Phase plans hold strategies as their plain values: they are written to run_state.json.
-SCRATCH, FEATURE_EXTRACTION = Strategy.SCRATCH.value, Strategy.FEATURE_EXTRACTION.value
-PARTIAL, FULL = Strategy.PARTIAL.value, Strategy.FULL.value
-
 
 # --------------------------------------------------------------------------------------------------
-# Configuration and result
+# Result
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"TrainConfig.{name}: expected an int, received {value!r}")
-    if value < minimum:
-        raise ValueError(f"TrainConfig.{name}: expected an int >= {minimum}, received {value}")
-
-
-def _check_float(name: str, value: Any, *, low: float, high: float | None, low_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"TrainConfig.{name}: expected a number, received {value!r}")
-    value = float(value)
-    bad = not math.isfinite(value) or (value <= low if low_open else value < low)
-    bad = bad or (high is not None and value >= high)
-    if bad:
-        lo = f"{'>' if low_open else '>='} {low}"
-        hi = f" and < {high}" if high is not None else ""
-        raise ValueError(f"TrainConfig.{name}: expected a finite number {lo}{hi}, received {value}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of a two-phase run. Validated on creation; scripts read these defaults.
-
-    Attributes:
-        epochs: phase 1 epochs (head warm-up on the frozen backbone); the whole budget for
-            ``feature_extraction``.
-        fine_tune_epochs: phase 2 epochs after ``apply_strategy`` unfreezes; 0 skips phase 2.
-        learning_rate: AdamW learning rate of phase 1.
-        fine_tune_learning_rate: phase 2 learning rate; ``None`` means ``learning_rate / 10``.
-        batch_size: examples per batch and replica (``tlkeras.train`` batches the data by
-            ``batch_size`` × replicas under a ``tf.distribute`` strategy).
-        label_smoothing: for the cross-entropy losses, in ``[0, 1)``.
-        weight_decay: AdamW decoupled weight decay (biases and normalisation parameters excluded).
-        class_weight: ``"auto"`` (balanced from the training counts), a ``{class_index: weight}``
-            dict, or ``None``.
-        early_stopping_patience: epochs without validation-loss improvement before stopping
-            (per phase); 0 disables early stopping.
-        reduce_lr_on_plateau: halve the learning rate after ``max(1, patience // 2)`` flat epochs.
-        fast: use the fast frozen path for phase 1 when it is valid.
-        seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``).
-    """
-
-    epochs: int = 10
-    fine_tune_epochs: int = 10
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float | None = None
-    batch_size: int = 32
-    label_smoothing: float = 0.0
-    weight_decay: float = 1e-4
-    class_weight: str | dict | None = None
-    early_stopping_patience: int = 3
-    reduce_lr_on_plateau: bool = False
-    fast: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, 0)
-        _check_int("fine_tune_epochs", self.fine_tune_epochs, 0)
-        if self.epochs + self.fine_tune_epochs == 0:
-            raise ValueError(
-                "TrainConfig: expected epochs + fine_tune_epochs >= 1, received 0 and 0"
-            )
-        _check_float("learning_rate", self.learning_rate, low=0.0, high=None, low_open=True)
-        if self.fine_tune_learning_rate is not None:
-            _check_float(
-                "fine_tune_learning_rate",
-                self.fine_tune_learning_rate,
-                low=0.0,
-                high=None,
-                low_open=True,
-            )
-        _check_int("batch_size", self.batch_size, 1)
-        _check_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, low_open=False)
-        _check_float("weight_decay", self.weight_decay, low=0.0, high=None, low_open=False)
-        cw = self.class_weight
-        if isinstance(cw, str):
-            if cw != "auto":
-                raise ValueError(
-                    f"TrainConfig.class_weight: expected 'auto', a dict or None, received {cw!r}"
-                )
-        elif isinstance(cw, Mapping):
-            for k, v in cw.items():
-                if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-                    raise ValueError(
-                        "TrainConfig.class_weight: expected non-negative int class indices as "
-                        f"keys, received {k!r}"
-                    )
-                _check_float(f"class_weight[{k}]", v, low=0.0, high=None, low_open=True)
-        elif cw is not None:
-            raise TypeError(
-                f"TrainConfig.class_weight: expected 'auto', a dict or None, received {cw!r}"
-            )
-        _check_int("early_stopping_patience", self.early_stopping_patience, 0)
-        _check_int("seed", self.seed, 0)
-        for name in ("reduce_lr_on_plateau", "fast"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(
-                    f"TrainConfig.{name}: expected a bool, received {getattr(self, name)!r}"
-                )
-
-    @property
-    def resolved_fine_tune_learning_rate(self) -> float:
-        if self.fine_tune_learning_rate is not None:
-            return float(self.fine_tune_learning_rate)
-        return float(self.learning_rate) / 10.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if isinstance(self.class_weight, Mapping):
-            out["class_weight"] = {str(k): float(v) for k, v in self.class_weight.items()}
-        return out
 
 
 @dataclass
@@ -214,11 +105,6 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(int(seed))
 
 
-# --------------------------------------------------------------------------------------------------
-# Class weights
-# --------------------------------------------------------------------------------------------------
-
-
 def _class_weight(config: TrainConfig, data: Any, task: str) -> dict[int, float] | None:
     if config.class_weight is None:
         return None
@@ -239,18 +125,8 @@ def _class_weight(config: TrainConfig, data: Any, task: str) -> dict[int, float]
 
 
 # --------------------------------------------------------------------------------------------------
-# Callbacks
+# The run directory's callbacks
 # --------------------------------------------------------------------------------------------------
-
-
-class _LogLearningRate(keras.callbacks.Callback):
-    """Adds the optimizer's current learning rate to the epoch logs (for CSV/TensorBoard)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self.model.optimizer is not None:
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
 
 
 class _BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -290,82 +166,82 @@ class _BackupAndRestore(keras.callbacks.BackupAndRestore):
         shutil.rmtree(self.backup_dir, ignore_errors=True)
 
 
-class _TrainingFailed(Exception):
-    pass
-
-
-def _trainable_params(model: keras.Model) -> int:
-    return int(sum(np.prod(v.shape) for v in model.trainable_weights))
-
-
-def _phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) -> list[dict[str, Any]]:
-    if strategy == SCRATCH:
-        return [
-            {
-                "name": SCRATCH,
-                "strategy": SCRATCH,
-                "fine_tune_at": None,
-                "learning_rate": float(config.learning_rate),
-                "epochs": config.epochs + config.fine_tune_epochs,
-            }
-        ]
-    phases = []
-    if config.epochs > 0:
-        phases.append(
-            {
-                "name": "head warm-up",
-                "strategy": FEATURE_EXTRACTION,
-                "fine_tune_at": None,
-                "learning_rate": float(config.learning_rate),
-                "epochs": config.epochs,
-            }
-        )
-    if strategy in (PARTIAL, FULL) and config.fine_tune_epochs > 0:
-        phases.append(
-            {
-                "name": "fine-tuning",
-                "strategy": strategy,
-                "fine_tune_at": fine_tune_at,
-                "learning_rate": config.resolved_fine_tune_learning_rate,
-                "epochs": config.fine_tune_epochs,
-            }
-        )
-    if not phases:
-        raise ValueError(
-            f"strategy={strategy!r}: expected epochs >= 1 (it has no fine-tuning phase), received "
-            f"epochs={config.epochs}"
-        )
-    return phases
-
-
-def _optimizer(learning_rate: float, weight_decay: float) -> keras.optimizers.Optimizer:
-    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
-    # Decay only kernels: decaying biases and BN scale/offset hurts and is not what L2 intends.
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
-def _fast_path(model: keras.Model):
-    """``(fit_frozen, plan_description)`` when the fast frozen path is valid now, else ``(None, why)``."""
-    try:
-        plan = features.fast_path_plan(model, None)
-    except (ValueError, TypeError) as e:
-        return None, f"not valid ({e})"
-    if not plan.valid:
-        return None, plan.reason
-    return features.fit_frozen, plan.mode
-
-
 def _tensorboard_available() -> bool:
     # tf.summary needs the separate `tensorboard` package, which TensorFlow no longer pulls in.
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _nan_epoch(history: Mapping[str, list]) -> int | None:
-    for i, value in enumerate(history.get("loss", [])):
-        if value is None or not math.isfinite(float(value)):
-            return i
-    return None
+def _best_so_far(run_dir: Path, number: int, monitor: str) -> float | None:
+    """The best ``monitor`` value of the phases so far (a resumed phase must beat it to save)."""
+    return min(
+        (
+            r[monitor]
+            for p in range(1, number + 1)
+            for r in read_phase_csv(run_dir / phase_csv(p))
+            if monitor in r and math.isfinite(r[monitor])
+        ),
+        default=None,
+    )
+
+
+def _callbacks(
+    model: keras.Model,
+    run_dir: Path,
+    number: int,
+    config: TrainConfig,
+    *,
+    monitor: str,
+    validation: bool,
+    verbose: int,
+) -> tuple[list[keras.callbacks.Callback], _BackupAndRestore]:
+    """Phase ``number``'s callbacks: guards, the best-model checkpoint, logs, and the backup."""
+    callbacks: list[keras.callbacks.Callback] = [
+        LogLearningRate(),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if config.early_stopping_patience > 0 and validation:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor,
+                patience=config.early_stopping_patience,
+                restore_best_weights=True,
+                verbose=min(verbose, 1),
+            )
+        )
+    if config.reduce_lr_on_plateau:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=monitor,
+                factor=0.5,
+                patience=max(1, config.early_stopping_patience // 2),
+                verbose=min(verbose, 1),
+            )
+        )
+    callbacks.append(
+        features.SaveFullModel(
+            model,
+            str(run_dir / BEST_MODEL),
+            monitor=monitor,
+            save_best_only=True,
+            initial_value_threshold=_best_so_far(run_dir, number, monitor),
+        )
+    )
+    if _tensorboard_available():
+        tensorboard = str(run_dir / phase_tensorboard(number))
+        callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=False))
+    elif number == 1 and verbose:
+        print("TensorBoard logs off: the `tensorboard` package is not installed")
+    backup = _BackupAndRestore(str(run_dir / phase_backup(number)))
+    callbacks += [
+        keras.callbacks.CSVLogger(str(run_dir / phase_csv(number)), append=True),
+        backup,  # last: an epoch is logged before it is backed up
+    ]
+    return callbacks, backup
+
+
+# --------------------------------------------------------------------------------------------------
+# fit: the phases of one run, in a resumable run directory
+# --------------------------------------------------------------------------------------------------
 
 
 def _evaluate(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -386,6 +262,219 @@ def _model_description(model: keras.Model) -> dict[str, Any]:
         return get_spec(model).to_dict()
     except (ValueError, AttributeError, KeyError):
         return {"name": model.name, "params": int(model.count_params())}
+
+
+@dataclass
+class _Run:
+    """What the steps of :func:`fit` share: the resolved settings and the run directory's state."""
+
+    model: keras.Model
+    data: Any
+    config: TrainConfig
+    spec: dict[str, Any]
+    strategy: str
+    fine_tune_at: int | None
+    phases: list[Phase]
+    run_dir: Path
+    shared_run_dir: Path  # what the caller named; a non-chief worker trains in a copy of it
+    state: dict[str, Any]
+    class_weight: dict[int, float] | None
+    verbose: int
+
+    def __post_init__(self) -> None:
+        # Phases an earlier process finished: the next phase starts from their saved weights.
+        self.done_before = {int(k) for k, v in self.state["phases"].items() if v.get("done")}
+
+    @property
+    def monitor(self) -> str:
+        return "val_loss" if self.data.validation is not None else "loss"
+
+    @property
+    def train_bn(self) -> bool:
+        return bool(self.spec.get("train_bn", False))
+
+
+def _resolve_strategy(
+    model: keras.Model, strategy: str | None, fine_tune_at: int | None
+) -> tuple[dict[str, Any], str, int | None]:
+    spec = _model_description(model)
+    strategy = Strategy.parse(strategy or spec.get("strategy") or FULL).value
+    if fine_tune_at is None and strategy == PARTIAL:
+        fine_tune_at = spec.get("fine_tune_at")
+    if fine_tune_at is not None and strategy != PARTIAL:
+        raise ValueError(
+            f"fine_tune_at: expected None unless strategy='partial', received {fine_tune_at} with "
+            f"strategy={strategy!r}"
+        )
+    return spec, strategy, fine_tune_at
+
+
+def _open_run_dir(
+    run_dir: Path, fingerprint: dict[str, Any], scope: tf.distribute.Strategy, overwrite: bool
+) -> tuple[Path, dict[str, Any]]:
+    """``(the directory this process trains in, its state)``, created or resumed."""
+    if not distribute.is_multi_worker(scope):
+        return run_dir, prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
+    # Every worker checks (and raises) before the chief writes; then the others copy the
+    # chief's run directory and work in that copy: the same resume point, no shared writes.
+    check_run_dir(run_dir, normal_fingerprint(fingerprint), overwrite=overwrite)
+    distribute.barrier(scope)
+    if distribute.is_chief(scope):
+        prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
+    distribute.barrier(scope)
+    if not distribute.is_chief(scope):
+        run_dir = distribute.worker_copy(run_dir, scope)
+    return run_dir, read_state(run_dir)
+
+
+def _run_one_phase(
+    run: _Run, number: int, phase: Phase, datasets: tuple[Any, Any], initial_epoch: int
+) -> dict[str, Any]:
+    """Phase ``number`` (1-based) of ``run`` from its backup or start; returns its record."""
+    model, run_dir, state = run.model, run.run_dir, run.state
+    if number - 1 in run.done_before:
+        # Resuming: phase N starts from the end of phase N-1, finished by an earlier process.
+        with warnings.catch_warnings():  # the file's optimizer state is phase N-1's
+            warnings.simplefilter("ignore")
+            model.load_weights(run_dir / phase_weights(number - 1))
+    callbacks, backup = _callbacks(
+        model,
+        run_dir,
+        number,
+        run.config,
+        monitor=run.monitor,
+        validation=run.data.validation is not None,
+        verbose=run.verbose,
+    )
+    try:
+        result = run_phase(
+            model,
+            phase,
+            *datasets,
+            callbacks=callbacks,
+            label_smoothing=run.config.label_smoothing,
+            class_weight=run.class_weight,
+            initial_epoch=initial_epoch,
+            train_bn=run.train_bn,
+            seed=run.config.seed,
+            title=f"Phase {number}/{len(run.phases)} ({phase.name})",
+            run_dir=run.shared_run_dir,
+            verbose=run.verbose,
+        )
+    except LossNotFinite:
+        state["status"] = "failed"
+        write_state(run_dir, state)
+        raise
+    rows = read_phase_csv(run_dir / phase_csv(number))
+    earlier = state["phases"].get(str(number), {})
+    return {
+        "phase": number,
+        "name": phase.name,
+        "strategy": phase.strategy,
+        "fine_tune_at": phase.fine_tune_at,
+        "learning_rate": phase.learning_rate,
+        "epochs_planned": phase.epochs,
+        "epochs_run": len(rows) if rows else result.epochs_run,
+        "first_epoch": initial_epoch,
+        "resumed_at_epoch": backup.restored_epoch,
+        "trainable_params": result.trainable_params,
+        "wall_time_s": float(earlier.get("wall_time_s", 0.0)) + result.seconds,
+        "fast_path": result.fast_path,
+        "done": True,
+    }
+
+
+def _finish_phase(run: _Run, number: int, record: dict[str, Any]) -> None:
+    """Save phase ``number``'s weights atomically, mark it done, drop its backup."""
+    run_dir = run.run_dir
+    tmp_weights = run_dir / f"phase{number}.tmp.weights.h5"
+    run.model.save_weights(tmp_weights)
+    os.replace(tmp_weights, run_dir / phase_weights(number))
+    run.state["phases"][str(number)] = record
+    write_state(run_dir, run.state)
+    shutil.rmtree(run_dir / phase_backup(number), ignore_errors=True)
+    with contextlib.suppress(OSError):  # only when empty
+        (run_dir / BACKUP_DIR).rmdir()
+
+
+def _run_phases(run: _Run) -> list[dict[str, Any]]:
+    """Every phase not done yet, each starting where the last ended; the phase records."""
+    task, num_classes = infer(run.model)[0], len(run.data.class_names)
+    scope = run.model.distribute_strategy
+    datasets = tuple(
+        distribute.shard_by_data(encode_labels(ds, task, num_classes), scope)
+        for ds in (run.data.train, run.data.validation)
+    )
+    initial_epoch, records = 0, []
+    for number, phase in enumerate(run.phases, start=1):
+        record = run.state["phases"].get(str(number), {})
+        if not record.get("done"):
+            record = _run_one_phase(run, number, phase, datasets, initial_epoch)
+            _finish_phase(run, number, record)
+        records.append(record)
+        initial_epoch += record["epochs_run"]
+    return records
+
+
+def _load_best(run: _Run) -> None:
+    """The final model: the best validation loss over all phases (phase 2 may not beat phase 1)."""
+    best_path = run.run_dir / BEST_MODEL
+    if best_path.exists():
+        try:
+            with warnings.catch_warnings():  # its optimizer state belongs to another phase
+                warnings.simplefilter("ignore")
+                run.model.load_weights(best_path)
+        except (OSError, ValueError) as e:
+            logger.warning("Could not read %s (%s); keeping the last weights.", best_path, e)
+    # Leave the model in its intended strategy (the flags a user/exporter will inspect).
+    last = run.phases[-1]
+    apply_strategy(run.model, last.strategy, last.fine_tune_at, train_bn=run.train_bn)
+
+
+def _test_metrics(run: _Run) -> dict[str, Any]:
+    """Metrics on ``data.test`` (never trained or early-stopped on), plus the confusion plot."""
+    if run.data.test is None:
+        logger.warning("No test split: no held-out metrics in metrics.json.")
+        return {"evaluated_on": None}
+    task, from_logits = infer(run.model)
+    class_names = list(run.data.class_names)
+    y_true, outputs = _evaluate(run.model, run.data.test)
+    if task == "multilabel":
+        metrics = reports.multilabel_metrics(y_true, outputs, class_names, from_logits)
+    else:
+        y_prob = np.asarray(probabilities(outputs, task, from_logits=from_logits))
+        metrics = reports.classification_metrics(y_true, y_prob, class_names)
+        reports.plot_confusion(
+            metrics["confusion_matrix"], class_names, run.run_dir / reports.CONFUSION_PNG
+        )
+    return {**metrics, "evaluated_on": "test"}
+
+
+def _run_metrics(run: _Run, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``metrics.json``: held-out metrics, the data, each phase's record and the run's settings."""
+    data_dict = run.data.to_dict() if hasattr(run.data, "to_dict") else {}
+    scope = run.model.distribute_strategy
+    return {
+        **_test_metrics(run),
+        "class_names": list(run.data.class_names),
+        "counts": data_dict.get("counts"),
+        "skipped": data_dict.get("skipped", []),
+        "data": data_dict,
+        "phases": records,
+        "wall_time_s": {str(p["phase"]): p["wall_time_s"] for p in records},
+        "trainable_params": {str(p["phase"]): p["trainable_params"] for p in records},
+        "run": {
+            "run_dir": str(run.run_dir),
+            "strategy": run.strategy,
+            "fine_tune_at": run.fine_tune_at,
+            "backbone": run.spec.get("backbone", run.spec.get("name")),
+            "task": infer(run.model)[0],
+            "config": run.config.to_dict(),
+            "model": run.spec,
+            "resumes": run.state.get("resumes", 0),
+            "distribution": distribute.describe(scope),
+        },
+    }
 
 
 def fit(
@@ -429,290 +518,48 @@ def fit(
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, received {type(config).__name__}")
-    spec = _model_description(model)
-    strategy = Strategy.parse(strategy or spec.get("strategy") or FULL).value
-    if fine_tune_at is None and strategy == PARTIAL:
-        fine_tune_at = spec.get("fine_tune_at")
-    if fine_tune_at is not None and strategy != PARTIAL:
-        raise ValueError(
-            f"fine_tune_at: expected None unless strategy='partial', received {fine_tune_at} with "
-            f"strategy={strategy!r}"
-        )
-    train_bn = bool(spec.get("train_bn", False))
-    task, from_logits = infer(model)
-    class_names = list(data.class_names)
-    num_classes = len(class_names)
+    spec, strategy, fine_tune_at = _resolve_strategy(model, strategy, fine_tune_at)
     if data.validation is None:
         logger.warning("No validation split: early stopping and checkpoints monitor training loss.")
-    monitor = "val_loss" if data.validation is not None else "loss"
-    class_weight = _class_weight(config, data, task)
-    phases = _phases(strategy, fine_tune_at, config)
-
-    run_dir = Path(run_dir)
-    strategy_tf = model.distribute_strategy  # the tf.distribute strategy the model was built in
-    chief = distribute.is_chief(strategy_tf)
+    class_weight = _class_weight(config, data, infer(model)[0])  # fails before any file is made
+    phases = plan_phases(strategy, fine_tune_at, config)
+    scope = model.distribute_strategy  # the tf.distribute strategy the model was built in
     fingerprint = {
         "config": config.to_dict(),
         "strategy": strategy,
         "fine_tune_at": fine_tune_at,
         "model": spec,
-        "class_names": class_names,
+        "class_names": list(data.class_names),
         "source": str(getattr(data, "source", "")),
     }
-    shared_run_dir = run_dir  # what the caller named; a non-chief worker trains in a copy of it
-    if distribute.is_multi_worker(strategy_tf):
-        # Every worker checks (and raises) before the chief writes; then the others copy the
-        # chief's run directory and work in that copy: the same resume point, no shared writes.
-        check_run_dir(run_dir, normal_fingerprint(fingerprint), overwrite=overwrite)
-        distribute.barrier(strategy_tf)
-        if chief:
-            prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
-        distribute.barrier(strategy_tf)
-        if not chief:
-            run_dir = distribute.worker_copy(run_dir, strategy_tf)
-        state = read_state(run_dir)
-    else:
-        state = prepare_run_dir(run_dir, fingerprint, overwrite=overwrite)
-    distribute.sync_from_chief(model, strategy_tf)  # weights loaded per worker may differ
+    shared_run_dir = Path(run_dir)
+    run_dir, state = _open_run_dir(shared_run_dir, fingerprint, scope, overwrite)
+    distribute.sync_from_chief(model, scope)  # weights loaded per worker may differ
     set_seed(config.seed)
-
-    train_ds = distribute.shard_by_data(encode_labels(data.train, task, num_classes), strategy_tf)
-    val_ds = distribute.shard_by_data(
-        encode_labels(data.validation, task, num_classes), strategy_tf
+    run = _Run(
+        model,
+        data,
+        config,
+        spec,
+        strategy,
+        fine_tune_at,
+        phases,
+        run_dir,
+        shared_run_dir,
+        state,
+        class_weight,
+        verbose,
     )
-    best_path = run_dir / BEST_MODEL
-    done_before = {k for k, v in state["phases"].items() if v.get("done")}
-    initial_epoch = 0
-    phase_info: list[dict[str, Any]] = []
-    for number, phase in enumerate(phases, start=1):
-        key = str(number)
-        record = state["phases"].get(key, {})
-        if record.get("done"):
-            initial_epoch += record["epochs_run"]
-            phase_info.append(record)
-            continue
-        if number > 1 and str(number - 1) in done_before:
-            # Resuming: phase N starts from the end of phase N-1, finished by an earlier process.
-            with warnings.catch_warnings():  # the file's optimizer state is phase N-1's
-                warnings.simplefilter("ignore")
-                model.load_weights(run_dir / phase_weights(number - 1))
-        apply_strategy(model, phase["strategy"], phase["fine_tune_at"], train_bn=train_bn)
-        if phase["strategy"] == SCRATCH:
-            scratch_batchnorm(model)
-        trainable = _trainable_params(model)
-        loss = loss_for(task, from_logits=from_logits, label_smoothing=config.label_smoothing)
-        with strategy_tf.scope():  # optimizer and metric variables live on every replica
-            optimizer = _optimizer(phase["learning_rate"], config.weight_decay)
-            metrics = metrics_for(task, from_logits=from_logits)
-        best_so_far = min(
-            (
-                r[monitor]
-                for p in range(1, number + 1)
-                for r in read_phase_csv(run_dir / phase_csv(p))
-                if monitor in r and math.isfinite(r[monitor])
-            ),
-            default=None,
-        )
-        backup = _BackupAndRestore(str(run_dir / phase_backup(number)))
-        callbacks: list[keras.callbacks.Callback] = [
-            _LogLearningRate(),
-            keras.callbacks.TerminateOnNaN(),
-        ]
-        if config.early_stopping_patience > 0 and data.validation is not None:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor=monitor,
-                    patience=config.early_stopping_patience,
-                    restore_best_weights=True,
-                    verbose=min(verbose, 1),
-                )
-            )
-        if config.reduce_lr_on_plateau:
-            callbacks.append(
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor=monitor,
-                    factor=0.5,
-                    patience=max(1, config.early_stopping_patience // 2),
-                    verbose=min(verbose, 1),
-                )
-            )
-        callbacks += [
-            features.SaveFullModel(
-                model,
-                str(best_path),
-                monitor=monitor,
-                save_best_only=True,
-                initial_value_threshold=best_so_far,
-            ),
-            keras.callbacks.CSVLogger(str(run_dir / phase_csv(number)), append=True),
-            backup,  # last: an epoch is logged before it is backed up
-        ]
-        if _tensorboard_available():
-            callbacks.insert(
-                -2,
-                keras.callbacks.TensorBoard(
-                    str(run_dir / phase_tensorboard(number)), write_graph=False
-                ),
-            )
-        elif number == 1 and verbose:
-            print("TensorBoard logs off: the `tensorboard` package is not installed")
-
-        fit_frozen, fast_note = (None, "off")
-        if phase["strategy"] == FEATURE_EXTRACTION and config.fast:
-            if distribute.is_distributed(strategy_tf):
-                # Cached features would be computed on one device, outside the strategy.
-                fast_note = "off under tf.distribute (the frozen phase trains end to end)"
-            else:
-                fit_frozen, fast_note = _fast_path(model)
-        if verbose:
-            print(
-                f"Phase {number}/{len(phases)} ({phase['name']}): strategy={phase['strategy']} "
-                f"fine_tune_at={phase['fine_tune_at']} learning_rate={phase['learning_rate']:g} "
-                f"trainable params={trainable:,} fast path: "
-                f"{fast_note if fit_frozen else 'no — ' + fast_note}"
-            )
-        model._initial_epoch = None  # see _BackupAndRestore.on_train_begin
-        started = time.perf_counter()
-        if fit_frozen is not None:
-            history = fit_frozen(
-                model,
-                train_ds,
-                val_ds,
-                epochs=phase["epochs"],
-                optimizer=optimizer,
-                loss=loss,
-                metrics=metrics,
-                callbacks=callbacks,
-                class_weight=class_weight,
-                seed=config.seed,
-                verbose=verbose,
-            )
-        else:
-            with strategy_tf.scope():
-                model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-            with (
-                distribute.keras_fixes(strategy_tf),
-                distribute.lost_worker_as_error(strategy_tf, shared_run_dir),
-                warnings.catch_warnings(),
-            ):
-                # One pass over the finite dataset is one epoch: Keras's "ran out of data" is noise.
-                warnings.filterwarnings("ignore", message="Your input ran out of data")
-                history = model.fit(
-                    train_ds,
-                    validation_data=val_ds,
-                    shuffle=False,  # the pipeline shuffles (seeded: the same order on every worker)
-                    epochs=initial_epoch + phase["epochs"],
-                    initial_epoch=initial_epoch,
-                    callbacks=callbacks,
-                    class_weight=class_weight,
-                    verbose=verbose,
-                )
-        model._initial_epoch = None
-        elapsed = time.perf_counter() - started
-
-        bad = _nan_epoch(history.history)
-        if bad is not None:
-            epoch = history.epoch[bad] + 1 if history.epoch else bad + 1
-            state["status"] = "failed"
-            write_state(run_dir, state)
-            raise ValueError(
-                f"loss became NaN at epoch {epoch} (phase {number}, {phase['name']}) with "
-                f"learning_rate={phase['learning_rate']:g}; expected a smaller learning rate "
-                "(--learning_rate / --fine_tune_learning_rate)"
-            )
-        rows = read_phase_csv(run_dir / phase_csv(number))
-        epochs_run = len(rows) if rows else len(history.history.get("loss", []))
-        resumed_at = backup.restored_epoch
-        record = {
-            "phase": number,
-            "name": phase["name"],
-            "strategy": phase["strategy"],
-            "fine_tune_at": phase["fine_tune_at"],
-            "learning_rate": phase["learning_rate"],
-            "epochs_planned": phase["epochs"],
-            "epochs_run": epochs_run,
-            "first_epoch": initial_epoch,
-            "resumed_at_epoch": resumed_at,
-            "trainable_params": trainable,
-            "wall_time_s": float(record.get("wall_time_s", 0.0)) + elapsed,
-            "fast_path": fast_note if fit_frozen else None,
-            "done": True,
-        }
-        weights_path = run_dir / phase_weights(number)
-        tmp_weights = run_dir / f"phase{number}.tmp.weights.h5"
-        model.save_weights(tmp_weights)
-        os.replace(tmp_weights, weights_path)
-        state["phases"][key] = record
-        write_state(run_dir, state)
-        shutil.rmtree(run_dir / phase_backup(number), ignore_errors=True)
-        with contextlib.suppress(OSError):  # only when empty
-            (run_dir / BACKUP_DIR).rmdir()
-        phase_info.append(record)
-        initial_epoch += epochs_run
-
-    # The final model: the best validation loss over both phases (phase 2 may not beat phase 1).
-    if best_path.exists():
-        try:
-            with warnings.catch_warnings():  # its optimizer state belongs to another phase
-                warnings.simplefilter("ignore")
-                model.load_weights(best_path)
-        except (OSError, ValueError) as e:
-            logger.warning("Could not read %s (%s); keeping the last weights.", best_path, e)
-    # Leave the model in its intended strategy (the flags a user/exporter will inspect).
-    apply_strategy(model, phases[-1]["strategy"], phases[-1]["fine_tune_at"], train_bn=train_bn)
-
+    records = _run_phases(run)
+    _load_best(run)
     history, boundary = merged_history(run_dir, len(phases))
     history_out = {**history, "phase_boundary": boundary}
-    if not chief:  # trained in a private copy of the run directory; the chief reports and exports
+    if not distribute.is_chief(scope):  # trained in a private copy; the chief reports and exports
         shutil.rmtree(run_dir, ignore_errors=True)
-        return RunResult(
-            model=model, history=history_out, metrics={"chief": False}, run_dir=shared_run_dir
-        )
+        return RunResult(model, history_out, {"chief": False}, shared_run_dir)
     reports.write_history(history, run_dir, boundary)
     reports.plot_history(history, run_dir / reports.HISTORY_PNG, boundary, title=run_dir.name)
-
-    metrics: dict[str, Any] = {}
-    if data.test is not None:
-        y_true, y_prob = _evaluate(model, data.test)
-        if task == "multilabel":
-            metrics.update(reports.multilabel_metrics(y_true, y_prob, class_names, from_logits))
-        else:
-            if from_logits:
-                y_prob = np.asarray(
-                    keras.ops.sigmoid(y_prob) if task == "binary" else keras.ops.softmax(y_prob)
-                )
-            metrics.update(reports.classification_metrics(y_true, y_prob, class_names))
-            reports.plot_confusion(
-                metrics["confusion_matrix"], class_names, run_dir / reports.CONFUSION_PNG
-            )
-        metrics["evaluated_on"] = "test"
-    else:
-        logger.warning("No test split: no held-out metrics in metrics.json.")
-        metrics["evaluated_on"] = None
-    data_dict = data.to_dict() if hasattr(data, "to_dict") else {}
-    metrics.update(
-        {
-            "class_names": class_names,
-            "counts": data_dict.get("counts"),
-            "skipped": data_dict.get("skipped", []),
-            "data": data_dict,
-            "phases": phase_info,
-            "wall_time_s": {str(p["phase"]): p["wall_time_s"] for p in phase_info},
-            "trainable_params": {str(p["phase"]): p["trainable_params"] for p in phase_info},
-            "run": {
-                "run_dir": str(run_dir),
-                "strategy": strategy,
-                "fine_tune_at": fine_tune_at,
-                "backbone": spec.get("backbone", spec.get("name")),
-                "task": task,
-                "config": config.to_dict(),
-                "model": spec,
-                "resumes": state.get("resumes", 0),
-                "distribution": distribute.describe(strategy_tf),
-            },
-        }
-    )
-    result = RunResult(model=model, history=history_out, metrics=metrics, run_dir=run_dir)
+    result = RunResult(model, history_out, _run_metrics(run, records), run_dir)
     if _before_done is not None:
         _before_done(result)  # e.g. export: a kill before this line resumes instead of refusing
     reports.write_json(result.metrics, run_dir / reports.METRICS_JSON)

@@ -24,7 +24,7 @@ from tlkeras.backbones import get_backbone
 from tlkeras.blocks import blocks
 from tlkeras.data import load
 from tlkeras.model import build_model
-from tlkeras.strategy import Strategy, scratch_batchnorm
+from tlkeras.strategy import Strategy
 from tlkeras.weights import (
     DEFAULT_BACKBONE,
     DEFAULT_BACKBONE_KWARGS,
@@ -193,8 +193,6 @@ def compare_strategies(
             backbone_kwargs=backbone_kwargs,
             augment=augment,
         )
-        if strategy == "scratch":
-            scratch_batchnorm(model)
         k = (fine_tune_at or _default_fine_tune_at(model)) if strategy == "partial" else None
         keras.utils.set_random_seed(config.seed)
         started = time.perf_counter()

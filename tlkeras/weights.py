@@ -21,7 +21,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ import numpy as np
 from tlkeras.backbones import get_backbone
 from tlkeras.data import DIGITS, load
 from tlkeras.model import HeadConfig, build_model
-from tlkeras.strategy import scratch_batchnorm
+from tlkeras.phase import SCRATCH, Phase, run_phase
+from tlkeras.task import encode_labels
 
 IMAGENET = "imagenet"
 SOURCE_PREFIX = "source:"
@@ -154,15 +154,13 @@ def pretrained_weights(
         backbone_kwargs=backbone_kwargs,
         head=HeadConfig(dropout=0.1),
     )
-    scratch_batchnorm(model)
-    model.compile(
-        optimizer=keras.optimizers.Adam(DEFAULT_LEARNING_RATE),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+    # Pre-training is a scratch phase like any other (tlkeras.phase): Adam (no weight decay).
+    phase = Phase("source pre-training", SCRATCH, None, DEFAULT_LEARNING_RATE, epochs)
+    train, validation = (
+        encode_labels(d, "multiclass", len(data.class_names)) for d in (data.train, data.validation)
     )
-    started = time.perf_counter()
-    history = model.fit(data.train, validation_data=data.validation, epochs=epochs, verbose=verbose)
-    seconds = time.perf_counter() - started
+    result = run_phase(model, phase, train, validation, seed=seed, verbose=verbose)
+    history, seconds = result.history, result.seconds
     # Write next to the target and rename: a crash or a concurrent run never leaves half a file.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.weights.h5")
     model.get_layer("backbone").save_weights(tmp)

@@ -1,0 +1,211 @@
+"""Tests for tlkeras.phase: TrainConfig, the phase plan for every strategy, and the one runner."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import tlkeras
+from tlkeras import data as data_lib
+from tlkeras.phase import (
+    FEATURE_EXTRACTION,
+    FULL,
+    PARTIAL,
+    SCRATCH,
+    LossNotFinite,
+    Phase,
+    TrainConfig,
+    plan_phases,
+    run_phase,
+)
+from tlkeras.strategy import SCRATCH_BN_MOMENTUM
+from tlkeras.task import encode_labels
+
+SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_lib.load("digits:0-2", image_size=(32, 32), batch_size=32, seed=0)
+
+
+def _datasets(data):
+    return encode_labels(data.train, "multiclass", 3), encode_labels(
+        data.validation, "multiclass", 3
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainConfig
+
+
+def test_config_defaults_and_fine_tune_learning_rate():
+    c = TrainConfig()
+    assert (c.epochs, c.fine_tune_epochs, c.learning_rate, c.weight_decay) == (10, 10, 1e-3, 1e-4)
+    assert c.resolved_fine_tune_learning_rate == pytest.approx(1e-4)
+    assert TrainConfig(fine_tune_learning_rate=3e-5).resolved_fine_tune_learning_rate == 3e-5
+    as_dict = TrainConfig(class_weight={0: 1.0, 1: 2.0}).to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict  # run_state.json stores it: strict JSON
+    assert as_dict["class_weight"] == {"0": 1.0, "1": 2.0}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"epochs": -1}, ValueError),
+        ({"fine_tune_epochs": -3}, ValueError),
+        ({"epochs": 0, "fine_tune_epochs": 0}, ValueError),
+        ({"epochs": 2.5}, TypeError),
+        ({"epochs": True}, TypeError),
+        ({"learning_rate": 0.0}, ValueError),
+        ({"learning_rate": float("nan")}, ValueError),
+        ({"fine_tune_learning_rate": -1e-4}, ValueError),
+        ({"label_smoothing": 1.0}, ValueError),
+        ({"batch_size": 0}, ValueError),
+        ({"class_weight": "balanced"}, ValueError),
+        ({"class_weight": {0: -1.0}}, ValueError),
+        ({"class_weight": [1.0, 2.0]}, TypeError),
+        ({"fast": "yes"}, TypeError),
+    ],
+)
+def test_config_rejects_bad_values_with_expected_received(kwargs, error):
+    with pytest.raises(error, match="expected .* received"):
+        TrainConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@pytest.mark.parametrize(
+    "strategy, fine_tune_at, expected",
+    [
+        (SCRATCH, None, [("scratch", SCRATCH, None, 1e-3, 5)]),
+        (FEATURE_EXTRACTION, None, [("head warm-up", FEATURE_EXTRACTION, None, 1e-3, 2)]),
+        (
+            PARTIAL,
+            -2,
+            [
+                ("head warm-up", FEATURE_EXTRACTION, None, 1e-3, 2),
+                ("fine-tuning", PARTIAL, -2, 1e-4, 3),
+            ],
+        ),
+        (
+            FULL,
+            None,
+            [
+                ("head warm-up", FEATURE_EXTRACTION, None, 1e-3, 2),
+                ("fine-tuning", FULL, None, 1e-4, 3),
+            ],
+        ),
+    ],
+)
+def test_plan_for_every_strategy(strategy, fine_tune_at, expected):
+    phases = plan_phases(strategy, fine_tune_at, TrainConfig(epochs=2, fine_tune_epochs=3))
+    got = [(p.name, p.strategy, p.fine_tune_at, p.learning_rate, p.epochs) for p in phases]
+    assert got == [(n, s, k, pytest.approx(lr), e) for n, s, k, lr, e in expected]
+    assert all(p.weight_decay == TrainConfig().weight_decay for p in phases)
+    # Only the head warm-up may train on cached features; fine-tuning trains the images.
+    assert [p.fast for p in phases] == [p.name == "head warm-up" for p in phases]
+
+
+def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():
+    (only,) = plan_phases(FULL, None, TrainConfig(epochs=0, fine_tune_epochs=4))
+    assert (only.name, only.epochs) == ("fine-tuning", 4)
+    (head,) = plan_phases(PARTIAL, 3, TrainConfig(epochs=2, fine_tune_epochs=0, fast=False))
+    assert (head.strategy, head.fast) == (FEATURE_EXTRACTION, False)
+    with pytest.raises(ValueError, match="expected epochs >= 1 .* received epochs=0"):
+        plan_phases(FEATURE_EXTRACTION, None, TrainConfig(epochs=0, fine_tune_epochs=4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"strategy": "frozen"}, "strategy"),
+        ({"fine_tune_at": 2}, "fine_tune_at: expected None unless strategy='partial'"),
+        ({"epochs": 0}, "epochs: expected an int >= 1, received 0"),
+        ({"learning_rate": 0.0}, "learning_rate: expected a finite number > 0, received 0.0"),
+        ({"weight_decay": -1.0}, "weight_decay: expected a finite number >= 0, received -1.0"),
+    ],
+)
+def test_phase_rejects_bad_values(kwargs, match):
+    args = {"name": "p", "strategy": FULL, "fine_tune_at": None, "learning_rate": 1e-3, "epochs": 1}
+    with pytest.raises(ValueError, match=match):
+        Phase(**{**args, **kwargs})
+
+
+def test_phase_optimizer_decays_kernels_but_not_biases():
+    phase = Phase("p", FULL, None, learning_rate=0.1, epochs=1, weight_decay=0.5)
+    kernel = keras.Variable(np.ones((2, 2), "float32"), name="kernel")
+    bias = keras.Variable(np.ones((2,), "float32"), name="bias")
+    optimizer = phase.optimizer()
+    # A zero gradient: Adam's own step is 0, so any change is the decoupled weight decay.
+    optimizer.apply_gradients(
+        [(np.zeros((2, 2), "float32"), kernel), (np.zeros(2, "float32"), bias)]
+    )
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), 1 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bias), 1.0)
+
+    # ---------------------------------------------------------------------------------------------
+    # The runner
+
+
+def _weights_of(model, layer):
+    return [np.array(w) for w in model.get_layer("backbone").get_layer(layer).get_weights()]
+
+
+def test_run_phase_trains_the_head_on_cached_features(digits):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    stem = _weights_of(model, "conv1")
+    head = [np.array(w) for w in model.get_layer("predictions").get_weights()]
+    phase = Phase("head", FEATURE_EXTRACTION, None, 1e-2, epochs=2, fast=True)
+    result = run_phase(model, phase, *_datasets(digits))
+    assert result.fast_path is not None and result.fast_path == result.note
+    assert result.epochs_run == 2 and result.seconds > 0
+    head_params = sum(int(np.prod(w.shape)) for w in model.get_layer("predictions").weights)
+    assert result.trainable_params == head_params
+    after = model.get_layer("predictions").get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(after, head, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(stem, _weights_of(model, "conv1"), strict=True))
+
+
+def test_run_phase_caches_a_partial_prefix_and_trains_what_follows(digits):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    blocks = tlkeras.blocks(model)
+    before = [[np.array(w) for w in b.trainable_weights + b.non_trainable_weights] for b in blocks]
+    phase = Phase("part", PARTIAL, -1, 1e-2, epochs=1, fast=True)
+    result = run_phase(model, phase, *_datasets(digits))
+    assert result.fast_path is not None  # the frozen prefix ran once, to the last block
+    blocks = tlkeras.blocks(model)
+    after = [[np.array(w) for w in b.trainable_weights + b.non_trainable_weights] for b in blocks]
+    assert [b.trainable for b in blocks] == [False] * (len(blocks) - 1) + [True]
+    for old, new in zip(before[:-1], after[:-1], strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(old, new, strict=True))
+    assert any(not np.array_equal(x, y) for x, y in zip(before[-1], after[-1], strict=True))
+
+
+@pytest.mark.parametrize("strategy", [FULL, SCRATCH])
+def test_run_phase_trains_end_to_end_when_everything_trains(digits, strategy):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase(strategy, strategy, None, 1e-3, epochs=1, fast=True)
+    result = run_phase(model, phase, *_datasets(digits))
+    assert result.fast_path is None and result.note == "off"
+    assert result.trainable_params == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert result.trainable_params > 0.9 * model.count_params() - 1
+    momentum = {
+        layer.momentum
+        for layer in model.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert (momentum == {SCRATCH_BN_MOMENTUM}) == (strategy == SCRATCH)
+
+
+def test_run_phase_turns_a_nan_loss_into_loss_not_finite(digits):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase("head", FEATURE_EXTRACTION, None, 1e30, epochs=2, weight_decay=1e-4)
+    with pytest.raises(
+        LossNotFinite, match=r"loss became NaN at epoch 1 \(head\) with learning_rate=1e\+30"
+    ):
+        run_phase(model, phase, *_datasets(digits), callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert issubclass(LossNotFinite, ValueError)
