@@ -196,6 +196,12 @@ class Phase:
                 )
             object.__setattr__(self, name, float(value))
 
+    def describe(self) -> str:
+        return (
+            f"strategy={self.strategy} fine_tune_at={self.fine_tune_at} "
+            f"learning_rate={self.learning_rate:g}"
+        )
+
     def optimizer(self) -> keras.optimizers.Optimizer:
         """A fresh AdamW for this phase (a new phase never inherits moments from the last)."""
         optimizer = keras.optimizers.AdamW(
@@ -297,11 +303,16 @@ def _fast_plan(model: keras.Model, phase: Phase) -> tuple[bool, str]:
     return (True, plan.mode) if plan.valid else (False, plan.reason)
 
 
-def _nan_epoch(history: Mapping[str, list]) -> int | None:
-    for i, value in enumerate(history.get("loss", [])):
-        if value is None or not math.isfinite(float(value)):
-            return i
-    return None
+def _check_finite(history: keras.callbacks.History, title: str, phase: Phase) -> None:
+    losses = history.history.get("loss", [])
+    bad = next((i for i, v in enumerate(losses) if v is None or not math.isfinite(v)), None)
+    if bad is not None:
+        epoch = history.epoch[bad] + 1 if history.epoch else bad + 1
+        raise LossNotFinite(
+            f"loss became NaN at epoch {epoch} ({title}) with learning_rate="
+            f"{phase.learning_rate:g}; expected a smaller learning rate (learning_rate, "
+            "fine_tune_learning_rate)"
+        )
 
 
 def run_phase(
@@ -353,8 +364,7 @@ def run_phase(
     trainable = trainable_params(model)
     if verbose:
         print(
-            f"{title}: strategy={phase.strategy} fine_tune_at={phase.fine_tune_at} "
-            f"learning_rate={phase.learning_rate:g} trainable params={trainable:,} fast path: "
+            f"{title}: {phase.describe()} trainable params={trainable:,} fast path: "
             f"{note if fast else 'no — ' + note}"
         )
     model._initial_epoch = None  # a stale value from an earlier fit would skip epochs
@@ -390,14 +400,7 @@ def run_phase(
         )
     model._initial_epoch = None
     seconds = time.perf_counter() - started
-    bad = _nan_epoch(history.history)
-    if bad is not None:
-        epoch = history.epoch[bad] + 1 if history.epoch else bad + 1
-        raise LossNotFinite(
-            f"loss became NaN at epoch {epoch} ({title}) with learning_rate="
-            f"{phase.learning_rate:g}; expected a smaller learning rate (learning_rate, "
-            "fine_tune_learning_rate)"
-        )
+    _check_finite(history, title, phase)
     return PhaseResult(
         history=history,
         epochs_run=len(history.history.get("loss", [])),

@@ -353,6 +353,46 @@ class _Rows:
             )
 
 
+def _make_rows(
+    backbone: str,
+    data: ImageData,
+    ks: Any,
+    weights: Any,
+    backbone_kwargs: dict[str, Any],
+    augment: AugmentConfig | None,
+    patience: int,
+    seed: int,
+    verbose: int,
+) -> tuple[_Rows, tuple[str, ...], list[int]]:
+    """The rows' shared settings, the block names and the checked ``ks`` (from a probe model)."""
+    input_shape = (*data.image_size, 3)
+    probe = build_model(
+        backbone,
+        data.num_classes,
+        weights=None,
+        input_shape=input_shape,
+        backbone_kwargs=backbone_kwargs,
+    )
+    names = tuple(b.name for b in blocks(probe))
+    resolved_ks = _check_ks(ks, blocks(probe))
+    task = infer(probe)[0]
+    del probe
+    splits = (data.train, data.validation, data.test)
+    rows = _Rows(
+        backbone,
+        backbone_kwargs,
+        input_shape,
+        data.num_classes,
+        resolve(weights, backbone, backbone_kwargs, input_shape),
+        augment,
+        tuple(encode_labels(d, task, data.num_classes) for d in splits),
+        patience,
+        seed,
+        verbose,
+    )
+    return rows, names, resolved_ks
+
+
 def _warm_head(rows: _Rows, learning_rate: float, epochs: int) -> tuple[dict[str, list], dict]:
     """The head warmed up once on the frozen backbone, as every row of ``train`` starts.
 
@@ -457,35 +497,51 @@ def sweep(
         test_split=test_split,
         seed=seed,
     )
-    input_shape = (*data.image_size, 3)
-    probe = build_model(
-        spec.name,
-        data.num_classes,
-        weights=None,
-        input_shape=input_shape,
-        backbone_kwargs=backbone_kwargs,
-    )
-    names = tuple(b.name for b in blocks(probe))
-    resolved_ks = _check_ks(ks, blocks(probe))
-    task = infer(probe)[0]
-    del probe
-    rows = _Rows(
-        spec.name,
-        backbone_kwargs,
-        input_shape,
-        data.num_classes,
-        resolve(weights, spec.name, backbone_kwargs, input_shape),
-        augment,
-        tuple(
-            encode_labels(d, task, data.num_classes)
-            for d in (data.train, data.validation, data.test)
-        ),
-        patience,
-        seed,
-        verbose,
+    rows, names, resolved_ks = _make_rows(
+        spec.name, data, ks, weights, backbone_kwargs, augment, patience, seed, verbose
     )
     head, warm_up = _warm_head(rows, learning_rate, epochs)
-    for k in resolved_ks:
+    fine_tuning = (
+        Phase("fine-tuning", FULL, None, fine_tune_learning_rate, fine_tune_epochs)
+        if fine_tune
+        else None
+    )
+    _transfer_rows(rows, names, resolved_ks, head, learning_rate, epochs, fine_tuning)
+    if baseline_scratch:
+        model = rows.model(SCRATCH_STRATEGY, None, None)
+        phase = Phase("scratch", SCRATCH_STRATEGY, None, learning_rate, scratch_epochs)
+        rows.add(SCRATCH, None, names[0], model, rows.train(model, phase))
+        del model
+    settings = {
+        "ks": resolved_ks,
+        "fine_tune": fine_tune,
+        "epochs": epochs,
+        "head_warm_up": warm_up,
+        "fine_tune_epochs": fine_tune_epochs if fine_tune else None,
+        "scratch_epochs": scratch_epochs if baseline_scratch else None,
+        "learning_rate": learning_rate,
+        "fine_tune_learning_rate": fine_tune_learning_rate if fine_tune else None,
+        "patience": patience,
+        "augment": dataclasses.asdict(augment) if augment is not None else None,
+        "seed": seed,
+        "data": data.to_dict(),
+    }
+    result = _result(rows, names, data, noise_sigmas, settings)
+    paths = write(result, output_dir)
+    return dataclasses.replace(result, paths={k: str(v) for k, v in paths.items()})
+
+
+def _transfer_rows(
+    rows: _Rows,
+    names: tuple[str, ...],
+    ks: Sequence[int],
+    head: dict[str, list],
+    learning_rate: float,
+    epochs: int,
+    fine_tuning: Phase | None,
+) -> None:
+    """The frozen row of every k (from the warmed head), each then fine-tuned when asked."""
+    for k in ks:
         all_frozen = k == len(names)
         strategy, fine_tune_at = (FEATURE_EXTRACTION, None) if all_frozen else (PARTIAL, k)
         model = rows.model(strategy, fine_tune_at, rows.weights)
@@ -494,20 +550,18 @@ def sweep(
         block = "-" if all_frozen else names[k]
         phase = Phase("frozen prefix", strategy, fine_tune_at, learning_rate, epochs, fast=True)
         rows.add(FROZEN, k, block, model, rows.train(model, phase))
-        if fine_tune:
-            phase = Phase("fine-tuning", FULL, None, fine_tune_learning_rate, fine_tune_epochs)
-            rows.add(FINE_TUNED, k, block, model, rows.train(model, phase))
+        if fine_tuning is not None:
+            rows.add(FINE_TUNED, k, block, model, rows.train(model, fine_tuning))
         del model
         keras.backend.clear_session(free_memory=True)
-    if baseline_scratch:
-        model = rows.model(SCRATCH_STRATEGY, None, None)
-        phase = Phase("scratch", SCRATCH_STRATEGY, None, learning_rate, scratch_epochs)
-        rows.add(SCRATCH, None, names[0], model, rows.train(model, phase))
-        del model
 
+
+def _result(
+    rows: _Rows, names: tuple[str, ...], data: ImageData, noise_sigmas: float, settings: dict
+) -> SweepResult:
     num_validation = int(sum(data.counts["validation"].values()))
     recommended, best, noise = recommend(rows.rows, num_validation, noise_sigmas)
-    result = SweepResult(
+    return SweepResult(
         rows=tuple(rows.rows),
         recommended=recommended,
         best=best,
@@ -516,27 +570,12 @@ def sweep(
         num_validation=num_validation,
         num_blocks=len(names),
         block_names=names,
-        backbone=spec.name,
-        backbone_kwargs=backbone_kwargs,
+        backbone=rows.backbone,
+        backbone_kwargs=rows.backbone_kwargs,
         weights=None if rows.weights is None else str(rows.weights),
         image_size=tuple(data.image_size),
-        settings={
-            "ks": resolved_ks,
-            "fine_tune": fine_tune,
-            "epochs": epochs,
-            "head_warm_up": warm_up,
-            "fine_tune_epochs": fine_tune_epochs if fine_tune else None,
-            "scratch_epochs": scratch_epochs if baseline_scratch else None,
-            "learning_rate": learning_rate,
-            "fine_tune_learning_rate": fine_tune_learning_rate if fine_tune else None,
-            "patience": patience,
-            "augment": dataclasses.asdict(augment) if augment is not None else None,
-            "seed": seed,
-            "data": data.to_dict(),
-        },
+        settings=settings,
     )
-    paths = write(result, output_dir)
-    return dataclasses.replace(result, paths={k: str(v) for k, v in paths.items()})
 
 
 # --------------------------------------------------------------------------------------------

@@ -674,23 +674,9 @@ def train(
     """
     config = dataclasses.replace(config or TrainConfig(), **config_overrides)
     strategy_enum = Strategy.parse(strategy)
-    if strategy_enum is not Strategy.PARTIAL or fine_tune_at is not None:
-        check_fine_tune_at(strategy_enum, fine_tune_at)
-    if strategy_enum is Strategy.SCRATCH and weights is not None:
-        raise ValueError(
-            "weights: strategy 'scratch' trains from random init and expects weights=None "
-            f"(--weights=none), received {weights!r}"
-        )
-    if head is not None and dropout is not None:
-        raise ValueError("dropout: expected either head= or dropout=, received both")
-    if head is None:
-        head = HeadConfig() if dropout is None else HeadConfig(dropout=dropout)
-    if augment is None:
-        augment = not _is_digits(data_source)
-    if augment is True:
-        augment = AugmentConfig(seed=config.seed)
-    elif augment is False:
-        augment = None
+    head, augment = _check_train_args(
+        strategy_enum, fine_tune_at, weights, head, dropout, augment, data_source, config
+    )
     backbone_kwargs = dict(backbone_kwargs or {})
     size = weights_lib.image_size_for(image_size, weights, backbone)
     model_name = model_name or model_name_for(data_source)
@@ -699,18 +685,8 @@ def train(
         if output_dir
         else Path(DEFAULT_OUTPUT_ROOT) / model_name / strategy_enum.value
     )
-
     # First: a multi-worker or logical-CPU strategy must exist before TensorFlow starts its devices.
-    if isinstance(distribution, tf.distribute.Strategy):
-        strategy_tf = distribution
-    else:
-        strategy_tf = distribute.make_strategy(distribution)
-    batch_size = distribute.global_batch_size(config.batch_size, strategy_tf)
-    if verbose and distribute.is_distributed(strategy_tf):
-        print(
-            f"Distribution: {distribute.describe(strategy_tf)}; global batch {batch_size} "
-            f"({config.batch_size} per replica)"
-        )
+    strategy_tf, batch_size = _tf_strategy(distribution, config, verbose)
     set_seed(config.seed)
     data = data_lib.load(
         data_source,
@@ -729,16 +705,8 @@ def train(
     if strategy_enum is Strategy.PARTIAL and fine_tune_at is None:
         fine_tune_at = default_fine_tune_at(backbone, input_shape, backbone_kwargs)
         if verbose:
-            print(
-                f"partial: no fine_tune_at given; fine-tuning the top half (fine_tune_at={fine_tune_at})"
-            )
-    # The chief pre-trains `source:` weights into the (shared) cache before the others look there.
-    multi_worker, chief = distribute.is_multi_worker(strategy_tf), distribute.is_chief(strategy_tf)
-    if multi_worker and not chief:
-        distribute.barrier(strategy_tf)
-    resolved = weights_lib.resolve(weights, backbone, backbone_kwargs, input_shape)
-    if multi_worker and chief:
-        distribute.barrier(strategy_tf)
+            print(f"partial: no fine_tune_at given; fine-tuning the top half ({fine_tune_at=})")
+    resolved = _resolve_weights(weights, backbone, backbone_kwargs, input_shape, strategy_tf)
     with strategy_tf.scope():
         model = build_model(
             backbone,
@@ -752,20 +720,6 @@ def train(
             augment=augment,
             train_bn=train_bn,
         )
-
-    def export_model(result: RunResult) -> None:
-        if export_dir is None:
-            return
-        exported = savedmodel.export(
-            result.model,
-            model_name,
-            base_dir=export_dir,
-            class_names=data.class_names,
-            metadata={"metrics": {"test_accuracy": result.metrics.get("accuracy")}},
-        )
-        result.export = exported
-        result.metrics["export"] = str(exported.path)
-
     return fit(
         model,
         data,
@@ -775,8 +729,93 @@ def train(
         fine_tune_at=fine_tune_at,
         overwrite=overwrite,
         verbose=verbose,
-        _before_done=export_model,
+        _before_done=_exporter(export_dir, model_name, data.class_names),
     )
+
+
+def _check_train_args(
+    strategy: Strategy,
+    fine_tune_at: int | None,
+    weights: Any,
+    head: Any,
+    dropout: float | None,
+    augment: Any,
+    data_source: Any,
+    config: TrainConfig,
+) -> tuple[HeadConfig, AugmentConfig | None]:
+    """Refuse contradictory arguments; ``(head, augment)`` with their defaults filled in."""
+    if strategy is not Strategy.PARTIAL or fine_tune_at is not None:
+        check_fine_tune_at(strategy, fine_tune_at)
+    if strategy is Strategy.SCRATCH and weights is not None:
+        raise ValueError(
+            "weights: strategy 'scratch' trains from random init and expects weights=None "
+            f"('none'), received {weights!r}"
+        )
+    if head is not None and dropout is not None:
+        raise ValueError("dropout: expected either head= or dropout=, received both")
+    if head is None:
+        head = HeadConfig() if dropout is None else HeadConfig(dropout=dropout)
+    if augment is None:
+        augment = not _is_digits(data_source)
+    if augment is True:
+        augment = AugmentConfig(seed=config.seed)
+    elif augment is False:
+        augment = None
+    return head, augment
+
+
+def _tf_strategy(
+    distribution: Any, config: TrainConfig, verbose: int
+) -> tuple[tf.distribute.Strategy, int]:
+    """The ``tf.distribute`` strategy of ``distribution`` and the global batch size under it."""
+    if isinstance(distribution, tf.distribute.Strategy):
+        strategy_tf = distribution
+    else:
+        strategy_tf = distribute.make_strategy(distribution)
+    batch_size = distribute.global_batch_size(config.batch_size, strategy_tf)
+    if verbose and distribute.is_distributed(strategy_tf):
+        print(
+            f"Distribution: {distribute.describe(strategy_tf)}; global batch {batch_size} "
+            f"({config.batch_size} per replica)"
+        )
+    return strategy_tf, batch_size
+
+
+def _resolve_weights(
+    weights: Any,
+    backbone: str,
+    backbone_kwargs: dict[str, Any],
+    input_shape: tuple[int, int, int],
+    strategy_tf: tf.distribute.Strategy,
+) -> str | None:
+    """``weights_lib.resolve``; the chief pre-trains ``source:`` weights into the (shared) cache
+    before the other workers look there."""
+    multi_worker, chief = distribute.is_multi_worker(strategy_tf), distribute.is_chief(strategy_tf)
+    if multi_worker and not chief:
+        distribute.barrier(strategy_tf)
+    resolved = weights_lib.resolve(weights, backbone, backbone_kwargs, input_shape)
+    if multi_worker and chief:
+        distribute.barrier(strategy_tf)
+    return resolved
+
+
+def _exporter(export_dir: str | Path | None, model_name: str, class_names: list[str]):
+    """What :func:`fit` calls before it marks the run done: the SavedModel export (or nothing)."""
+
+    def export_model(result: RunResult) -> None:
+        if export_dir is None:
+            return
+        exported = savedmodel.export(
+            result.model,
+            model_name,
+            base_dir=export_dir,
+            class_names=class_names,
+            metadata={"metrics": {"test_accuracy": result.metrics.get("accuracy")}},
+        )
+        result.export = exported
+        result.metrics["export"] = str(exported.path)
+
+    return export_model
 
 
 def evaluate_export(
