@@ -112,27 +112,6 @@ flags.DEFINE_string(
 FLAGS = flags.FLAGS
 
 
-def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
-    """``auto`` | ``none`` | ``"0:1.0,1:3.5"`` as ``TrainConfig.class_weight``."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return None
-    if text.strip().lower() == "auto":
-        return "auto"
-    out: dict[int, float] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition(":")
-        try:
-            out[int(key)] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(
-                f"--class_weight: expected auto, none or INDEX:WEIGHT pairs such as 0:1.0,1:3.5, "
-                f"received {text!r}"
-            )
-    return out
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
@@ -140,17 +119,6 @@ def main(argv: list[str]) -> None:
     weights = cli.parse_weights(FLAGS.weights)
     if strategy is Strategy.SCRATCH and not FLAGS["weights"].present:
         weights = None  # scratch means random init; only an explicit --weights conflicts
-    if strategy is Strategy.SCRATCH and weights is not None:
-        raise ValueError(
-            f"--strategy=scratch trains from random init: expected --weights=none, received --weights={FLAGS.weights}"
-        )
-    if FLAGS.fine_tune_at is not None and strategy is not Strategy.PARTIAL:
-        raise ValueError(
-            f"--fine_tune_at: expected only with --strategy=partial, received --strategy={strategy.value}"
-        )
-    for name in ("epochs", "fine_tune_epochs"):
-        if FLAGS[name].value < 0:
-            raise ValueError(f"--{name}: expected an int >= 0, received {FLAGS[name].value}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
     augment = FLAGS.augment
     result = training.train(
@@ -176,7 +144,7 @@ def main(argv: list[str]) -> None:
         fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
         batch_size=FLAGS.batch_size,
         label_smoothing=FLAGS.label_smoothing,
-        class_weight=parse_class_weight(FLAGS.class_weight),
+        class_weight=cli.parse_class_weight(FLAGS.class_weight),
         seed=FLAGS.seed,
         fast=FLAGS.fast,
         distribution=DistributeConfig(

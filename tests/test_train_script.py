@@ -18,9 +18,10 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 BAD_FLAGS = {
-    "scratch_with_imagenet": (["--strategy=scratch", "--weights=imagenet"], "--weights=none"),
-    "fine_tune_at_without_partial": (["--strategy=full", "--fine_tune_at=3"], "--fine_tune_at"),
-    "negative_epochs": (["--epochs=-1"], "--epochs"),
+    # The library's messages name its arguments, which the flags share.
+    "scratch_with_imagenet": (["--strategy=scratch", "--weights=imagenet"], "expects weights=None"),
+    "fine_tune_at_without_partial": (["--strategy=full", "--fine_tune_at=3"], "fine_tune_at:"),
+    "negative_epochs": (["--epochs=-1"], "epochs: expected an int >= 0, received -1"),
     "bad_class_weight": (["--class_weight=heavy"], "--class_weight"),
     "unknown_flag": (["--epoch=3"], "epoch"),
     "multi_worker_without_tf_config": (["--distribution=multi_worker"], "TF_CONFIG"),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tlkeras import weights as weights_lib
+from tlkeras.data import load
 from tlkeras.model import build_model
 
 KWARGS = {"alpha": 0.25}
@@ -18,7 +19,12 @@ def test_pretrained_weights_are_cached_and_transfer(home):
     assert path.parent == home / "tlkeras" / "pretrained"
     record = weights_lib.pretrained_record(path)
     assert record["source"] == "digits:0-4" and record["class_names"] == list("01234")
-    assert 0.0 <= record["source_val_accuracy"] <= 1.0
+    assert (record["epochs"], record["image_size"], record["seed"]) == (1, 32, 0)
+    # An accuracy over the source task's validation split: a whole number of its images.
+    split = load("digits:0-4", image_size=(32, 32), seed=0, validation_split=0.1, test_split=0.0)
+    n = sum(split.counts["validation"].values())
+    correct = record["source_val_accuracy"] * n
+    assert 0 <= correct <= n and abs(correct - round(correct)) < 1e-3, (correct, n)
     mtime = path.stat().st_mtime_ns
     assert weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32) == path
     assert path.stat().st_mtime_ns == mtime  # reused, not retrained

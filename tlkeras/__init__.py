@@ -8,11 +8,12 @@ Where each concept lives (each module imports only the ones above it in this lis
 - head tasks (loss, metrics, labels, activation):         ``tlkeras.task``
 - the model builder:                                      ``tlkeras.model``
 - data in (folders, TFDS, arrays, digits; bad files):     ``tlkeras.data``
-- weights (imagenet, a file, None, source: pre-training): ``tlkeras.weights``
 - the run directory (file names, state, history logs):    ``tlkeras.rundir``, ``tlkeras.reports``
 - the fast frozen path (features computed once):          ``tlkeras.features``
 - many devices and machines (tf.distribute):              ``tlkeras.distribute``
-- phases (two-phase training, resume):                    ``tlkeras.training``
+- phases (TrainConfig, Phase, the plan, run_phase):       ``tlkeras.phase``
+- weights (imagenet, a file, None, source: pre-training): ``tlkeras.weights``
+- a run (run directory, resume, reports, train()):        ``tlkeras.training``
 - strategy comparison and the offline transfer story:     ``tlkeras.transfer``
 - which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
 - an export's directories, versions and file names:       ``tlkeras.layout``
@@ -37,6 +38,7 @@ from tlkeras.blocks import Block, block_names, blocks
 from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.exported import load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
+from tlkeras.phase import Phase, plan_phases, run_phase
 from tlkeras.savedmodel import ExportResult, export
 from tlkeras.strategy import Strategy, apply_strategy
 from tlkeras.training import RunResult, TrainConfig, fit, train
@@ -54,6 +56,7 @@ __all__ = [
     "ExportResult",
     "HeadConfig",
     "ModelSpec",
+    "Phase",
     "RunResult",
     "Strategy",
     "TrainConfig",
@@ -74,7 +77,9 @@ __all__ = [
     "get_spec",
     "load_exported",
     "logme",
+    "plan_phases",
     "rank_backbones",
+    "run_phase",
     "train",
     "transfer",
     "weights",

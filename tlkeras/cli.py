@@ -152,3 +152,24 @@ def parse_candidates(text: str, default_weights: str | None = "imagenet") -> lis
     if not out:
         raise ValueError(f"--candidates: expected at least one candidate, received {text!r}")
     return out
+
+
+def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
+    """``auto`` | ``none`` | ``"0:1.0,1:3.5"`` as ``TrainConfig.class_weight``."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    out: dict[int, float] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition(":")
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(
+                f"--class_weight: expected auto, none or INDEX:WEIGHT pairs such as 0:1.0,1:3.5, "
+                f"received {text!r}"
+            )
+    return out

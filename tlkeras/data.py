@@ -922,63 +922,9 @@ def load(
         raise TypeError(f"config: expected a DataConfig, received {type(config).__name__}")
     config = dataclasses.replace(config or DataConfig(), **config_overrides)
 
-    given: dict[str, _Pool] = {}
-    layout = None
-    if isinstance(source, str | os.PathLike) and not (
-        str(source).startswith("tfds:") or _is_digits(str(source))
-    ):
-        path = Path(source).expanduser()
-        if path.is_dir():
-            layout = _folder_layout(path)
-    if layout is not None:
-        pool = _folder_pool(layout["train"], config, display=Path(source).expanduser())
-        for split in ("validation", "test"):
-            if split in layout:
-                given[split] = _folder_pool(
-                    layout[split], config, pool.class_names, display=Path(source).expanduser()
-                )
-        pool.source = str(Path(source).expanduser())
-    else:
-        pool = _pool(source, config, given_names=class_names)
-    if validation is not None:
-        if "validation" in given:
-            raise ValueError(
-                f"validation: expected validation data once, received both validation= and a "
-                f"validation folder in {str(source)!r}"
-            )
-        given["validation"] = _pool(validation, config, class_names=pool.class_names)
-
+    pool, given = _pools(source, validation, config, class_names)
     all_pools = [pool, *given.values()]
-    scanned = sum(p.scanned for p in all_pools)
-    skipped = [s for p in all_pools for s in p.skipped]
-    if scanned and len(skipped) > config.max_bad_fraction * scanned:
-        reasons = Counter(s.reason.split(":")[0] for s in skipped).most_common()
-        raise ValueError(
-            f"expected at most {config.max_bad_fraction:.0%} unusable files, received "
-            f"{len(skipped)} of {scanned} ("
-            + "; ".join(f"{n} {r}" for r, n in reasons)
-            + "). Raise max_bad_fraction to train on the rest."
-        )
-
-    present = (
-        pool.labels.sum(axis=0) > 0
-        if pool.multilabel
-        else np.bincount(pool.labels, minlength=1) > 0
-    )
-    if int(np.sum(present)) < 2:
-        raise ValueError(
-            f"expected at least 2 classes with images, received {int(np.sum(present))} "
-            f"({pool.class_names}) in {pool.source}"
-        )
-    if skipped:
-        logger.warning(
-            "tlkeras.data: skipped %d of %d files (%s); see ImageData.skipped / summary()",
-            len(skipped),
-            scanned,
-            "; ".join(
-                f"{n} {r}" for r, n in Counter(s.reason.split(":")[0] for s in skipped).items()
-            ),
-        )
+    skipped = _check_pools(pool, all_pools, config)
     fractions = {
         "test": 0.0 if "test" in given else config.test_split,
         "validation": 0.0 if "validation" in given else config.validation_split,
@@ -1010,6 +956,74 @@ def load(
         warnings=[w for p in all_pools for w in p.warnings],
         image_size=config.image_size,
     )
+
+
+def _pools(
+    source: Any, validation: Any, config: DataConfig, class_names: Sequence[str] | None
+) -> tuple[_Pool, dict[str, _Pool]]:
+    """The pool to split and the splits given whole (``train/val/test`` folders, ``validation=``)."""
+    given: dict[str, _Pool] = {}
+    layout = None
+    if isinstance(source, str | os.PathLike) and not (
+        str(source).startswith("tfds:") or _is_digits(str(source))
+    ):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            layout = _folder_layout(path)
+    if layout is not None:
+        pool = _folder_pool(layout["train"], config, display=Path(source).expanduser())
+        for split in ("validation", "test"):
+            if split in layout:
+                given[split] = _folder_pool(
+                    layout[split], config, pool.class_names, display=Path(source).expanduser()
+                )
+        pool.source = str(Path(source).expanduser())
+    else:
+        pool = _pool(source, config, given_names=class_names)
+    if validation is not None:
+        if "validation" in given:
+            raise ValueError(
+                f"validation: expected validation data once, received both validation= and a "
+                f"validation folder in {str(source)!r}"
+            )
+        given["validation"] = _pool(validation, config, class_names=pool.class_names)
+
+    return pool, given
+
+
+def _check_pools(pool: _Pool, all_pools: list[_Pool], config: DataConfig) -> list:
+    """The skipped files of every pool; too many, or fewer than 2 classes with images, raise."""
+    scanned = sum(p.scanned for p in all_pools)
+    skipped = [s for p in all_pools for s in p.skipped]
+    if scanned and len(skipped) > config.max_bad_fraction * scanned:
+        reasons = Counter(s.reason.split(":")[0] for s in skipped).most_common()
+        raise ValueError(
+            f"expected at most {config.max_bad_fraction:.0%} unusable files, received "
+            f"{len(skipped)} of {scanned} ("
+            + "; ".join(f"{n} {r}" for r, n in reasons)
+            + "). Raise max_bad_fraction to train on the rest."
+        )
+
+    present = (
+        pool.labels.sum(axis=0) > 0
+        if pool.multilabel
+        else np.bincount(pool.labels, minlength=1) > 0
+    )
+    if int(np.sum(present)) < 2:
+        raise ValueError(
+            f"expected at least 2 classes with images, received {int(np.sum(present))} "
+            f"({pool.class_names}) in {pool.source}"
+        )
+    if skipped:
+        logger.warning(
+            "tlkeras.data: skipped %d of %d files (%s); see ImageData.skipped / summary()",
+            len(skipped),
+            scanned,
+            "; ".join(
+                f"{n} {r}" for r, n in Counter(s.reason.split(":")[0] for s in skipped).items()
+            ),
+        )
+    return skipped
 
 
 def _is_digits(source: str) -> bool:

@@ -256,6 +256,61 @@ def export(
     activation says. ``warmup_images`` (encoded bytes) become the warmup requests and, with the
     in-memory model, the verification set; synthetic images are used when none are given.
     """
+    class_names, head, images = _check_export_args(
+        model, model_name, class_names, version, task, from_logits, top_k, warmup_images
+    )
+    model_dir = Path(base_dir) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(model_dir)
+    version = next_version(base_dir, model_name) if version is None else version
+    final = model_dir / str(version)
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"version {version} of {model_name!r} already exists at {str(final)!r}; pass "
+            "overwrite=True or leave the version unset for the next free one"
+        )
+
+    tmp = model_dir / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build_archive(model, class_names, head, top_k).write_out(str(tmp), verbose=False)
+        extra = tmp / ASSETS_EXTRA
+        extra.mkdir()
+        (extra / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names), encoding="utf-8")
+        write_warmup_requests(extra / WARMUP_FILE, model_name, images)
+        doc = _metadata(model, model_name, version, head, class_names, top_k, metadata)
+        report = (
+            verify_export(tmp, model, images, head=head, class_names=class_names)
+            if verify
+            else None
+        )
+        doc["verification"] = report
+        (extra / METADATA_FILE).write_text(
+            json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8"
+        )
+        _move_into_place(tmp, final, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(
+        path=final,
+        version=version,
+        model_name=model_name,
+        signatures=SIGNATURES,
+        verification=report,
+    )
+
+
+def _check_export_args(
+    model: Any,
+    model_name: str,
+    class_names: Sequence[str],
+    version: int | None,
+    task: str | None,
+    from_logits: bool | None,
+    top_k: int,
+    warmup_images: Sequence[bytes] | None,
+) -> tuple[list[str], Any, list[bytes]]:
+    """``(class_names, head, warmup images)``, or a ``ValueError`` naming the bad argument."""
     _check_model_name(model_name)
     if isinstance(class_names, (str, bytes)):
         raise TypeError(
@@ -282,78 +337,49 @@ def export(
         warmup_images = [bytes(b) for b in warmup_images]
         if not warmup_images:
             raise ValueError("warmup_images: expected at least one encoded image, received none")
-    images = warmup_images or sample_images()
+    return class_names, head, warmup_images or sample_images()
 
-    model_dir = Path(base_dir) / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(model_dir)
-    version = next_version(base_dir, model_name) if version is None else version
-    final = model_dir / str(version)
-    if final.exists() and not overwrite:
-        raise FileExistsError(
-            f"version {version} of {model_name!r} already exists at {str(final)!r}; pass "
-            "overwrite=True (--overwrite) or leave the version unset for the next free one"
-        )
 
-    tmp = model_dir / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_archive(model, class_names, head, top_k).write_out(str(tmp), verbose=False)
-        extra = tmp / ASSETS_EXTRA
-        extra.mkdir()
-        (extra / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names), encoding="utf-8")
-        write_warmup_requests(extra / WARMUP_FILE, model_name, images)
-        doc = {
-            **(metadata or {}),
-            **_spec_metadata(model),
-            "model_name": model_name,
-            "version": version,
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
-            "task": head.task,
-            "model_from_logits": head.from_logits,
-            "class_names": class_names,
-            "num_classes": len(class_names),
-            "input_size": list(input_size(model)),
-            "top_k": min(top_k, len(class_names)),
-            "preprocessing": (
-                "serving_default: tlkeras.data.decode_image (decode_image(channels=3, "
-                "expand_animations=False), bilinear antialiased resize to input_size, rounded to "
-                "uint8) -> float32; both signatures feed raw 0-255 RGB pixels to the model, which "
-                "applies the backbone preprocessing inside"
-            ),
-            "signatures": {
-                BYTES_SIGNATURE: {"inputs": {BYTES_INPUT: "string [None]"}},
-                FLOAT_SIGNATURE: {"inputs": {FLOAT_INPUT: "float32 [None, H, W, 3], 0-255"}},
-                "outputs": {
-                    "probabilities": "float32 [None, num_classes]",
-                    "classes": "string [None, top_k]",
-                    "scores": "float32 [None, top_k]",
-                },
+def _metadata(
+    model: Any,
+    model_name: str,
+    version: int,
+    head: Any,
+    class_names: list[str],
+    top_k: int,
+    metadata: dict | None,
+) -> dict[str, Any]:
+    """``metadata.json`` before verification: the model, its signatures and their contract."""
+    return {
+        **(metadata or {}),
+        **_spec_metadata(model),
+        "model_name": model_name,
+        "version": version,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "task": head.task,
+        "model_from_logits": head.from_logits,
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "input_size": list(input_size(model)),
+        "top_k": min(top_k, len(class_names)),
+        "preprocessing": (
+            "serving_default: tlkeras.data.decode_image (decode_image(channels=3, "
+            "expand_animations=False), bilinear antialiased resize to input_size, rounded to "
+            "uint8) -> float32; both signatures feed raw 0-255 RGB pixels to the model, which "
+            "applies the backbone preprocessing inside"
+        ),
+        "signatures": {
+            BYTES_SIGNATURE: {"inputs": {BYTES_INPUT: "string [None]"}},
+            FLOAT_SIGNATURE: {"inputs": {FLOAT_INPUT: "float32 [None, H, W, 3], 0-255"}},
+            "outputs": {
+                "probabilities": "float32 [None, num_classes]",
+                "classes": "string [None, top_k]",
+                "scores": "float32 [None, top_k]",
             },
-            "limits": {"max_image_bytes": MAX_IMAGE_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS},
-            "versions": _versions_info(),
-        }
-        report = (
-            verify_export(tmp, model, images, head=head, class_names=class_names)
-            if verify
-            else None
-        )
-        doc["verification"] = report
-        (extra / METADATA_FILE).write_text(
-            json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8"
-        )
-        _move_into_place(tmp, final, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(
-        path=final,
-        version=version,
-        model_name=model_name,
-        signatures=SIGNATURES,
-        verification=report,
-    )
+        },
+        "limits": {"max_image_bytes": MAX_IMAGE_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS},
+        "versions": _versions_info(),
+    }
 
 
 def _move_into_place(tmp: Path, final: Path, overwrite: bool) -> None:

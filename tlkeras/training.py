@@ -1,19 +1,11 @@
-"""Two-phase transfer-learning training with resumable, never-overwritten run directories.
+"""A run: the phases of ``tlkeras.phase`` in a resumable, never-overwritten run directory.
 
-The recipe (Keras transfer-learning guide, fastai, ULMFiT):
-
-1. **Phase 1 — head warm-up.** ``apply_strategy(model, "feature_extraction")`` freezes the whole
-   backbone; the head trains at ``learning_rate``. When the frozen part sees no trainable layer, the
-   fast frozen path (:func:`tlkeras.features.fit_frozen`) trains the head on features computed once.
-2. **Phase 2 — fine-tuning** (``partial``/``full`` only). ``apply_strategy(model, strategy,
-   fine_tune_at)`` unfreezes, the model is **recompiled** with ``fine_tune_learning_rate`` (default
-   ``learning_rate / 10``) and epochs continue from where phase 1 stopped (``initial_epoch``).
-
-``scratch`` trains every layer from random initialisation in one phase of ``epochs + fine_tune_epochs``
-epochs (the same epoch budget as the two-phase strategies), at ``learning_rate``.
-
-Guards: AdamW weight decay, label smoothing, EarlyStopping with best-weights restore, optional
-ReduceLROnPlateau, TerminateOnNaN (turned into a ``ValueError`` naming the epoch and learning rate).
+:func:`fit` plans the phases (``tlkeras.phase.plan_phases``: head warm-up on the frozen backbone,
+then fine-tuning for ``partial``/``full``; ``scratch`` is one phase), runs each through
+``tlkeras.phase.run_phase`` with the run directory's callbacks (best-model checkpoint, CSV and
+TensorBoard logs, EarlyStopping, optional ReduceLROnPlateau, a two-epoch backup), keeps the best
+validation loss across phases, and writes the reports and ``metrics.json`` on the test split.
+:func:`train` is the one-call entry point of ``scripts/train.py``: load, build, fit, export.
 
 Run directory (``run_dir``): every file in it, its state and the resume rules are ``tlkeras.rundir``'s
 (re-running the same call after a kill resumes in the same phase and epoch).
