@@ -106,8 +106,9 @@ def test_plan_for_every_strategy(strategy, fine_tune_at, expected):
     got = [(p.name, p.strategy, p.fine_tune_at, p.learning_rate, p.epochs) for p in phases]
     assert got == [(n, s, k, pytest.approx(lr), e) for n, s, k, lr, e in expected]
     assert all(p.weight_decay == TrainConfig().weight_decay for p in phases)
-    # Only the head warm-up may train on cached features; fine-tuning trains the images.
-    assert [p.fast for p in phases] == [p.name == "head warm-up" for p in phases]
+    # What keeps a frozen prefix may train on cached features: the head warm-up and `partial`
+    # fine-tuning (to its block boundary); `full` and `scratch` train on the images.
+    assert [p.fast for p in phases] == [p.strategy in (FEATURE_EXTRACTION, PARTIAL) for p in phases]
 
 
 def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():

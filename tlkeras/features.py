@@ -572,6 +572,7 @@ def fit_frozen(
     class_weight: dict[int, float] | None = None,
     seed: int = 0,
     verbose: int | str = 1,
+    initial_epoch: int = 0,
 ) -> keras.callbacks.History:
     """Train what trains in ``model`` on features its frozen prefix computes once.
 
@@ -622,7 +623,8 @@ def fit_frozen(
     history = trained.fit(
         train_in,
         validation_data=val_in,
-        epochs=epochs,
+        epochs=initial_epoch + epochs,  # epoch numbers continue from earlier phases
+        initial_epoch=initial_epoch,
         callbacks=list(callbacks),
         class_weight=class_weight,
         shuffle=False,  # datasets shuffle themselves; Keras would only warn

@@ -76,7 +76,9 @@ class TrainConfig:
         early_stopping_patience: epochs without validation-loss improvement before stopping
             (per phase); 0 disables early stopping.
         reduce_lr_on_plateau: halve the learning rate after ``max(1, patience // 2)`` flat epochs.
-        fast: use the fast frozen path for phase 1 when it is valid.
+        fast: train on features of the frozen prefix computed once, when that is valid: the head
+            warm-up (the whole backbone frozen) and ``partial`` fine-tuning (cached at block
+            ``fine_tune_at``: the frozen blocks are not recomputed every epoch).
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``).
     """
 
@@ -216,8 +218,9 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
     """The phases of a ``strategy`` run under ``config`` (the two-phase recipe).
 
     ``scratch``: one phase of ``epochs + fine_tune_epochs`` at ``learning_rate``. Otherwise a head
-    warm-up of ``epochs`` on the frozen backbone (fast path when ``config.fast``), then for
-    ``partial``/``full`` fine-tuning for ``fine_tune_epochs`` at the fine-tuning learning rate.
+    warm-up of ``epochs`` on the frozen backbone, then for ``partial``/``full`` fine-tuning for
+    ``fine_tune_epochs`` at the fine-tuning learning rate. With ``config.fast`` the warm-up and
+    ``partial`` fine-tuning train on cached features of what stays frozen.
     """
     strategy = Strategy.parse(strategy).value
     decay = float(config.weight_decay)
@@ -240,7 +243,15 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
     if strategy in (PARTIAL, FULL) and config.fine_tune_epochs > 0:
         lr = config.resolved_fine_tune_learning_rate
         phases.append(
-            Phase(FINE_TUNING, strategy, fine_tune_at, lr, config.fine_tune_epochs, decay)
+            Phase(
+                FINE_TUNING,
+                strategy,
+                fine_tune_at,
+                lr,
+                config.fine_tune_epochs,
+                decay,
+                fast=config.fast and strategy == PARTIAL,  # `full` has no frozen prefix
+            )
         )
     if not phases:
         raise ValueError(
@@ -383,6 +394,7 @@ def run_phase(
             class_weight=class_weight,
             seed=seed,
             verbose=verbose,
+            initial_epoch=initial_epoch,
         )
     else:
         with scope.scope():
