@@ -26,8 +26,7 @@ import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.data import decode_image  # noqa: E402
-from tlkeras.spec import TASKS  # noqa: E402
-from tlkeras.task import infer, infer_from_layer, probabilities  # noqa: E402
+from tlkeras.task import check_task, infer, infer_from_layer, probabilities  # noqa: E402
 
 BYTES_SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "serving_float"
@@ -154,8 +153,7 @@ class _Head:
     units: int
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task: expected one of {TASKS}, received {self.task!r}")
+        check_task(self.task)
         if self.task == "binary" and self.units != 1:
             raise ValueError(
                 f"task 'binary': expected a model with one sigmoid output unit, received "

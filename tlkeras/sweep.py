@@ -231,10 +231,14 @@ def _positive(name: str, value: Any, minimum: float = 0, *, integer: bool = Fals
 def _check_settings(
     weights: Any,
     augment: Any,
+    *,
     epochs: int,
     fine_tune_epochs: int,
     scratch_epochs: int,
-    **numbers: Any,
+    patience: int,
+    noise_sigmas: float,
+    learning_rate: float,
+    fine_tune_learning_rate: float,
 ) -> None:
     if weights is None:
         raise ValueError(
@@ -249,12 +253,15 @@ def _check_settings(
         ("scratch_epochs", scratch_epochs),
     ):
         _positive(name, value, 1, integer=True)
-    _positive("patience", numbers["patience"], 0, integer=True)
-    _positive("noise_sigmas", numbers["noise_sigmas"], 0)
-    for name in ("learning_rate", "fine_tune_learning_rate"):
-        _positive(name, numbers[name], 0)
-        if numbers[name] == 0:
-            raise ValueError(f"{name}: expected a number > 0, received {numbers[name]!r}")
+    _positive("patience", patience, 0, integer=True)
+    _positive("noise_sigmas", noise_sigmas, 0)
+    for name, value in (
+        ("learning_rate", learning_rate),
+        ("fine_tune_learning_rate", fine_tune_learning_rate),
+    ):
+        _positive(name, value, 0)
+        if value == 0:
+            raise ValueError(f"{name}: expected a number > 0, received {value!r}")
 
 
 def _sweep_data(data: Any, image_size: Any, weights: Any, backbone: str, **load_kwargs: Any):
@@ -304,15 +311,9 @@ class _Rows:
         )
 
     def train(self, model: keras.Model, phase: Phase) -> PhaseResult:
-        early = (
-            []
-            if not self.patience
-            else [
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=self.patience, restore_best_weights=True
-                )
-            ]
-        )
+        # Early stopping on validation loss, best weights restored; patience 0 turns it off.
+        stop = keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True)
+        early = [stop] if self.patience else []
         train, validation, _ = self.datasets
         keras_verbose = 2 if self.verbose >= 2 else 0
         return run_phase(
@@ -479,9 +480,9 @@ def sweep(
     _check_settings(
         weights,
         augment,
-        epochs,
-        fine_tune_epochs,
-        scratch_epochs,
+        epochs=epochs,
+        fine_tune_epochs=fine_tune_epochs,
+        scratch_epochs=scratch_epochs,
         patience=patience,
         noise_sigmas=noise_sigmas,
         learning_rate=learning_rate,

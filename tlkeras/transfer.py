@@ -24,6 +24,7 @@ from tlkeras.backbones import get_backbone
 from tlkeras.blocks import blocks
 from tlkeras.data import load
 from tlkeras.model import build_model
+from tlkeras.phase import trainable_params
 from tlkeras.strategy import Strategy
 from tlkeras.weights import (
     DEFAULT_BACKBONE,
@@ -210,7 +211,7 @@ def compare_strategies(
         rows.append(
             ComparisonRow(
                 strategy=strategy,
-                trainable_params=sum(int(w.numpy().size) for w in result.model.trainable_weights),
+                trainable_params=trainable_params(result.model),
                 total_params=int(result.model.count_params()),
                 wall_seconds=round(seconds, 2),
                 accuracy=float(result.metrics["accuracy"]),
