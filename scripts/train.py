@@ -93,6 +93,16 @@ flags.DEFINE_string(
 flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
+flags.DEFINE_boolean(
+    "converge_head",
+    _C.converge_head,
+    "On cached features, train the head until validation loss stops improving (not --epochs).",
+)
+flags.DEFINE_boolean(
+    "refit",
+    _C.refit,
+    "feature_extraction on cached features: retrain the head on train + validation at the end.",
+)
 flags.DEFINE_enum(
     "distribution",
     DistributeConfig().distribution.value,
@@ -147,6 +157,8 @@ def main(argv: list[str]) -> None:
         class_weight=cli.parse_class_weight(FLAGS.class_weight),
         seed=FLAGS.seed,
         fast=FLAGS.fast,
+        converge_head=FLAGS.converge_head,
+        refit=FLAGS.refit,
         distribution=DistributeConfig(
             FLAGS.distribution, cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu
         ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -199,3 +201,99 @@ def test_fit_frozen_falls_back_to_the_full_model():
     assert history.fast_path["mode"] == features.MODE_FULL_MODEL
     assert not history.fast_path["valid"]
     assert model.optimizer is not None and model.compiled  # compiled and fitted as a whole
+
+
+def _val_loss_fit(model, train, validation, epochs, callbacks=(), **kwargs):
+    return features.fit_frozen(
+        model,
+        train,
+        validation,
+        epochs=epochs,
+        optimizer=keras.optimizers.Adam(3e-2),
+        loss="categorical_crossentropy",
+        callbacks=list(callbacks),
+        verbose=0,
+        **kwargs,
+    )
+
+
+def test_save_full_model_defers_on_cached_features_and_records_the_saved_value(tmp_path):
+    model = _model()
+    saves = []
+    original = model.save
+
+    def counting_save(*args, **kwargs):
+        saves.append(args[0])
+        return original(*args, **kwargs)
+
+    model.save = counting_save
+    best = tmp_path / "best.keras"
+    checkpoint = features.SaveFullModel(model, best, monitor="val_loss", save_best_only=True)
+    stopping = keras.callbacks.EarlyStopping(patience=50, restore_best_weights=True)
+    history = _val_loss_fit(model, _dataset(), _dataset(seed=1), 6, [stopping, checkpoint], seed=0)
+    assert checkpoint.defers  # Keras handed it the suffix
+    assert len(saves) == 1  # once, at the end, not at every improving epoch
+    record = json.loads((tmp_path / "best.keras.json").read_text())
+    losses = history.history["val_loss"]
+    assert record["value"] == pytest.approx(min(losses))
+    assert record["epoch"] == int(np.argmin(losses)) + 1
+    assert features.saved_value(best) == pytest.approx(min(losses))
+    # The saved model is the best epoch's, which EarlyStopping restored in memory.
+    x = _images()
+    saved = keras.models.load_model(best)
+    np.testing.assert_allclose(saved.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_save_full_model_saves_at_once_when_the_full_model_trains(tmp_path):
+    model = _model(strategy="full")
+    best = tmp_path / "best.keras"
+    checkpoint = features.SaveFullModel(model, best, monitor="loss", save_best_only=True)
+    checkpoint.set_model(model)
+    assert not checkpoint.defers
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    checkpoint.on_train_begin()
+    checkpoint.on_epoch_end(0, {"loss": 0.7})
+    assert best.is_file() and features.saved_value(best) == pytest.approx(0.7)
+    checkpoint.on_epoch_end(1, {"loss": 0.9})  # no improvement: the record stays
+    assert features.saved_value(best) == pytest.approx(0.7)
+    assert features.saved_value(tmp_path / "missing.keras") is None
+
+
+def test_best_epochs_counts_to_the_lowest_validation_loss():
+    history = keras.callbacks.History()
+    history.history = {"loss": [1, 1, 1, 1], "val_loss": [0.9, 0.5, float("nan"), 0.7]}
+    history.epoch = [3, 4, 5, 6]  # the phase started at epoch 3 (earlier phases)
+    assert features.best_epochs(history, initial_epoch=3) == 2
+    history.history = {"loss": [1.0, 0.9, 0.8]}
+    assert features.best_epochs(history) == 3  # no validation: every epoch
+
+
+@pytest.mark.parametrize("augment", [None, AugmentConfig()])
+def test_refit_retrains_from_the_start_on_train_and_validation(augment):
+    train, validation = _dataset(n=48), _dataset(n=24, seed=1)
+    model = _model(augment=augment)
+    start = [w.copy() for w in model.get_layer("predictions").get_weights()]
+    stopping = keras.callbacks.EarlyStopping(patience=50, restore_best_weights=True)
+    history = _val_loss_fit(
+        model,
+        train,
+        validation,
+        5,
+        [stopping],
+        refit_optimizer=lambda: keras.optimizers.Adam(3e-2),
+    )
+    best = stopping.best_weights
+    refit = history.fast_path["refit"]
+    assert refit == {"epochs": features.best_epochs(history), "examples": 48 + 24}
+    # Not the best-validation weights any more, and not the start either: retrained.
+    head = model.get_layer("predictions").get_weights()
+    assert not all(np.allclose(a, b) for a, b in zip(head, start, strict=True))
+    suffix_best = [np.asarray(w) for w in best[-2:]]
+    assert not all(np.allclose(a, b) for a, b in zip(head, suffix_best, strict=True))
+
+
+def test_refit_needs_validation_and_the_fast_path():
+    history = _val_loss_fit(
+        _model(), _dataset(), None, 2, refit_optimizer=lambda: keras.optimizers.Adam(1e-2)
+    )
+    assert "refit" not in history.fast_path

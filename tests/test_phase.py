@@ -8,6 +8,8 @@ import pytest
 
 import tlkeras
 from tlkeras import data as data_lib
+from tlkeras import features
+from tlkeras import phase as phase_lib
 from tlkeras.phase import (
     FEATURE_EXTRACTION,
     FULL,
@@ -67,6 +69,8 @@ def test_config_defaults_and_fine_tune_learning_rate():
         ({"class_weight": {0: -1.0}}, ValueError),
         ({"class_weight": [1.0, 2.0]}, TypeError),
         ({"fast": "yes"}, TypeError),
+        ({"converge_head": 1}, TypeError),
+        ({"refit": None}, TypeError),
     ],
 )
 def test_config_rejects_bad_values_with_expected_received(kwargs, error):
@@ -111,6 +115,18 @@ def test_plan_for_every_strategy(strategy, fine_tune_at, expected):
     assert [p.fast for p in phases] == [p.strategy in (FEATURE_EXTRACTION, PARTIAL) for p in phases]
 
 
+@pytest.mark.parametrize("converge_head", [True, False])
+@pytest.mark.parametrize("refit", [True, False])
+@pytest.mark.parametrize("strategy", [FEATURE_EXTRACTION, PARTIAL, FULL])
+def test_plan_converges_the_head_and_refits_only_a_last_head_phase(strategy, converge_head, refit):
+    config = TrainConfig(epochs=2, fine_tune_epochs=3, converge_head=converge_head, refit=refit)
+    head, *rest = plan_phases(strategy, -1 if strategy == PARTIAL else None, config)
+    assert head.converge is converge_head
+    # Refitting on validation data would bias the early stopping of a later phase.
+    assert head.refit is (refit and strategy == FEATURE_EXTRACTION)
+    assert all(not p.converge and not p.refit for p in rest)
+
+
 def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():
     (only,) = plan_phases(FULL, None, TrainConfig(epochs=0, fine_tune_epochs=4))
     assert (only.name, only.epochs) == ("fine-tuning", 4)
@@ -128,11 +144,12 @@ def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():
         ({"epochs": 0}, "epochs: expected an int >= 1, received 0"),
         ({"learning_rate": 0.0}, "learning_rate: expected a finite number > 0, received 0.0"),
         ({"weight_decay": -1.0}, "weight_decay: expected a finite number >= 0, received -1.0"),
+        ({"converge": "yes"}, "converge: expected a bool, received 'yes'"),
     ],
 )
 def test_phase_rejects_bad_values(kwargs, match):
     args = {"name": "p", "strategy": FULL, "fine_tune_at": None, "learning_rate": 1e-3, "epochs": 1}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         Phase(**{**args, **kwargs})
 
 
@@ -210,3 +227,32 @@ def test_run_phase_turns_a_nan_loss_into_loss_not_finite(digits):
     ):
         run_phase(model, phase, *_datasets(digits), callbacks=[keras.callbacks.TerminateOnNaN()])
     assert issubclass(LossNotFinite, ValueError)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_run_phase_converges_the_head_on_cached_features(digits, fast, monkeypatch):
+    monkeypatch.setattr(phase_lib, "CONVERGE_MAX_EPOCHS", 40)
+    monkeypatch.setattr(phase_lib, "CONVERGE_PATIENCE", 3)
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase("head", FEATURE_EXTRACTION, None, 3e-2, epochs=2, fast=fast, converge=True)
+    theirs = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
+    result = run_phase(model, phase, *_datasets(digits), callbacks=[theirs])
+    losses = result.history.history["val_loss"]
+    if not fast:  # images through the whole model: the budget is the phase's own
+        assert result.epochs_run <= 2
+        return
+    assert theirs.patience == 1  # the caller's callback is not changed; a copy converges
+    assert 2 < result.epochs_run <= 40
+    best = int(np.argmin(losses))
+    # Stopped because 3 epochs passed without improvement, or at the ceiling.
+    assert result.epochs_run == 40 or result.epochs_run == best + 1 + 3
+    assert result.refit is None  # not asked for
+
+
+def test_run_phase_refits_on_train_and_validation(digits):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase("head", FEATURE_EXTRACTION, None, 3e-2, epochs=3, fast=True, refit=True)
+    train, validation = _datasets(digits)
+    result = run_phase(model, phase, train, validation)
+    n = sum(int(y.shape[0]) for _, y in train) + sum(int(y.shape[0]) for _, y in validation)
+    assert result.refit == {"epochs": features.best_epochs(result.history), "examples": n}

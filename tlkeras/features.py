@@ -15,8 +15,9 @@ The mode that ran is logged and returned (``history.fast_path``).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -547,14 +548,75 @@ class SaveFullModel(keras.callbacks.ModelCheckpoint):
     ``EarlyStopping(restore_best_weights=True)`` works as is, but a checkpoint must save the
     full model. ``SaveFullModel(model, "best.keras", monitor="val_loss", save_best_only=True)``
     takes every ``ModelCheckpoint`` argument and ignores the model Keras hands it.
+
+    While a suffix trains on cached features an epoch costs less than saving the full model, so
+    the best weights are kept in memory and the full model is written once, when training ends
+    (a process killed mid-fit loses that phase's unsaved best, never a saved one). When Keras
+    trains the full model itself, every improvement is saved at once, as ``ModelCheckpoint`` does.
+    After each write, ``<filepath>.json`` records the monitored value of the saved model.
     """
 
     def __init__(self, full_model: keras.Model, filepath: str | Path, **kwargs: Any) -> None:
         super().__init__(str(filepath), **kwargs)
         self._full_model = full_model
+        self._trained: keras.Model | None = None
+        self._pending: tuple[str, list[np.ndarray], float | None, int] | None = None
 
     def set_model(self, model: keras.Model) -> None:
+        self._trained = model
         super().set_model(self._full_model)
+
+    @property
+    def defers(self) -> bool:
+        """Whether saves wait for the end of training (a suffix of the full model trains)."""
+        return self._trained is not None and self._trained is not self._full_model
+
+    def _save_model(self, epoch: int, batch: int | None, logs: dict | None) -> None:
+        if not self.defers:
+            before = self.best
+            super()._save_model(epoch, batch, logs)
+            if self.best != before or not self.save_best_only:
+                self._write_record(self._get_file_path(epoch, batch, logs), logs, epoch)
+            return
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            value = (logs or {}).get(self.monitor)
+            self._pending = (filepath, self._trained.get_weights(), value, epoch)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        super().on_train_end(logs)
+        if self._pending is None:
+            return
+        filepath, best, value, epoch = self._pending
+        self._pending = None
+        current = self._trained.get_weights()
+        self._trained.set_weights(best)
+        try:
+            self._full_model.save(filepath, overwrite=True)
+        finally:
+            self._trained.set_weights(current)
+        self._write_record(filepath, {self.monitor: value}, epoch)
+
+    def _write_record(self, filepath: str, logs: dict | None, epoch: int) -> None:
+        value = (logs or {}).get(self.monitor)
+        record = {
+            "monitor": self.monitor,
+            "value": None if value is None else float(value),
+            "epoch": int(epoch) + 1,
+        }
+        Path(f"{filepath}.json").write_text(json.dumps(record))
+
+
+def saved_value(filepath: str | Path) -> float | None:
+    """The monitored value ``SaveFullModel`` recorded for the model at ``filepath``, if any."""
+    record = Path(f"{filepath}.json")
+    if not Path(filepath).is_file() or not record.is_file():
+        return None
+    try:
+        value = json.loads(record.read_text()).get("value")
+    except (OSError, ValueError):
+        return None
+    return None if value is None else float(value)
 
 
 def fit_frozen(
@@ -573,6 +635,7 @@ def fit_frozen(
     seed: int = 0,
     verbose: int | str = 1,
     initial_epoch: int = 0,
+    refit_optimizer: Callable[[], Any] | None = None,
 ) -> keras.callbacks.History:
     """Train what trains in ``model`` on features its frozen prefix computes once.
 
@@ -585,6 +648,12 @@ def fit_frozen(
 
     Callbacks see the suffix model as ``self.model`` in the fast modes; use ``SaveFullModel`` to
     checkpoint. ``model`` is not compiled by the fast modes.
+
+    With ``refit_optimizer`` (a factory of fresh optimizers), a fast mode and validation data, the
+    fit above only chooses the epoch count: what trains is then reset to its weights before the
+    fit and retrained on train + validation (augmented views of both, when the model augments)
+    for the epoch of the best validation loss, without callbacks. Cached features make this cost
+    little; ``history.fast_path["refit"]`` says ``{"epochs", "examples"}``.
 
     Returns:
         The ``keras.callbacks.History`` of the fit.
@@ -619,6 +688,7 @@ def fit_frozen(
         val_in = cache_features(prefix, validation) if validation is not None else None
         extra = {"cache_seconds": round(time.perf_counter() - start, 3)}
 
+    initial = trained.get_weights() if refit_optimizer is not None else None
     trained.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
     history = trained.fit(
         train_in,
@@ -631,4 +701,77 @@ def fit_frozen(
         verbose=verbose,
     )
     history.fast_path = {**plan.to_dict(), **extra}
+    if initial is not None and plan.valid and validation is not None:
+        both = train_in.unbatch().concatenate(
+            cache_features(
+                prefix,
+                validation,
+                views=1 + plan.augment_views if augmentation is not None else 1,
+                augmentation=augmentation,
+                seed=seed + 1,
+            ).unbatch()
+        )
+        history.fast_path["refit"] = _refit(
+            trained,
+            initial,
+            both,
+            best_epochs(history, initial_epoch),
+            batch_size=_batch_size(train),
+            compile_args={"optimizer": refit_optimizer(), "loss": loss, "metrics": metrics},
+            class_weight=class_weight,
+            seed=seed,
+            verbose=verbose,
+        )
     return history
+
+
+def best_epochs(history: keras.callbacks.History, initial_epoch: int = 0) -> int:
+    """Epochs of the fit up to its lowest ``val_loss`` (all of them without one)."""
+    losses = history.history.get("val_loss") or []
+    finite = [(v, i) for i, v in enumerate(losses) if v is not None and np.isfinite(v)]
+    if not finite:
+        return max(1, len(history.history.get("loss", [])))
+    index = min(finite)[1]
+    epoch = history.epoch[index] if len(history.epoch) == len(losses) else index + initial_epoch
+    return max(1, int(epoch) - int(initial_epoch) + 1)
+
+
+def _batch_size(dataset: tf.data.Dataset) -> int:
+    images, _ = _split_element(next(iter(dataset)))
+    return int(tf.shape(images)[0])
+
+
+def _refit(
+    trained: keras.Model,
+    initial: list[np.ndarray],
+    examples: tf.data.Dataset,
+    epochs: int,
+    *,
+    batch_size: int,
+    compile_args: dict[str, Any],
+    class_weight: dict[int, float] | None,
+    seed: int,
+    verbose: int | str,
+) -> dict[str, int]:
+    """Retrain ``trained`` from ``initial`` on every example (unbatched) for ``epochs`` epochs."""
+    n = int(examples.reduce(0, lambda count, _: count + 1))
+    data = examples.shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if verbose:
+        print(
+            f"refit: retraining from the phase's start on train + validation ({n} examples) "
+            f"for {epochs} epochs, the best validation epoch",
+            flush=True,
+        )
+    trained.set_weights(initial)
+    trained.compile(**{**compile_args, "metrics": list(compile_args.get("metrics") or [])})
+    steps = -(-n // batch_size)
+    trained.fit(
+        data.repeat().prefetch(tf.data.AUTOTUNE),
+        steps_per_epoch=steps,  # the concatenation's length is unknown to Keras
+        epochs=epochs,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+        class_weight=class_weight,
+        shuffle=False,
+        verbose=0,
+    )
+    return {"epochs": int(epochs), "examples": n}

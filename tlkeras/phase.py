@@ -15,6 +15,7 @@ source-task pre-training (``tlkeras.weights``) all call it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -36,6 +37,9 @@ from tlkeras.task import infer, loss_for, metrics_for
 SCRATCH, FEATURE_EXTRACTION = Strategy.SCRATCH.value, Strategy.FEATURE_EXTRACTION.value
 PARTIAL, FULL = Strategy.PARTIAL.value, Strategy.FULL.value
 HEAD_WARM_UP, FINE_TUNING = "head warm-up", "fine-tuning"
+# The head's convergence rule on cached features (TrainConfig.converge_head).
+CONVERGE_MAX_EPOCHS = 300
+CONVERGE_PATIENCE = 20
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -79,6 +83,13 @@ class TrainConfig:
         fast: train on features of the frozen prefix computed once, when that is valid: the head
             warm-up (the whole backbone frozen) and ``partial`` fine-tuning (cached at block
             ``fine_tune_at``: the frozen blocks are not recomputed every epoch).
+        converge_head: on cached features an epoch of the head costs milliseconds, so the head
+            warm-up trains to convergence there: until the validation loss has not improved for
+            ``CONVERGE_PATIENCE`` epochs (at most ``CONVERGE_MAX_EPOCHS``), whatever ``epochs``
+            and ``early_stopping_patience`` say. ``False``: exactly the budget above.
+        refit: when the head warm-up is the last phase (``feature_extraction``) and ran on cached
+            features, retrain the head from its initial weights on train + validation for the
+            epoch count validation chose (the test split stays unseen).
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``).
     """
 
@@ -93,6 +104,8 @@ class TrainConfig:
     early_stopping_patience: int = 3
     reduce_lr_on_plateau: bool = False
     fast: bool = True
+    converge_head: bool = True
+    refit: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,7 +130,7 @@ class TrainConfig:
         _check_class_weight(self.class_weight)
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         _check_int("seed", self.seed, 0)
-        for name in ("reduce_lr_on_plateau", "fast"):
+        for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"TrainConfig.{name}: expected a bool, received {getattr(self, name)!r}"
@@ -167,6 +180,11 @@ class Phase:
         epochs: the phase's epoch budget (early stopping may end it sooner).
         fast: train on cached features of the frozen prefix when that is valid
             (``tlkeras.features.fast_path_plan``); never under ``tf.distribute``.
+        converge: on the fast path with validation data, train until the validation loss has not
+            improved for ``CONVERGE_PATIENCE`` epochs, at most ``max(epochs,
+            CONVERGE_MAX_EPOCHS)`` (an ``EarlyStopping`` among the callbacks gets that patience).
+        refit: on the fast path with validation data, then retrain what trains from its initial
+            weights on train + validation for the best epoch count.
     """
 
     name: str
@@ -176,9 +194,14 @@ class Phase:
     epochs: int
     weight_decay: float = 0.0
     fast: bool = False
+    converge: bool = False
+    refit: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy).value)
+        for name in ("fast", "converge", "refit"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Phase.{name}: expected a bool, received {getattr(self, name)!r}")
         if self.fine_tune_at is not None and self.strategy != PARTIAL:
             raise ValueError(
                 f"Phase.fine_tune_at: expected None unless strategy='partial', received "
@@ -238,6 +261,9 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
                 config.epochs,
                 decay,
                 fast=config.fast,
+                converge=config.converge_head,
+                # Refitting on validation is only honest when no later phase early-stops on it.
+                refit=config.refit and strategy == FEATURE_EXTRACTION,
             )
         )
     if strategy in (PARTIAL, FULL) and config.fine_tune_epochs > 0:
@@ -286,6 +312,8 @@ class PhaseResult:
         fast_path: the fast path's mode when it trained the phase, else ``None``.
         note: why the fast path ran or did not (``"off"`` when the phase did not ask for it).
         seconds: wall time of the fit, feature caching included.
+        refit: ``{"epochs", "examples"}`` when the phase refit on train + validation, else ``None``
+            (the model then holds the refit weights, not the best-validation ones).
     """
 
     history: keras.callbacks.History
@@ -294,6 +322,7 @@ class PhaseResult:
     fast_path: str | None
     note: str
     seconds: float
+    refit: dict[str, int] | None = None
 
 
 def trainable_params(model: keras.Model) -> int:
@@ -312,6 +341,27 @@ def _fast_plan(model: keras.Model, phase: Phase) -> tuple[bool, str]:
     except (ValueError, TypeError) as e:
         return False, f"not valid ({e})"
     return (True, plan.mode) if plan.valid else (False, plan.reason)
+
+
+def _converging(
+    phase: Phase, callbacks: Sequence[keras.callbacks.Callback], monitor: str
+) -> tuple[int, list[keras.callbacks.Callback]]:
+    """The epoch budget and callbacks of a phase trained to convergence (``Phase.converge``)."""
+    out, stopping = [], False
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.EarlyStopping):
+            # A copy: the caller's callback keeps its own patience for other phases.
+            callback = copy.copy(callback)
+            callback.patience = max(callback.patience, CONVERGE_PATIENCE)
+            stopping = True
+        out.append(callback)
+    if not stopping:
+        out.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=CONVERGE_PATIENCE, restore_best_weights=True
+            )
+        )
+    return max(phase.epochs, CONVERGE_MAX_EPOCHS), out
 
 
 def _check_finite(history: keras.callbacks.History, title: str, phase: Phase) -> None:
@@ -349,7 +399,9 @@ def run_phase(
         phase: what trains, at which learning rate, for how long.
         train, validation: batched ``(image, label)`` datasets, labels encoded for the task.
         callbacks: passed to Keras (on the fast path they see the trained suffix; see
-            ``tlkeras.features.SaveFullModel``).
+            ``tlkeras.features.SaveFullModel``). A phase that converges (``Phase.converge``, on
+            the fast path with validation) uses a copy of their ``EarlyStopping`` with the
+            convergence patience, or adds one.
         label_smoothing, class_weight: for the loss.
         initial_epoch: epochs already run in earlier phases (the epoch numbers continue).
         train_bn: let BatchNorm layers of trainable blocks update their statistics.
@@ -381,11 +433,14 @@ def run_phase(
     model._initial_epoch = None  # a stale value from an earlier fit would skip epochs
     started = time.perf_counter()
     if fast:
+        epochs, callbacks = phase.epochs, list(callbacks)
+        if phase.converge and validation is not None:
+            epochs, callbacks = _converging(phase, callbacks, "val_loss")
         history = features.fit_frozen(
             model,
             train,
             validation,
-            epochs=phase.epochs,
+            epochs=epochs,
             optimizer=optimizer,
             loss=loss,
             metrics=metrics,
@@ -395,6 +450,7 @@ def run_phase(
             seed=seed,
             verbose=verbose,
             initial_epoch=initial_epoch,
+            refit_optimizer=phase.optimizer if phase.refit else None,
         )
     else:
         with scope.scope():
@@ -420,6 +476,7 @@ def run_phase(
         fast_path=note if fast else None,
         note=note,
         seconds=seconds,
+        refit=getattr(history, "fast_path", {}).get("refit"),
     )
 
 

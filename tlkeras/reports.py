@@ -246,6 +246,12 @@ def summary_text(metrics: Mapping[str, Any], *, max_classes: int = 20) -> str:
             f"trainable params {phase['trainable_params']:,}, "
             f"{phase['wall_time_s']:.1f} s"
             + (f", fast path: {phase['fast_path']}" if phase.get("fast_path") else "")
+            + (
+                f", refit on train + validation ({phase['refit']['examples']} examples, "
+                f"{phase['refit']['epochs']} epochs)"
+                if phase.get("refit")
+                else ""
+            )
         )
     test = metrics
     if "accuracy" in test:

@@ -5,7 +5,9 @@ One run directory (``run_dir``) holds everything needed to resume or audit a run
     run_state.json              configuration fingerprint, status (running/done/failed), per-phase progress
     backup/phase{N}/            Keras BackupAndRestore (the latest and the previous epoch)
     phase{N}.weights.h5         the weights at the end of each phase (phase N+1 starts from them)
-    model.keras                 the best model so far by validation loss (the final model)
+    model.keras                 the best model so far by validation loss (the final model; after a
+                                refit on train + validation, the refit model)
+    model.keras.json            the monitored value of model.keras (a resumed phase must beat it)
     history_phase{N}.csv        per epoch, as written; history.json / history.csv merged
     history.png, confusion.png  curves with the phase boundary; the test confusion matrix
     metrics.json                test-split metrics, data counts, skipped files, phases

@@ -164,7 +164,13 @@ def _tensorboard_available() -> bool:
 
 
 def _best_so_far(run_dir: Path, number: int, monitor: str) -> float | None:
-    """The best ``monitor`` value of the phases so far (a resumed phase must beat it to save)."""
+    """The monitored value of the saved best model (a resumed phase must beat it to save)."""
+    if not (run_dir / BEST_MODEL).is_file():
+        return None  # nothing saved yet (a deferred save may have died with its process)
+    saved = features.saved_value(run_dir / BEST_MODEL)
+    if saved is not None:
+        return saved
+    # No record of the saved value (refit model, or an older run directory): the logs' best.
     return min(
         (
             r[monitor]
@@ -357,6 +363,10 @@ def _run_one_phase(
         state["status"] = "failed"
         write_state(run_dir, state)
         raise
+    if result.refit:
+        # The refit model is the final one (it has no held-out validation loss of its own).
+        model.save(run_dir / BEST_MODEL, overwrite=True)
+        Path(f"{run_dir / BEST_MODEL}.json").unlink(missing_ok=True)
     rows = read_phase_csv(run_dir / phase_csv(number))
     earlier = state["phases"].get(str(number), {})
     return {
@@ -372,6 +382,7 @@ def _run_one_phase(
         "trainable_params": result.trainable_params,
         "wall_time_s": float(earlier.get("wall_time_s", 0.0)) + result.seconds,
         "fast_path": result.fast_path,
+        "refit": result.refit,
         "done": True,
     }
 
