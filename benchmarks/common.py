@@ -98,18 +98,7 @@ def make_split(config: BenchConfig, out_dir: str | Path) -> dict[str, dict[str, 
     """
     from sklearn.model_selection import train_test_split
 
-    root = Path(config.data)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(path)
-                labels.append(label)
-    if len(classes) < 2 or not files:
-        raise ValueError(
-            f"data: expected at least 2 class folders of images, received {classes} in {root}"
-        )
+    classes, files, labels = _listing(config.data)
     rest, test = train_test_split(
         list(range(len(files))),
         test_size=config.test_split,
@@ -131,6 +120,49 @@ def make_split(config: BenchConfig, out_dir: str | Path) -> dict[str, dict[str, 
         for i in indices:
             name = classes[labels[i]]
             shutil.copyfile(files[i], out_dir / split / name / files[i].name)
+            counts[split][name] += 1
+    return counts
+
+
+def _listing(data: str | Path) -> tuple[list[str], list[Path], list[int]]:
+    """``(class names, image files, labels)`` of a folder with one subfolder per class."""
+    root = Path(data)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+                labels.append(label)
+    if len(classes) < 2 or not files:
+        raise ValueError(
+            f"data: expected at least 2 class folders of images, received {classes} in {root}"
+        )
+    return classes, files, labels
+
+
+def make_holdout(
+    data: str | Path, test_split: float, seed: int, out_dir: str | Path
+) -> dict[str, dict[str, int]]:
+    """Copy ``data`` into ``out_dir/{pool,test}/<class>/``: one stratified held-out test part.
+
+    Each contender gets ``pool`` and splits off its own validation data, as a user would; ``test``
+    is only for scoring the exports. Returns ``split -> class -> count``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    classes, files, labels = _listing(data)
+    pool, test = train_test_split(
+        list(range(len(files))), test_size=test_split, random_state=seed, stratify=labels
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for split, indices in (("pool", pool), ("test", test)):
+        counts[split] = dict.fromkeys(classes, 0)
+        for name in classes:
+            (Path(out_dir) / split / name).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            name = classes[labels[i]]
+            shutil.copyfile(files[i], Path(out_dir) / split / name / files[i].name)
             counts[split][name] += 1
     return counts
 

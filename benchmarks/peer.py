@@ -40,6 +40,60 @@ def _accuracy(model: keras.Model, ds: tf.data.Dataset) -> float:
     return float(np.mean((logits > 0) == (labels == 1)))
 
 
+def guide_model(config: BenchConfig) -> tuple[keras.Model, keras.Model]:
+    """The guide's classifier and its frozen base: augmentation → preprocess → base → GAP →
+    Dropout(0.2) → Dense(1) logit."""
+    size = (config.image_size, config.image_size)
+    data_augmentation = keras.Sequential(
+        [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.1)]
+    )
+    base_model = keras.applications.MobileNet(
+        alpha=config.alpha,
+        weights=config.weights,
+        input_shape=(*size, 3),
+        include_top=False,
+    )
+    base_model.trainable = False
+
+    inputs = keras.Input(shape=(*size, 3))
+    x = data_augmentation(inputs)
+    x = keras.applications.mobilenet.preprocess_input(x)
+    # The guide: "we make sure that the base_model is running in inference mode here".
+    x = base_model(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(1)(x)
+    return keras.Model(inputs, outputs), base_model
+
+
+def guide_fit(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    validation_ds: tf.data.Dataset,
+    learning_rate: float,
+    epochs: int,
+    patience: int,
+) -> tuple[keras.callbacks.History, float]:
+    """The guide's compile + fit, as it does it before and after unfreezing; (history, s)."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[keras.metrics.BinaryAccuracy()],
+    )
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True
+    )
+    t0 = time.perf_counter()
+    history = model.fit(
+        train_ds,
+        epochs=epochs,
+        validation_data=validation_ds,
+        callbacks=[stopping] if patience else [],
+        verbose=0,
+    )
+    return history, time.perf_counter() - t0
+
+
 def run(config: BenchConfig, split_dir: str | Path, seed: int) -> dict[str, Any]:
     """Train the guide's model on ``split_dir/{train,val}``, score it on ``split_dir/test``.
 
@@ -64,48 +118,10 @@ def run(config: BenchConfig, split_dir: str | Path, seed: int) -> dict[str, Any]
     validation_ds = dataset("val", shuffle=False).cache().prefetch(tf.data.AUTOTUNE)
     test_ds = dataset("test", shuffle=False).cache().prefetch(tf.data.AUTOTUNE)
 
-    data_augmentation = keras.Sequential(
-        [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.1)]
-    )
-    base_model = keras.applications.MobileNet(
-        alpha=config.alpha,
-        weights=config.weights,
-        input_shape=(*size, 3),
-        include_top=False,
-    )
-    base_model.trainable = False
-
-    inputs = keras.Input(shape=(*size, 3))
-    x = data_augmentation(inputs)
-    x = keras.applications.mobilenet.preprocess_input(x)
-    # The guide: "we make sure that the base_model is running in inference mode here".
-    x = base_model(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    outputs = keras.layers.Dense(1)(x)
-    model = keras.Model(inputs, outputs)
-
-    def early_stopping() -> keras.callbacks.EarlyStopping:
-        return keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True
-        )
+    model, base_model = guide_model(config)
 
     def compile_and_fit(learning_rate: float, epochs: int):
-        """The guide's compile + fit, as it does it before and after unfreezing; (history, s)."""
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
-            loss=keras.losses.BinaryCrossentropy(from_logits=True),
-            metrics=[keras.metrics.BinaryAccuracy()],
-        )
-        t0 = time.perf_counter()
-        history = model.fit(
-            train_ds,
-            epochs=epochs,
-            validation_data=validation_ds,
-            callbacks=[early_stopping()] if config.patience else [],
-            verbose=0,
-        )
-        return history, time.perf_counter() - t0
+        return guide_fit(model, train_ds, validation_ds, learning_rate, epochs, config.patience)
 
     frozen, frozen_s = compile_and_fit(1e-3, config.epochs)
     frozen_accuracy = _accuracy(model, test_ds)

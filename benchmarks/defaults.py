@@ -1,0 +1,345 @@
+"""Defaults vs the plain recipe, as a user meets them: whole process, python start → verified export.
+
+    python benchmarks/defaults.py                                    # ants/bees, 3 seeds
+    python benchmarks/defaults.py --data=../shared/data/cats_dogs/train --seeds=1 \\
+        --strategies=feature_extraction
+
+The data is split once into a ``pool`` and a held-out ``test`` part (``common.make_holdout``,
+stratified, split seed 0). For every strategy and seed, two contenders run back to back, each as
+its own fresh ``python`` process given only the pool (each splits off its own validation data):
+
+- ``recipe``: the Keras "Transfer learning & fine-tuning" guide (``peer.guide_model``/``guide_fit``:
+  flip + rotation, frozen MobileNet, GAP, Dropout(0.2), Dense(1) logit, Adam 1e-3 then 1e-5,
+  EarlyStopping(patience 3) on a ``validation_split=0.2`` of the pool), then ``model.export`` and a
+  reload that checks the SavedModel against the model;
+- ``tlkeras``: ``scripts/train.py --strategy=S`` with its defaults (``--test_split=0``: the held-out
+  part lives here; ``--image_size``/``--weights`` name the shared MobileNet(0.25) file), which
+  exports and verifies the SavedModel in a fresh process.
+
+The wall time is the contender's process, start to exit. Afterwards a scorer process loads each
+export and scores its float signature on the test part (never trained or early-stopped on). A
+``probe`` process fits a logistic regression to convergence (``LogisticRegressionCV``) on the
+frozen MobileNet features of the pool: the ceiling of a linear head on these features. Writes the
+``defaults_<data>`` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+from common import REPO, BenchConfig, machine, make_holdout, write_result, write_section
+
+HERE = Path(__file__).resolve().parent
+CONTENDERS = ("recipe", "tlkeras")
+STRATEGIES = ("feature_extraction", "partial", "full")
+_B = BenchConfig()
+
+flags.DEFINE_string("data", _B.data, "Folder with one subfolder per class.")
+flags.DEFINE_string("weights", _B.weights, "MobileNet(alpha=0.25) no-top weights file.")
+flags.DEFINE_integer("seeds", 3, "Training seeds 0..N-1.")
+flags.DEFINE_list("strategies", ["feature_extraction", "full"], f"Some of {STRATEGIES}.")
+flags.DEFINE_float("test_split", 0.3, "Fraction of --data held out for scoring the exports.")
+flags.DEFINE_integer("image_size", _B.image_size, "Square image size.")
+flags.DEFINE_list("tlkeras_flags", [], "Extra scripts/train.py flags, e.g. --epochs=5.")
+flags.DEFINE_string("output", str(REPO / "BENCHMARKS.md"), "Report to update; '' to skip.")
+flags.DEFINE_enum("worker", None, ["recipe", "score", "probe"], "Internal: one worker.")
+flags.DEFINE_string("job", None, "Internal: the worker's job file (JSON).")
+FLAGS = flags.FLAGS
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (each in its own process)
+
+
+def _recipe(job: dict[str, Any]) -> dict[str, Any]:
+    """The guide's recipe on the pool, exported and checked; what a user of the guide writes."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from peer import guide_fit, guide_model
+
+    config = BenchConfig.from_dict(job["config"])
+    keras.utils.set_random_seed(job["seed"])
+    train_ds, validation_ds = keras.utils.image_dataset_from_directory(
+        job["pool"],
+        image_size=(config.image_size, config.image_size),
+        batch_size=config.batch_size,
+        validation_split=0.2,
+        subset="both",
+        seed=job["seed"],
+        verbose=False,
+    )
+    train_ds = train_ds.cache().prefetch(tf.data.AUTOTUNE)
+    validation_ds = validation_ds.cache().prefetch(tf.data.AUTOTUNE)
+    model, base_model = guide_model(config)
+    phases = [guide_fit(model, train_ds, validation_ds, 1e-3, config.epochs, config.patience)]
+    if job["strategy"] != "feature_extraction":
+        base_model.trainable = True  # the guide unfreezes the whole base ("full")
+        phases.append(
+            guide_fit(
+                model, train_ds, validation_ds, 1e-5, config.fine_tune_epochs, config.patience
+            )
+        )
+    model.export(job["export_dir"], verbose=False)
+    # The check a careful user adds: the reloaded SavedModel computes what the model computes.
+    images = next(iter(validation_ds))[0]
+    reloaded = tf.saved_model.load(job["export_dir"])
+    diff = np.max(np.abs(reloaded.serve(images).numpy() - model(images, training=False).numpy()))
+    if diff > 1e-4:
+        raise SystemExit(f"recipe export differs from the model by {diff}")
+    return {
+        "phase_s": [round(s, 2) for _, s in phases],
+        "epochs": [len(h.history["loss"]) for h, _ in phases],
+    }
+
+
+def _test_images(test_dir: str, size: int) -> tuple[Any, Any, list[str]]:
+    import keras
+    import numpy as np
+
+    ds = keras.utils.image_dataset_from_directory(
+        test_dir, image_size=(size, size), batch_size=64, shuffle=False, verbose=False
+    )
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
+    return np.concatenate(xs), np.concatenate(ys), list(ds.class_names)
+
+
+def _score(job: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy of each export's float signature (raw 0-255 pixels)."""
+    import numpy as np
+    import tensorflow as tf
+
+    x, y, classes = _test_images(job["test"], job["image_size"])
+    out = {}
+    for name, path in job["exports"].items():
+        loaded = tf.saved_model.load(path)
+        if "serving_float" in loaded.signatures:  # tlkeras: probabilities, its own class order
+            outputs = loaded.signatures["serving_float"](images=tf.constant(x))
+            probs = np.asarray(outputs["probabilities"])
+            labels_file = Path(path) / "assets.extra" / "labels.txt"
+            names = labels_file.read_text().splitlines() if labels_file.is_file() else classes
+            index = [names.index(c) for c in classes]  # test class i -> export column
+            if probs.shape[1] == 1:
+                predicted = (probs[:, 0] > 0.5).astype(int)
+                predicted = np.array([classes.index(names[p]) for p in predicted])
+            else:
+                predicted = np.argmax(probs[:, index], axis=1)
+        else:  # the recipe: one logit, classes in folder order
+            logits = np.asarray(loaded.serve(tf.constant(x)))[:, 0]
+            predicted = (logits > 0).astype(int)
+        out[name] = float(np.mean(predicted == y))
+    return {"accuracy": out, "test_images": int(len(y))}
+
+
+def _probe(job: dict[str, Any]) -> dict[str, Any]:
+    """A logistic regression fit to convergence on frozen MobileNet features of the pool."""
+    import keras
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    config = BenchConfig.from_dict(job["config"])
+    size = config.image_size
+    base = keras.applications.MobileNet(
+        alpha=config.alpha,
+        weights=config.weights,
+        input_shape=(size, size, 3),
+        include_top=False,
+        pooling="avg",
+    )
+
+    def features(folder: str) -> tuple[Any, Any]:
+        x, y, _ = _test_images(folder, size)
+        pre = keras.applications.mobilenet.preprocess_input(x)
+        return base.predict(pre, batch_size=64, verbose=0), y
+
+    fx, fy = features(job["pool"])
+    tx, ty = features(job["test"])
+    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=5, max_iter=5000))
+    probe.fit(fx, fy)
+    return {"accuracy": float(np.mean(probe.predict(tx) == ty))}
+
+
+def _worker(name: str, job_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    result = {"recipe": _recipe, "score": _score, "probe": _probe}[name](job)
+    write_result(job["result"], result)
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: spawn, time, score, report
+
+
+def _timed(command: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"{command[:3]} failed ({done.returncode}):\n" + "\n".join(tail))
+    return seconds
+
+
+def _spawn_worker(name: str, job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
+    job = {**job, "result": str(work / f"{tag}.json")}
+    (work / f"{tag}.job.json").write_text(json.dumps(job))
+    command = [sys.executable, str(HERE / "defaults.py"), f"--worker={name}"]
+    seconds = _timed(command + [f"--job={work / f'{tag}.job.json'}"], work / f"{tag}.log")
+    return seconds, json.loads((work / f"{tag}.json").read_text())
+
+
+def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
+    config = BenchConfig.from_dict(job["config"])
+    run_dir = work / f"{tag}_run"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        f"--data={job['pool']}",
+        f"--strategy={job['strategy']}",
+        f"--seed={job['seed']}",
+        "--backbone=MobileNet",
+        f"--backbone_kwargs=alpha={config.alpha}",
+        f"--weights={config.weights}",
+        f"--image_size={config.image_size}",
+        "--test_split=0",
+        f"--output_dir={run_dir}",
+        f"--export_dir={work / tag}",
+        "--model_name=model",
+        *job["tlkeras_flags"],
+    ]
+    seconds = _timed(command, work / f"{tag}.log")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    phases = metrics["phases"]
+    return seconds, {
+        "phase_s": [round(p["wall_time_s"], 2) for p in phases],
+        "epochs": [p["epochs_run"] for p in phases],
+        "refit": [p.get("refit") for p in phases],
+        "export_dir": str(work / tag / "model" / "1"),
+    }
+
+
+def _pm(values: list[float], fmt: str = "{:.1f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def report(
+    runs: dict[str, dict[str, list[dict]]],
+    probe: float,
+    counts: dict[str, dict[str, int]],
+    data: str,
+    extra_flags: list[str],
+) -> str:
+    info = machine()
+    seeds = len(next(iter(next(iter(runs.values())).values())))
+    lines = [
+        f"### Defaults vs the guide's recipe, whole process: `{Path(data).parent.name}`",
+        "",
+        f"Generated by `python benchmarks/defaults.py --data={data} --seeds={seeds}"
+        + (f" --tlkeras_flags={','.join(extra_flags)}" if extra_flags else "")
+        + f"` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {info['cores']} cores, "
+        f"load average at the start {info.get('load_average')}. Pool "
+        f"{sum(counts['pool'].values())} images (each contender splits its own validation part), "
+        f"held-out test {sum(counts['test'].values())} images "
+        f"({', '.join(f'{k} {v}' for k, v in counts['test'].items())}); seeds 0–{seeds - 1}. "
+        "Wall time: the contender's whole process, interpreter start to a verified export.",
+        "",
+        "| strategy | contender | process s | training phases s | epochs | test accuracy "
+        "| recipe ÷ tlkeras time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for strategy, by in runs.items():
+        ratios = [
+            r["seconds"] / t["seconds"] for r, t in zip(by["recipe"], by["tlkeras"], strict=True)
+        ]
+        for name in CONTENDERS:
+            rs = by[name]
+            phase_s = " + ".join(
+                _pm([r["phase_s"][i] for r in rs]) for i in range(len(rs[0]["phase_s"]))
+            )
+            epochs = "/".join("+".join(str(e) for e in r["epochs"]) for r in rs)
+            refit = next((f for f in rs[0].get("refit") or [] if f), None)
+            if refit:
+                epochs += f" (refit {refit['epochs']} on {refit['examples']})"
+            ratio = f"{_pm(ratios)}×" if name == "tlkeras" else "1.0×"
+            accuracy = _pm([100 * r["accuracy"] for r in rs]) + " %"
+            lines.append(
+                f"| {strategy} | {name} | {_pm([r['seconds'] for r in rs])} | {phase_s} "
+                f"| {epochs} | {accuracy} | {ratio} |"
+            )
+    lines += [
+        "",
+        f"Logistic regression fit to convergence on the frozen features of the pool "
+        f"(`LogisticRegressionCV`, 5-fold, standardised): {100 * probe:.1f} % on the same test "
+        "part.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if FLAGS.worker:
+        _worker(FLAGS.worker, FLAGS.job)
+        return
+    bad = [s for s in FLAGS.strategies if s not in STRATEGIES]
+    if bad:
+        raise SystemExit(f"--strategies: expected some of {STRATEGIES}, received {bad}")
+    config = BenchConfig(data=FLAGS.data, weights=FLAGS.weights, image_size=FLAGS.image_size)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tlkeras_bench_defaults_") as tmp:
+        work = Path(tmp)
+        counts = make_holdout(config.data, FLAGS.test_split, 0, work / "split")
+        base = {
+            "config": config.to_dict(),
+            "pool": str(work / "split" / "pool"),
+            "test": str(work / "split" / "test"),
+            "tlkeras_flags": list(FLAGS.tlkeras_flags),
+        }
+        runs: dict[str, dict[str, list[dict]]] = {}
+        for strategy in FLAGS.strategies:
+            runs[strategy] = {name: [] for name in CONTENDERS}
+            for seed in range(FLAGS.seeds):
+                job = {**base, "strategy": strategy, "seed": seed}
+                tag = f"{strategy}_{seed}"
+                export = str(work / f"recipe_{tag}")
+                seconds, result = _spawn_worker(
+                    "recipe", {**job, "export_dir": export}, work, f"recipe_{tag}"
+                )
+                runs[strategy]["recipe"].append({**result, "seconds": seconds, "export": export})
+                seconds, result = _tlkeras(job, work, f"tlkeras_{tag}")
+                runs[strategy]["tlkeras"].append(
+                    {**result, "seconds": seconds, "export": result["export_dir"]}
+                )
+                _, scores = _spawn_worker(
+                    "score",
+                    {
+                        **job,
+                        "image_size": config.image_size,
+                        "exports": {n: runs[strategy][n][-1]["export"] for n in CONTENDERS},
+                    },
+                    work,
+                    f"score_{tag}",
+                )
+                for name in CONTENDERS:
+                    runs[strategy][name][-1]["accuracy"] = scores["accuracy"][name]
+                    print(strategy, seed, name, json.dumps(runs[strategy][name][-1]), flush=True)
+        _, probe = _spawn_worker("probe", base, work, "probe")
+    text = report(runs, probe["accuracy"], counts, FLAGS.data, list(FLAGS.tlkeras_flags))
+    print(text)
+    print(f"({time.perf_counter() - started:.0f} s)")
+    if FLAGS.output:
+        write_section(FLAGS.output, f"defaults_{Path(FLAGS.data).parent.name}", text)
+
+
+if __name__ == "__main__":
+    app.run(main)
