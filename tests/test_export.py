@@ -194,6 +194,33 @@ def test_verification_catches_a_model_that_does_not_match(tmp_path):
         verify.verify_export(result.path, tiny_model(seed=1), jpegs(2))
 
 
+def test_a_pre_started_verifier_checks_the_export_and_is_consumed(tmp_path):
+    model = tiny_model(seed=0)
+    result = savedmodel.export(model, "m", base_dir=tmp_path, class_names=["a", "b", "c"])
+    assert result.verification["ok"]  # export() pre-starts its verifier
+    process = verify.start_verifier()
+    report = verify.verify_export(result.path, model, jpegs(2), process=process)
+    assert report["ok"] and report["num_images"] == 2 and process.returncode == 0
+    # A verifier whose export failed before handing over work ends quietly on an empty line.
+    idle = verify.start_verifier()
+    assert idle.communicate("", timeout=120)[0] == "" and idle.returncode == 0
+
+
+def test_an_export_that_fails_leaves_no_verifier_behind(tmp_path, monkeypatch):
+    started = []
+    real = savedmodel.start_verifier
+    monkeypatch.setattr(savedmodel, "start_verifier", lambda: started.append(real()) or started[-1])
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(savedmodel, "write_warmup_requests", broken)
+    with pytest.raises(OSError, match="disk full"):
+        savedmodel.export(tiny_model(), "m", base_dir=tmp_path, class_names=["a", "b", "c"])
+    assert len(started) == 1 and started[0].poll() is not None
+    assert not any((tmp_path / "m").iterdir())
+
+
 # --------------------------------------------------------------------------------------------------
 # Versions: next free number, never overwritten unless asked, atomic.
 

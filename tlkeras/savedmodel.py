@@ -53,7 +53,7 @@ from tlkeras.signatures import (  # noqa: E402
     build_archive,
     input_size,
 )
-from tlkeras.verify import verify_export  # noqa: E402
+from tlkeras.verify import start_verifier, verify_export  # noqa: E402
 
 _TMP_PREFIX = ".tmp-export-"
 
@@ -271,6 +271,8 @@ def export(
         )
 
     tmp = model_dir / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # The verifying process imports TensorFlow while this one writes the SavedModel.
+    verifier = start_verifier() if verify else None
     try:
         build_archive(model, class_names, head, top_k).write_out(str(tmp), verbose=False)
         extra = tmp / ASSETS_EXTRA
@@ -279,7 +281,7 @@ def export(
         write_warmup_requests(extra / WARMUP_FILE, model_name, images)
         doc = _metadata(model, model_name, version, head, class_names, top_k, metadata)
         report = (
-            verify_export(tmp, model, images, head=head, class_names=class_names)
+            verify_export(tmp, model, images, head=head, class_names=class_names, process=verifier)
             if verify
             else None
         )
@@ -289,6 +291,9 @@ def export(
         )
         _move_into_place(tmp, final, overwrite)
     finally:
+        if verifier is not None and verifier.poll() is None:  # the export failed before verifying
+            verifier.kill()
+            verifier.wait()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(

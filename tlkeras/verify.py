@@ -4,6 +4,10 @@
 model's probabilities to a work directory, then runs ``python -m tlkeras.verify --verify
 SAVED_MODEL_DIR WORK_DIR``; that child reloads the SavedModel with ``tf.saved_model.load`` only and
 checks signature names, dtypes, shapes and outputs against them (``_check_in_this_process``).
+
+Importing TensorFlow costs the child seconds, so ``start_verifier`` can start it (``--wait``: import,
+then read ``SAVED_MODEL_DIR WORK_DIR`` as one JSON line on stdin) while the export is still being
+written; ``verify_export(..., process=...)`` hands it the work.
 """
 
 from __future__ import annotations
@@ -47,6 +51,29 @@ class ExportVerificationError(RuntimeError):
     """The reloaded SavedModel does not match the in-memory Keras model."""
 
 
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def start_verifier() -> subprocess.Popen:
+    """A fresh Python process that imports TensorFlow now and waits for ``verify_export``'s work.
+
+    Kill it (``process.kill()``) if the export fails before handing it over.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "tlkeras.verify", "--wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+    )
+
+
 def verify_export(
     path: str | Path,
     model: Any,
@@ -55,13 +82,15 @@ def verify_export(
     head: _Head | None = None,
     class_names: Sequence[str] | None = None,
     timeout: float = 600,
+    process: subprocess.Popen | None = None,
 ) -> dict[str, Any]:
     """Reload ``path`` in a fresh Python process and compare it with the in-memory ``model``.
 
     Checks the signature names, input/output dtypes and shapes, the float signature against
     ``model.predict`` (max abs difference ≤ 1e-5) and the bytes signature against the training
     pipeline's own decoding of ``images`` followed by the model. Returns the child's report;
-    raises ``ExportVerificationError`` on any mismatch.
+    raises ``ExportVerificationError`` on any mismatch. ``process``: a ``start_verifier`` child
+    to use instead of starting one (it is consumed either way).
     """
     path = Path(path)
     images = [bytes(b) for b in images]
@@ -91,21 +120,20 @@ def verify_export(
             ),
             encoding="utf-8",
         )
-        env = dict(os.environ)
-        pkg_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        proc = subprocess.run(
-            [sys.executable, "-m", "tlkeras.verify", "--verify", str(path), str(work)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if process is None:
+            process = start_verifier()
+        try:
+            stdout, stderr = process.communicate(
+                json.dumps([str(path), str(work)]) + "\n", timeout=timeout
+            )
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if not lines:
         raise ExportVerificationError(
-            f"verification process failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            f"verification process failed (exit {process.returncode}): {stderr.strip()[-2000:]}"
         )
     report = json.loads(lines[-1])
     if not report.get("ok"):
@@ -195,8 +223,16 @@ def _check_in_this_process(path: Path, work: Path) -> dict[str, Any]:
 
 
 def _main(argv: list[str]) -> int:
+    if argv == ["--wait"]:  # start_verifier: TensorFlow is imported; now wait for the work
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0  # the parent gave up before handing anything over
+        argv = ["--verify", *json.loads(line)]
     if len(argv) != 3 or argv[0] != "--verify":
-        print("usage: python -m tlkeras.verify --verify SAVED_MODEL_DIR WORK_DIR", file=sys.stderr)
+        print(
+            "usage: python -m tlkeras.verify --verify SAVED_MODEL_DIR WORK_DIR | --wait",
+            file=sys.stderr,
+        )
         return 2
     report = _check_in_this_process(Path(argv[1]), Path(argv[2]))
     print(json.dumps(report, default=str), flush=True)
