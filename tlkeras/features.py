@@ -456,13 +456,8 @@ def cache_features(
                 for batches in per_view
             ]
             labels = tuple(np.concatenate(parts) for parts in zip(*rest, strict=True))
-            return _sample_views(
-                [tf.data.Dataset.from_tensor_slices(s) for s in stacked],
-                tf.data.Dataset.from_tensor_slices(labels),
-                n=len(labels[0]),
-                batch_size=batch_size,
-                seed=seed,
-                shuffle=shuffle,
+            return _sample_arrays(
+                stacked, labels, batch_size=batch_size, seed=seed, shuffle=shuffle
             )
 
     # File-backed: one cached pass per view, zipped so the same example lines up across views.
@@ -510,6 +505,37 @@ def _feature_functions(
             lambda x: prefix(augmentation(x, training=True), training=False), input_signature=spec
         )
     return cache["clean"], cache.get("augmented")
+
+
+def _sample_arrays(
+    views: Sequence[Any],
+    labels: tuple[np.ndarray, ...],
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+) -> tf.data.Dataset:
+    """``_sample_views`` for features in memory, a batch at a time: an epoch of a small head costs
+    milliseconds, so per-example ``tf.data`` work would dominate it."""
+    n = len(labels[0])
+    # One tensor per structure leaf, [views, n, ...]: a batch is a single gather.
+    stacked = tf.nest.map_structure(lambda *a: tf.constant(np.stack(a)), *views)
+    rest = tuple(tf.constant(a) for a in labels)
+    count = len(views)
+    index = tf.data.Dataset.range(n)
+    if shuffle:
+        index = index.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    index = index.batch(batch_size)
+    # A fresh random view per example on every pass over the data.
+    pick = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(batch_size)
+
+    def gather(i: tf.Tensor, r: tf.Tensor) -> tuple[Any, ...]:
+        r = r[: tf.shape(i)[0]]
+        where = tf.stack([tf.cast(r % count, tf.int64), i], axis=1)
+        features = tf.nest.map_structure(lambda t: tf.gather_nd(t, where), stacked)
+        return (features, *(tf.gather(t, i) for t in rest))
+
+    return tf.data.Dataset.zip((index, pick)).map(gather).prefetch(tf.data.AUTOTUNE)
 
 
 def _sample_views(
