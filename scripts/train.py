@@ -93,6 +93,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
+flags.DEFINE_integer(
+    "augment_views",
+    _C.augment_views,
+    "Augmented views per image cached on the fast path (plus the clean one); 0: clean only.",
+    lower_bound=0,
+)
 flags.DEFINE_boolean(
     "converge_head",
     _C.converge_head,
@@ -157,6 +163,7 @@ def main(argv: list[str]) -> None:
         class_weight=cli.parse_class_weight(FLAGS.class_weight),
         seed=FLAGS.seed,
         fast=FLAGS.fast,
+        augment_views=FLAGS.augment_views,
         converge_head=FLAGS.converge_head,
         refit=FLAGS.refit,
         distribution=DistributeConfig(

@@ -1,5 +1,6 @@
 """Tests for tlkeras.phase: TrainConfig, the phase plan for every strategy, and the one runner."""
 
+import dataclasses
 import json
 
 import keras
@@ -71,6 +72,7 @@ def test_config_defaults_and_fine_tune_learning_rate():
         ({"fast": "yes"}, TypeError),
         ({"converge_head": 1}, TypeError),
         ({"refit": None}, TypeError),
+        ({"augment_views": -1}, ValueError),
     ],
 )
 def test_config_rejects_bad_values_with_expected_received(kwargs, error):
@@ -127,6 +129,16 @@ def test_plan_converges_the_head_and_refits_only_a_last_head_phase(strategy, con
     assert all(not p.converge and not p.refit for p in rest)
 
 
+@pytest.mark.parametrize("views", [0, 1, 4])
+def test_plan_and_run_phase_cache_the_configured_augmented_views(digits, views):
+    model = tlkeras.build_model("MobileNet", 3, augment=tlkeras.AugmentConfig(), **SMALL)
+    (head,) = plan_phases(FEATURE_EXTRACTION, None, TrainConfig(epochs=1, augment_views=views))
+    assert head.augment_views == views
+    result = run_phase(model, dataclasses.replace(head, converge=False), *_datasets(digits))
+    assert result.history.fast_path["augment_views"] == views
+    assert result.history.fast_path["mode"] == ("cached_views" if views else "cached_clean")
+
+
 def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():
     (only,) = plan_phases(FULL, None, TrainConfig(epochs=0, fine_tune_epochs=4))
     assert (only.name, only.epochs) == ("fine-tuning", 4)
@@ -145,6 +157,7 @@ def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():
         ({"learning_rate": 0.0}, "learning_rate: expected a finite number > 0, received 0.0"),
         ({"weight_decay": -1.0}, "weight_decay: expected a finite number >= 0, received -1.0"),
         ({"converge": "yes"}, "converge: expected a bool, received 'yes'"),
+        ({"augment_views": 1.5}, "augment_views: expected an int"),
     ],
 )
 def test_phase_rejects_bad_values(kwargs, match):

@@ -83,6 +83,9 @@ class TrainConfig:
         fast: train on features of the frozen prefix computed once, when that is valid: the head
             warm-up (the whole backbone frozen) and ``partial`` fine-tuning (cached at block
             ``fine_tune_at``: the frozen blocks are not recomputed every epoch).
+        augment_views: on the fast path of a model that augments, the augmented views of every
+            training image computed once (plus the clean one; one is drawn per epoch). 0 trains
+            the cached phases on clean features only.
         converge_head: on cached features an epoch of the head costs milliseconds, so the head
             warm-up trains to convergence there: until the validation loss has not improved for
             ``CONVERGE_PATIENCE`` epochs (at most ``CONVERGE_MAX_EPOCHS``), whatever ``epochs``
@@ -104,6 +107,7 @@ class TrainConfig:
     early_stopping_patience: int = 3
     reduce_lr_on_plateau: bool = False
     fast: bool = True
+    augment_views: int = features.DEFAULT_AUGMENT_VIEWS
     converge_head: bool = True
     refit: bool = True
     seed: int = 0
@@ -130,6 +134,7 @@ class TrainConfig:
         _check_class_weight(self.class_weight)
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         _check_int("seed", self.seed, 0)
+        _check_int("augment_views", self.augment_views, 0)
         for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
@@ -185,6 +190,8 @@ class Phase:
             CONVERGE_MAX_EPOCHS)`` (an ``EarlyStopping`` among the callbacks gets that patience).
         refit: on the fast path with validation data, then retrain what trains from its initial
             weights on train + validation for the best epoch count.
+        augment_views: augmented views per training image on the fast path
+            (``TrainConfig.augment_views``).
     """
 
     name: str
@@ -196,12 +203,14 @@ class Phase:
     fast: bool = False
     converge: bool = False
     refit: bool = False
+    augment_views: int = features.DEFAULT_AUGMENT_VIEWS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy).value)
         for name in ("fast", "converge", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name}: expected a bool, received {getattr(self, name)!r}")
+        _check_int("augment_views", self.augment_views, 0)
         if self.fine_tune_at is not None and self.strategy != PARTIAL:
             raise ValueError(
                 f"Phase.fine_tune_at: expected None unless strategy='partial', received "
@@ -261,6 +270,7 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
                 config.epochs,
                 decay,
                 fast=config.fast,
+                augment_views=config.augment_views,
                 converge=config.converge_head,
                 # Refitting on validation is only honest when no later phase early-stops on it.
                 refit=config.refit and strategy == FEATURE_EXTRACTION,
@@ -277,6 +287,7 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
                 config.fine_tune_epochs,
                 decay,
                 fast=config.fast and strategy == PARTIAL,  # `full` has no frozen prefix
+                augment_views=config.augment_views,
             )
         )
     if not phases:
@@ -337,7 +348,7 @@ def _fast_plan(model: keras.Model, phase: Phase) -> tuple[bool, str]:
         # Cached features would be computed on one device, outside the strategy.
         return False, "off under tf.distribute (the frozen phase trains end to end)"
     try:
-        plan = features.fast_path_plan(model, phase.fine_tune_at)
+        plan = features.fast_path_plan(model, phase.fine_tune_at, augment_views=phase.augment_views)
     except (ValueError, TypeError) as e:
         return False, f"not valid ({e})"
     return (True, plan.mode) if plan.valid else (False, plan.reason)
@@ -446,6 +457,7 @@ def run_phase(
             metrics=metrics,
             callbacks=callbacks,
             fine_tune_at=phase.fine_tune_at,
+            augment_views=phase.augment_views,
             class_weight=class_weight,
             seed=seed,
             verbose=verbose,
