@@ -122,3 +122,15 @@ def test_image_size_for(image_size, weights, expected):
 def test_image_size_for_rejects(bad):
     with pytest.raises(ValueError, match="image_size: expected a positive int"):
         weights_lib.image_size_for(bad, None, "MobileNet")
+
+
+def test_pretraining_prints_progress_once_and_not_when_cached(home, tmp_path, capsys):
+    args = ("digits:0-4", "MobileNet", KWARGS, 32, 2)
+    weights_lib.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Pre-training MobileNet") and "digits:0-4" in lines[0]
+    epochs = [ln for ln in lines if ln.strip().startswith("source digits:0-4: epoch")]
+    assert [ln.split("epoch ")[1].split()[0] for ln in epochs] == ["1/2", "2/2"]
+    assert "validation accuracy" in epochs[-1]
+    weights_lib.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
+    assert "Pre-training" not in capsys.readouterr().out  # cached: nothing to wait for

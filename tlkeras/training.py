@@ -709,7 +709,9 @@ def train(
         fine_tune_at = default_fine_tune_at(backbone, input_shape, backbone_kwargs)
         if verbose:
             print(f"partial: no fine_tune_at given; fine-tuning the top half ({fine_tune_at=})")
-    resolved = _resolve_weights(weights, backbone, backbone_kwargs, input_shape, strategy_tf)
+    resolved = _resolve_weights(
+        weights, backbone, backbone_kwargs, input_shape, strategy_tf, verbose
+    )
     with strategy_tf.scope():
         model = build_model(
             backbone,
@@ -790,13 +792,16 @@ def _resolve_weights(
     backbone_kwargs: dict[str, Any],
     input_shape: tuple[int, int, int],
     strategy_tf: tf.distribute.Strategy,
+    verbose: int = 0,
 ) -> str | None:
     """``weights_lib.resolve``; the chief pre-trains ``source:`` weights into the (shared) cache
     before the other workers look there."""
     multi_worker, chief = distribute.is_multi_worker(strategy_tf), distribute.is_chief(strategy_tf)
     if multi_worker and not chief:
         distribute.barrier(strategy_tf)
-    resolved = weights_lib.resolve(weights, backbone, backbone_kwargs, input_shape)
+    resolved = weights_lib.resolve(
+        weights, backbone, backbone_kwargs, input_shape, progress=verbose > 0
+    )
     if multi_worker and chief:
         distribute.barrier(strategy_tf)
     return resolved

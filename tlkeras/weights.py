@@ -89,6 +89,7 @@ def pretrained_weights(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     verbose: int = 0,
+    progress: bool = False,
 ) -> Path:
     """A backbone pre-trained from scratch on ``source``, as a ``.weights.h5`` file (cached).
 
@@ -107,6 +108,7 @@ def pretrained_weights(
         seed: seeds Keras (Python, NumPy, TF) and the data split before training.
         cache_dir: where to keep the weights.
         verbose: Keras verbosity of the pre-training fit.
+        progress: print what is pre-trained and one line per epoch (a first run waits on it).
 
     Returns:
         The path of the backbone weights, for ``tlkeras.build_model(..., weights=path)``.
@@ -159,7 +161,16 @@ def pretrained_weights(
     train, validation = (
         encode_labels(d, "multiclass", len(data.class_names)) for d in (data.train, data.validation)
     )
-    result = run_phase(model, phase, train, validation, seed=seed, verbose=verbose)
+    callbacks = [_Progress(source, epochs)] if progress else []
+    if progress:
+        print(
+            f"Pre-training {spec.name} {backbone_kwargs or ''} from scratch on the source task "
+            f"{source} at {size} px for {epochs} epochs (once; cached in {directory})",
+            flush=True,
+        )
+    result = run_phase(
+        model, phase, train, validation, callbacks=callbacks, seed=seed, verbose=verbose
+    )
     history, seconds = result.history, result.seconds
     # Write next to the target and rename: a crash or a concurrent run never leaves half a file.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.weights.h5")
@@ -178,6 +189,23 @@ def pretrained_weights(
     }
     path.with_suffix("").with_suffix(".json").write_text(json.dumps(record, indent=2))
     return path
+
+
+class _Progress(keras.callbacks.Callback):
+    """One line per source pre-training epoch."""
+
+    def __init__(self, source: str, epochs: int) -> None:
+        super().__init__()
+        self._source, self._epochs = source, epochs
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        print(
+            f"  source {self._source}: epoch {epoch + 1}/{self._epochs} "
+            f"loss {logs.get('loss', float('nan')):.3f} "
+            f"validation accuracy {logs.get('val_accuracy', float('nan')):.3f}",
+            flush=True,
+        )
 
 
 def pretrained_record(path: str | Path) -> dict[str, Any]:
@@ -225,6 +253,8 @@ def resolve(
     backbone: str = DEFAULT_BACKBONE,
     backbone_kwargs: dict[str, Any] | None = None,
     input_shape: Sequence[int] | None = None,
+    *,
+    progress: bool = False,
 ) -> str | None:
     """Turn a ``weights`` value or flag text into what ``tlkeras.build_model`` takes.
 
@@ -248,7 +278,11 @@ def resolve(
                 f"input_shape: expected (height, width, 3) for transferred weights, received "
                 f"{tuple(input_shape)}"
             )
-        return str(pretrained_weights(text[len(SOURCE_PREFIX) :], backbone, backbone_kwargs))
+        return str(
+            pretrained_weights(
+                text[len(SOURCE_PREFIX) :], backbone, backbone_kwargs, progress=progress
+            )
+        )
     if not Path(text).expanduser().is_file():
         raise FileNotFoundError(
             f"weights: expected 'imagenet', None, 'source:TASK' or an existing weights file, "
