@@ -326,7 +326,11 @@ def main(argv: list[str]) -> None:
     bad = [s for s in FLAGS.strategies if s not in STRATEGIES]
     if bad:
         raise SystemExit(f"--strategies: expected some of {STRATEGIES}, received {bad}")
-    config = BenchConfig(data=FLAGS.data, weights=FLAGS.weights, image_size=FLAGS.image_size)
+    config = BenchConfig(
+        data=str(Path(FLAGS.data).resolve()),
+        weights=str(Path(FLAGS.weights).resolve()),
+        image_size=FLAGS.image_size,
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tlkeras_bench_defaults_") as tmp:
         work = Path(tmp)

@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, training
+from tlkeras import cli, training, transfer
 from tlkeras.data import DataConfig
 from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.model import AugmentConfig, HeadConfig
@@ -93,6 +93,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
+flags.DEFINE_boolean(
+    "baselines",
+    None,
+    "After training, the same network from scratch and a pixel logistic regression on the same "
+    "split (default: on for the embedded digits only).",
+)
 flags.DEFINE_integer(
     "augment_views",
     _C.augment_views,
@@ -137,8 +143,9 @@ def main(argv: list[str]) -> None:
         weights = None  # scratch means random init; only an explicit --weights conflicts
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
     augment = FLAGS.augment
-    result = training.train(
+    result = transfer.train_with_baselines(
         FLAGS.data,
+        baselines=FLAGS.baselines,
         backbone=FLAGS.backbone,
         backbone_kwargs=cli.parse_kwargs(FLAGS.backbone_kwargs),
         weights=weights,

@@ -51,6 +51,7 @@ def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
         f"--output_dir={run}",
         f"--export_dir={export}",
         "--model_name=tiny",
+        "--nobaselines",  # tests/test_transfer.py covers them
     ]
     out = run_python(*cmd, env=_env(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr

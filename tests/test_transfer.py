@@ -43,3 +43,59 @@ def test_compare_strategies_rejects_unknown_strategy(home):
     data = load("digits:5-9", image_size=(32, 32))
     with pytest.raises(ValueError, match="expected a non-empty subset"):
         transfer.compare_strategies(data, weights=None, strategies=["bogus"])
+
+
+@pytest.mark.parametrize(
+    "baselines, source, expected",
+    [
+        (None, "digits:5-9", True),
+        (None, "/photos", False),
+        (True, "/photos", True),
+        (False, "digits", False),
+    ],
+)
+def test_baselines_are_on_by_default_only_for_the_embedded_digits(baselines, source, expected):
+    assert transfer.wants_baselines(baselines, source) is expected
+
+
+def test_train_with_baselines_scores_scratch_and_pixels_on_the_run_split(tmp_path, capsys):
+    result = transfer.train_with_baselines(
+        "digits:0-2",
+        weights=None,
+        strategy="scratch",
+        image_size=32,
+        epochs=1,
+        fine_tune_epochs=0,
+        output_dir=tmp_path / "run",
+        export_dir=None,
+        seed=3,
+    )
+    record = json.loads((result.run_dir / transfer.BASELINES_FILE).read_text())
+    test_images = sum(result.metrics["counts"]["test"].values())
+    assert record["test_images"] == test_images
+    assert record["transferred"]["accuracy"] == result.metrics["accuracy"]
+    assert record["scratch"]["epochs"] == 1  # the same budget: 1 epoch end to end
+    # Accuracies are whole numbers of the same test images.
+    for name in ("scratch", "pixels"):
+        correct = record[name]["accuracy"] * test_images
+        assert abs(correct - round(correct)) < 1e-6
+    # Digits 0-2 are linearly separable from their 8x8 pixels.
+    assert record["pixels"]["accuracy"] >= 0.9 and record["pixels"]["pixels"] == "8x8 grey"
+    out = capsys.readouterr().out
+    assert "same network from scratch (1 epoch)" in out and "logistic regression" in out
+
+
+def test_train_with_baselines_off_trains_once(tmp_path):
+    result = transfer.train_with_baselines(
+        "digits:0-2",
+        baselines=False,
+        weights=None,
+        strategy="scratch",
+        image_size=32,
+        epochs=1,
+        fine_tune_epochs=0,
+        output_dir=tmp_path / "run",
+        export_dir=None,
+        verbose=0,
+    )
+    assert not (result.run_dir / transfer.BASELINES_FILE).exists()

@@ -107,7 +107,7 @@ def test_parse_is_syntax_only(text, expected):
 @pytest.mark.parametrize(
     "image_size, weights, expected",
     [
-        (None, "source:digits:0-4", (32, 32)),
+        (None, "source:digits:0-4", (64, 64)),
         (None, "imagenet", (224, 224)),
         (None, None, (224, 224)),
         (96, "imagenet", (96, 96)),

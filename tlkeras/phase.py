@@ -38,7 +38,7 @@ SCRATCH, FEATURE_EXTRACTION = Strategy.SCRATCH.value, Strategy.FEATURE_EXTRACTIO
 PARTIAL, FULL = Strategy.PARTIAL.value, Strategy.FULL.value
 HEAD_WARM_UP, FINE_TUNING = "head warm-up", "fine-tuning"
 # The head's convergence rule on cached features (TrainConfig.converge_head).
-CONVERGE_MAX_EPOCHS = 300
+CONVERGE_MAX_EPOCHS = 200
 CONVERGE_PATIENCE = 20
 
 

@@ -760,13 +760,17 @@ def _check_train_args(
         raise ValueError("dropout: expected either head= or dropout=, received both")
     if head is None:
         head = HeadConfig() if dropout is None else HeadConfig(dropout=dropout)
+    return head, resolve_augment(augment, data_source, config.seed)
+
+
+def resolve_augment(augment: Any, data_source: Any, seed: int = 0) -> AugmentConfig | None:
+    """:func:`train`'s ``augment``: ``None`` is on except for the digits sources (a flipped digit
+    is another digit), ``True`` the defaults, ``False`` none, an ``AugmentConfig`` itself."""
     if augment is None:
         augment = not _is_digits(data_source)
     if augment is True:
-        augment = AugmentConfig(seed=config.seed)
-    elif augment is False:
-        augment = None
-    return head, augment
+        return AugmentConfig(seed=seed)
+    return None if augment is False else augment
 
 
 def _tf_strategy(

@@ -3,12 +3,15 @@
 ``compare_strategies`` trains each strategy on the same data and split and returns one table
 (strategy, trainable params, wall time, test accuracy); ``transfer_story`` runs it on digits 5–9 with
 a backbone pre-trained on 0–4 (``tlkeras.weights.pretrained_weights``), so the scratch row shows what
-transfer bought.
+transfer bought. ``train_with_baselines`` is ``tlkeras.train`` followed by the two baselines a
+transferred model must be judged against, on the same split: the same network from scratch with the
+same budget, and a logistic regression on the raw pixels (the main job's closing table).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import tempfile
 import time
@@ -18,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from tlkeras import training
 from tlkeras.backbones import get_backbone
 from tlkeras.blocks import blocks
-from tlkeras.data import load
+from tlkeras.data import DataConfig, load
 from tlkeras.model import build_model
 from tlkeras.phase import trainable_params
 from tlkeras.strategy import Strategy
@@ -270,3 +275,140 @@ def transfer_story(
         verbose=verbose,
     )
     return dataclasses.replace(table, extra={**table.extra, "target": target})
+
+
+# --------------------------------------------------------------------------------------------
+# The main job's baselines
+
+# The pixel baseline sees the images at the digits' native 8x8, in grey.
+PIXEL_SIZE = 8
+BASELINES_FILE = "baselines.json"
+
+
+def wants_baselines(baselines: bool | None, data_source: Any) -> bool:
+    """``None``: on for the embedded digits (seconds), off for user data (a second full run)."""
+    if baselines is None:
+        return isinstance(data_source, str) and data_source.strip().startswith("digits")
+    return bool(baselines)
+
+
+def pixel_baseline(data: Any, size: int = PIXEL_SIZE) -> dict[str, Any]:
+    """A logistic regression on the grey pixels at ``size`` x ``size`` (train + validation split),
+    scored on the test split: what no deep learning at all reaches on the same images."""
+    from sklearn.linear_model import LogisticRegression
+
+    def arrays(*datasets: Any) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for ds in datasets:
+            for images, labels in ds:
+                small = tf.image.resize(tf.cast(images, tf.float32), (size, size), "area")
+                xs.append(tf.reduce_mean(small, axis=-1).numpy().reshape(len(small), -1) / 255.0)
+                ys.append(np.asarray(labels))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    started = time.perf_counter()
+    x, y = arrays(*(d for d in (data.train, data.validation) if d is not None))
+    tx, ty = arrays(data.test)
+    model = LogisticRegression(max_iter=5000).fit(x, y)
+    return {
+        "accuracy": float(model.score(tx, ty)),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "train_examples": int(len(y)),
+        "pixels": f"{size}x{size} grey",
+    }
+
+
+def train_with_baselines(
+    data_source: Any = training.DEFAULT_DATA, *, baselines: bool | None = None, **kwargs: Any
+) -> training.RunResult:
+    """``tlkeras.train(data_source, **kwargs)``; then, when ``wants_baselines``, the same network
+    trained from scratch with the same configuration (``strategy="scratch"``: all epochs end to end)
+    and ``pixel_baseline``, both on the run's own split. Prints the closing table and writes
+    ``baselines.json`` in the run directory."""
+    started = time.perf_counter()
+    result = training.train(data_source, **kwargs)
+    seconds = time.perf_counter() - started
+    if not wants_baselines(baselines, data_source):
+        return result
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    config = dataclasses.replace(
+        kwargs.get("config") or training.TrainConfig(),
+        **{k: v for k, v in kwargs.items() if k in fields},
+    )
+    size = tuple(int(s) for s in result.model.input_shape[1:3])
+    data = load(
+        data_source,
+        validation=kwargs.get("validation_data"),
+        config=DataConfig(
+            image_size=size,
+            batch_size=config.batch_size,
+            validation_split=kwargs.get("validation_split", _train_default("validation_split")),
+            test_split=kwargs.get("test_split", _train_default("test_split")),
+            seed=config.seed,
+        ),
+    )
+    if data.test is None:
+        raise ValueError("baselines: expected a test split to score them on, received none")
+    verbose = kwargs.get("verbose", 1)
+    if verbose:
+        print(
+            f"Baseline: the same network from scratch ({config.epochs + config.fine_tune_epochs} "
+            "epochs end to end, same split and settings)",
+            flush=True,
+        )
+    scratch = compare_strategies(
+        data,
+        backbone=kwargs.get("backbone", training.DEFAULT_BACKBONE),
+        backbone_kwargs=kwargs.get("backbone_kwargs"),
+        weights=None,
+        strategies=["scratch"],
+        config=config,
+        augment=training.resolve_augment(kwargs.get("augment"), data_source, config.seed),
+        output_dir=result.run_dir / "baseline",
+        verbose=0,
+    ).rows[0]
+    pixels = pixel_baseline(data)
+    record = {
+        "test_images": int(sum(data.counts["test"].values())),
+        "transferred": {
+            "accuracy": float(result.metrics["accuracy"]),
+            "wall_seconds": round(seconds, 2),
+            "weights": str(kwargs.get("weights", training.DEFAULT_WEIGHTS)),
+            "strategy": kwargs.get("strategy", training.DEFAULT_STRATEGY),
+        },
+        "scratch": {
+            "accuracy": scratch.accuracy,
+            "wall_seconds": scratch.wall_seconds,
+            "epochs": scratch.epochs,
+        },
+        "pixels": pixels,
+    }
+    (result.run_dir / BASELINES_FILE).write_text(json.dumps(record, indent=2))
+    if verbose:
+        print(baselines_text(record))
+    return result
+
+
+def _train_default(name: str) -> Any:
+    return inspect.signature(training.train).parameters[name].default
+
+
+def baselines_text(record: dict[str, Any]) -> str:
+    """The closing table of ``train_with_baselines``."""
+    t, s, p = record["transferred"], record["scratch"], record["pixels"]
+    rows = [
+        (f"transferred ({t['weights']}, {t['strategy']})", t["accuracy"], t["wall_seconds"]),
+        (
+            f"same network from scratch ({s['epochs']} epoch{'' if s['epochs'] == 1 else 's'})",
+            s["accuracy"],
+            s["wall_seconds"],
+        ),
+        (f"logistic regression on {p['pixels']} pixels", p["accuracy"], p["wall_seconds"]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"Test accuracy on the same {record['test_images']} held-out images, and wall time "
+        "(transferred: with the source pre-training when it was not cached):"
+    ]
+    lines += [f"  {name:<{width}}  {100 * acc:5.1f} %  {sec:6.1f} s" for name, acc, sec in rows]
+    return "\n".join(lines)

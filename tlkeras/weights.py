@@ -16,6 +16,7 @@ keyed by its arguments, and reuses them on later calls.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from tlkeras.backbones import get_backbone
 from tlkeras.data import DIGITS, load
 from tlkeras.model import HeadConfig, build_model
 from tlkeras.phase import SCRATCH, Phase, run_phase
+from tlkeras.spec import AugmentConfig
 from tlkeras.task import encode_labels
 
 IMAGENET = "imagenet"
@@ -40,13 +42,24 @@ DEFAULT_SOURCE = "digits:0-4"
 DEFAULT_TARGET = "digits:5-9"  # the target of the offline transfer story
 DEFAULT_BACKBONE = "MobileNet"
 DEFAULT_BACKBONE_KWARGS: dict[str, Any] = {"alpha": 0.25}
-DEFAULT_IMAGE_SIZE = 32  # digits are 8x8 scans: the source task trains at MobileNet's minimum size
-DEFAULT_PRETRAIN_EPOCHS = 10
+# Digits are 8x8 scans. At MobileNet's minimum of 32 px its last blocks see 1x1 maps and the source
+# task does not learn (measured: 10 epochs, 20 % validation accuracy, chance); at 64 px it reaches
+# 99 % in 10 epochs and transfers to 5-9 (tlkeras.transfer.digits_story).
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_PRETRAIN_EPOCHS = 20
+# Small shifts and turns, no flips (a flipped digit is another digit or none).
+PRETRAIN_AUGMENT = AugmentConfig(
+    flip="none", rotation=0.05, zoom=0.0, contrast=0.0, translation=0.1
+)
+# From scratch the weights move fast; Keras's default moving-average momentum (0.99) lags them and
+# the inference-mode model scores at chance while the training-mode one is right (measured: 20 %
+# vs 87 % after 10 epochs). 0.9 follows the weights.
+PRETRAIN_BN_MOMENTUM = 0.9
 DEFAULT_LEARNING_RATE = 2e-3
 DEFAULT_BATCH_SIZE = 32
 CACHE_SUBDIR = os.path.join("tlkeras", "pretrained")
 # Bump when the pre-training recipe changes, so stale cached weights are not reused.
-_RECIPE_VERSION = 2
+_RECIPE_VERSION = 3
 
 
 def cache_root() -> Path:
@@ -155,7 +168,11 @@ def pretrained_weights(
         input_shape=(size, size, 3),
         backbone_kwargs=backbone_kwargs,
         head=HeadConfig(dropout=0.1),
+        augment=dataclasses.replace(PRETRAIN_AUGMENT, seed=seed),
     )
+    for layer in model.get_layer("backbone").layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = PRETRAIN_BN_MOMENTUM
     # Pre-training is a scratch phase like any other (tlkeras.phase): Adam (no weight decay).
     phase = Phase("source pre-training", SCRATCH, None, DEFAULT_LEARNING_RATE, epochs)
     train, validation = (
