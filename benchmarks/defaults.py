@@ -296,6 +296,10 @@ def report(
                 f"| {strategy} | {name} | {_pm([r['seconds'] for r in rs])} | {phase_s} "
                 f"| {epochs} | {accuracy} | {ratio} |"
             )
+    lines += [
+        "",
+        *targets(runs, probe, sum(counts["pool"].values()) + sum(counts["test"].values())),
+    ]
     naive = [(s, r) for s, by in runs.items() for r in by["recipe"]]
     lines += [
         "",
@@ -317,6 +321,35 @@ def report(
         "part.",
     ]
     return "\n".join(lines)
+
+
+def _mean(rs: list[dict], key: str) -> float:
+    return statistics.mean(r[key] for r in rs)
+
+
+def targets(runs: dict[str, dict[str, list[dict]]], probe: float, images: int) -> list[str]:
+    """Issue 13's targets, met or missed, from this run's numbers (means over seeds)."""
+    small = images < 1000  # ants/bees (245) is the small case, cats/dogs (2,000) the medium one
+    speed, gain = (2.0, 3.0) if small else (3.0, 0.0)
+    out = ["Targets (issue 13), means over the seeds above:"]
+    for strategy, by in runs.items():
+        recipe, tl = by["recipe"], by["tlkeras"]
+        ratio = _mean(recipe, "seconds") / _mean(tl, "seconds")
+        delta = 100 * (_mean(tl, "accuracy") - _mean(recipe, "accuracy"))
+        need = speed if strategy == "feature_extraction" else 2.0
+        want_gain = gain if strategy == "feature_extraction" else 0.0
+        out.append(
+            f"- {strategy}: recipe ÷ tlkeras whole-process time {ratio:.2f}× (target ≥ {need:g}×: "
+            f"{'met' if ratio >= need else 'missed'}); test accuracy {delta:+.1f} points vs the "
+            f"recipe (target ≥ {want_gain:+g}: {'met' if delta >= want_gain else 'missed'})"
+        )
+        if strategy == "feature_extraction":
+            gap = 100 * (probe - _mean(tl, "accuracy"))
+            out.append(
+                f"- feature_extraction vs the converged logistic-regression probe: {gap:+.1f} points "
+                f"below it (target ≤ 1: {'met' if gap <= 1 else 'missed'})"
+            )
+    return out
 
 
 def main(argv: list[str]) -> None:

@@ -166,3 +166,24 @@ def test_named_sections_are_replaced_in_place_and_kept_by_a_rewrite(tmp_path):
     kept = common.kept_sections(path)
     assert kept.startswith("<!-- section:distribute begin -->") and "second" in kept
     assert "main tables" not in kept
+
+
+def test_defaults_targets_are_judged_from_the_numbers_given():
+    # A subprocess: benchmarks/defaults.py defines absl flags at import, as scripts do.
+    code = """
+import defaults
+runs = {"feature_extraction": {
+    "recipe": [{"seconds": 60.0, "accuracy": 0.60}, {"seconds": 60.0, "accuracy": 0.62}],
+    "tlkeras": [{"seconds": 20.0, "accuracy": 0.80}, {"seconds": 20.0, "accuracy": 0.80}]}}
+print("\\n".join(defaults.targets(runs, 0.805, 245)))
+print("\\n".join(defaults.targets(runs, 0.90, 2000)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    small, medium = out.stdout.split("Targets (issue 13)")[1:]
+    assert "3.00× (target ≥ 2×: met)" in small and "+19.0 points" in small
+    assert "0.5 points below it (target ≤ 1: met)" in small
+    assert "3.00× (target ≥ 3×: met)" in medium and "target ≥ +0: met" in medium
+    assert "10.0 points below it (target ≤ 1: missed)" in medium
