@@ -58,18 +58,20 @@ def test_baselines_are_on_by_default_only_for_the_embedded_digits(baselines, sou
     assert transfer.wants_baselines(baselines, source) is expected
 
 
+# One epoch of a random-init MobileNet on digits 0-2 at 32 px: the baselines' machinery, quickly.
+TINY_RUN = {
+    "data_source": "digits:0-2",
+    "weights": None,
+    "strategy": "scratch",
+    "image_size": 32,
+    "epochs": 1,
+    "fine_tune_epochs": 0,
+    "export_dir": None,
+}
+
+
 def test_train_with_baselines_scores_scratch_and_pixels_on_the_run_split(tmp_path, capsys):
-    result = transfer.train_with_baselines(
-        "digits:0-2",
-        weights=None,
-        strategy="scratch",
-        image_size=32,
-        epochs=1,
-        fine_tune_epochs=0,
-        output_dir=tmp_path / "run",
-        export_dir=None,
-        seed=3,
-    )
+    result = transfer.train_with_baselines(output_dir=tmp_path / "run", seed=3, **TINY_RUN)
     record = json.loads((result.run_dir / transfer.BASELINES_FILE).read_text())
     test_images = sum(result.metrics["counts"]["test"].values())
     assert record["test_images"] == test_images
@@ -87,15 +89,6 @@ def test_train_with_baselines_scores_scratch_and_pixels_on_the_run_split(tmp_pat
 
 def test_train_with_baselines_off_trains_once(tmp_path):
     result = transfer.train_with_baselines(
-        "digits:0-2",
-        baselines=False,
-        weights=None,
-        strategy="scratch",
-        image_size=32,
-        epochs=1,
-        fine_tune_epochs=0,
-        output_dir=tmp_path / "run",
-        export_dir=None,
-        verbose=0,
+        baselines=False, output_dir=tmp_path / "run", verbose=0, **TINY_RUN
     )
     assert not (result.run_dir / transfer.BASELINES_FILE).exists()
