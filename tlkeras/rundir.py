@@ -8,6 +8,7 @@ One run directory (``run_dir``) holds everything needed to resume or audit a run
     model.keras                 the best model so far by validation loss (the final model; after a
                                 refit on train + validation, the refit model)
     model.keras.json            the monitored value of model.keras (a resumed phase must beat it)
+    baselines.json              scratch and pixel baselines on the same split (train_with_baselines)
     history_phase{N}.csv        per epoch, as written; history.json / history.csv merged
     history.png, confusion.png  curves with the phase boundary; the test confusion matrix
     metrics.json                test-split metrics, data counts, skipped files, phases
