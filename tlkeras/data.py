@@ -803,7 +803,7 @@ def _pool(source: Any, config: DataConfig, class_names=None, given_names=None) -
         )
     if source.startswith("tfds:"):
         return _tfds_pool(source, config, class_names)
-    if _is_digits(source):
+    if is_digits(source):
         pool = _digits_pool(source, config)
         if class_names is not None and pool.class_names != list(class_names):
             raise ValueError(
@@ -965,7 +965,7 @@ def _pools(
     given: dict[str, _Pool] = {}
     layout = None
     if isinstance(source, str | os.PathLike) and not (
-        str(source).startswith("tfds:") or _is_digits(str(source))
+        str(source).startswith("tfds:") or is_digits(str(source))
     ):
         path = Path(source).expanduser()
         if path.is_dir():
@@ -1026,8 +1026,9 @@ def _check_pools(pool: _Pool, all_pools: list[_Pool], config: DataConfig) -> lis
     return skipped
 
 
-def _is_digits(source: str) -> bool:
-    return source == DIGITS or source.startswith(DIGITS + ":")
+def is_digits(source: Any) -> bool:
+    """Whether ``source`` names the embedded digits (``"digits"`` or ``"digits:A-B"``)."""
+    return isinstance(source, str) and (source == DIGITS or source.startswith(DIGITS + ":"))
 
 
 def _is_int(value: Any) -> bool:

@@ -606,10 +606,6 @@ def model_name_for(data_source: Any) -> str:
     return name or "model"
 
 
-def _is_digits(source: Any) -> bool:
-    return isinstance(source, str) and (source == "digits" or source.startswith("digits:"))
-
-
 def default_fine_tune_at(
     backbone: str, input_shape: tuple[int, int, int], backbone_kwargs: dict[str, Any] | None = None
 ) -> int:
@@ -767,7 +763,7 @@ def resolve_augment(augment: Any, data_source: Any, seed: int = 0) -> AugmentCon
     """:func:`train`'s ``augment``: ``None`` is on except for the digits sources (a flipped digit
     is another digit), ``True`` the defaults, ``False`` none, an ``AugmentConfig`` itself."""
     if augment is None:
-        augment = not _is_digits(data_source)
+        augment = not data_lib.is_digits(data_source)
     if augment is True:
         return AugmentConfig(seed=seed)
     return None if augment is False else augment

@@ -27,7 +27,7 @@ import tensorflow as tf
 from tlkeras import training
 from tlkeras.backbones import get_backbone
 from tlkeras.blocks import blocks
-from tlkeras.data import DataConfig, load
+from tlkeras.data import DataConfig, is_digits, load
 from tlkeras.model import build_model
 from tlkeras.phase import trainable_params
 from tlkeras.strategy import Strategy
@@ -287,9 +287,7 @@ BASELINES_FILE = "baselines.json"
 
 def wants_baselines(baselines: bool | None, data_source: Any) -> bool:
     """``None``: on for the embedded digits (seconds), off for user data (a second full run)."""
-    if baselines is None:
-        return isinstance(data_source, str) and data_source.strip().startswith("digits")
-    return bool(baselines)
+    return is_digits(data_source) if baselines is None else bool(baselines)
 
 
 def pixel_baseline(data: Any, size: int = PIXEL_SIZE) -> dict[str, Any]:
@@ -330,26 +328,28 @@ def train_with_baselines(
     seconds = time.perf_counter() - started
     if not wants_baselines(baselines, data_source):
         return result
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    # train()'s arguments as it saw them, its defaults filled in: the baselines reuse them.
+    bound = inspect.signature(training.train).bind(data_source, **kwargs)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
     config = dataclasses.replace(
-        kwargs.get("config") or training.TrainConfig(),
-        **{k: v for k, v in kwargs.items() if k in fields},
+        args["config"] or training.TrainConfig(), **args.pop("config_overrides")
     )
     size = tuple(int(s) for s in result.model.input_shape[1:3])
     data = load(
         data_source,
-        validation=kwargs.get("validation_data"),
+        validation=args["validation_data"],
         config=DataConfig(
             image_size=size,
             batch_size=config.batch_size,
-            validation_split=kwargs.get("validation_split", _train_default("validation_split")),
-            test_split=kwargs.get("test_split", _train_default("test_split")),
+            validation_split=args["validation_split"],
+            test_split=args["test_split"],
             seed=config.seed,
         ),
     )
     if data.test is None:
         raise ValueError("baselines: expected a test split to score them on, received none")
-    verbose = kwargs.get("verbose", 1)
+    verbose = args["verbose"]
     if verbose:
         print(
             f"Baseline: the same network from scratch ({config.epochs + config.fine_tune_epochs} "
@@ -358,12 +358,12 @@ def train_with_baselines(
         )
     scratch = compare_strategies(
         data,
-        backbone=kwargs.get("backbone", training.DEFAULT_BACKBONE),
-        backbone_kwargs=kwargs.get("backbone_kwargs"),
+        backbone=args["backbone"],
+        backbone_kwargs=args["backbone_kwargs"],
         weights=None,
         strategies=["scratch"],
         config=config,
-        augment=training.resolve_augment(kwargs.get("augment"), data_source, config.seed),
+        augment=training.resolve_augment(args["augment"], data_source, config.seed),
         output_dir=result.run_dir / "baseline",
         verbose=0,
     ).rows[0]
@@ -373,8 +373,8 @@ def train_with_baselines(
         "transferred": {
             "accuracy": float(result.metrics["accuracy"]),
             "wall_seconds": round(seconds, 2),
-            "weights": str(kwargs.get("weights", training.DEFAULT_WEIGHTS)),
-            "strategy": kwargs.get("strategy", training.DEFAULT_STRATEGY),
+            "weights": str(args["weights"]),
+            "strategy": args["strategy"],
         },
         "scratch": {
             "accuracy": scratch.accuracy,
@@ -387,10 +387,6 @@ def train_with_baselines(
     if verbose:
         print(baselines_text(record))
     return result
-
-
-def _train_default(name: str) -> Any:
-    return inspect.signature(training.train).parameters[name].default
 
 
 def baselines_text(record: dict[str, Any]) -> str:

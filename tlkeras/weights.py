@@ -44,7 +44,7 @@ DEFAULT_BACKBONE = "MobileNet"
 DEFAULT_BACKBONE_KWARGS: dict[str, Any] = {"alpha": 0.25}
 # Digits are 8x8 scans. At MobileNet's minimum of 32 px its last blocks see 1x1 maps and the source
 # task does not learn (measured: 10 epochs, 20 % validation accuracy, chance); at 64 px it reaches
-# 99 % in 10 epochs and transfers to 5-9 (tlkeras.transfer.digits_story).
+# 99 % in 10 epochs and transfers to 5-9 (tlkeras.transfer.train_with_baselines).
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_PRETRAIN_EPOCHS = 20
 # Small shifts and turns, no flips (a flipped digit is another digit or none).
