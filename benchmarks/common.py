@@ -111,17 +111,8 @@ def make_split(config: BenchConfig, out_dir: str | Path) -> dict[str, dict[str, 
         random_state=config.split_seed,
         stratify=[labels[i] for i in rest],
     )
-    out_dir = Path(out_dir)
-    counts: dict[str, dict[str, int]] = {}
-    for split, indices in zip(SPLITS, (train, val, test), strict=True):
-        counts[split] = dict.fromkeys(classes, 0)
-        for name in classes:
-            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
-        for i in indices:
-            name = classes[labels[i]]
-            shutil.copyfile(files[i], out_dir / split / name / files[i].name)
-            counts[split][name] += 1
-    return counts
+    splits = dict(zip(SPLITS, (train, val, test), strict=True))
+    return _copy_splits(classes, files, labels, splits, out_dir)
 
 
 def _listing(data: str | Path) -> tuple[list[str], list[Path], list[int]]:
@@ -155,14 +146,26 @@ def make_holdout(
     pool, test = train_test_split(
         list(range(len(files))), test_size=test_split, random_state=seed, stratify=labels
     )
+    return _copy_splits(classes, files, labels, {"pool": pool, "test": test}, out_dir)
+
+
+def _copy_splits(
+    classes: list[str],
+    files: list[Path],
+    labels: list[int],
+    splits: dict[str, list[int]],
+    out_dir: str | Path,
+) -> dict[str, dict[str, int]]:
+    """Copy each split's files into ``out_dir/<split>/<class>/``; ``split -> class -> count``."""
+    out_dir = Path(out_dir)
     counts: dict[str, dict[str, int]] = {}
-    for split, indices in (("pool", pool), ("test", test)):
+    for split, indices in splits.items():
         counts[split] = dict.fromkeys(classes, 0)
         for name in classes:
-            (Path(out_dir) / split / name).mkdir(parents=True, exist_ok=True)
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
         for i in indices:
             name = classes[labels[i]]
-            shutil.copyfile(files[i], Path(out_dir) / split / name / files[i].name)
+            shutil.copyfile(files[i], out_dir / split / name / files[i].name)
             counts[split][name] += 1
     return counts
 
