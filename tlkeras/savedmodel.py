@@ -49,8 +49,8 @@ from tlkeras.signatures import (  # noqa: E402
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     SIGNATURES,
+    ServingModule,
     _resolve_head,
-    build_archive,
     input_size,
 )
 from tlkeras.verify import start_verifier, verify_export  # noqa: E402
@@ -274,7 +274,7 @@ def export(
     # The verifying process imports TensorFlow while this one writes the SavedModel.
     verifier = start_verifier() if verify else None
     try:
-        build_archive(model, class_names, head, top_k).write_out(str(tmp), verbose=False)
+        ServingModule(model, class_names, head, top_k).write_out(str(tmp))
         extra = tmp / ASSETS_EXTRA
         extra.mkdir()
         (extra / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names), encoding="utf-8")

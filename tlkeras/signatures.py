@@ -22,7 +22,6 @@ import numpy as np
 
 from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
-import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.data import decode_image  # noqa: E402
@@ -201,38 +200,44 @@ def input_size(model: Any) -> tuple[int, int]:
 # The serving functions.
 
 
-def build_archive(model: Any, class_names: Sequence[str], head: _Head, top_k: int):
-    """A Keras ``ExportArchive`` tracking ``model`` with the two serving signatures."""
-    size = input_size(model)
-    k = min(top_k, head.num_classes)
-    names = tf.constant(list(class_names), dtype=tf.string)
+class ServingModule(tf.Module):
+    """The SavedModel's root: the model's variables and the two serving functions, nothing else.
 
-    def outputs(pixels):
-        probabilities = head.probabilities(model(pixels, training=False))
-        scores, indices = tf.math.top_k(probabilities, k=k)
-        return {
-            "probabilities": probabilities,
-            "classes": tf.gather(names, indices),
-            "scores": scores,
+    Keras's ``ExportArchive`` walks the model's whole trackable tree for resources (lookup tables)
+    before saving: about 2.5 s of a 7 s MobileNet export here. Keras Applications models with a
+    tlkeras head hold variables only, so tracking those is enough; TF Serving sees the same two
+    signatures, and ``serving_default`` calls ``serving_float``, so the model is traced once.
+    """
+
+    def __init__(self, model: Any, class_names: Sequence[str], head: _Head, top_k: int) -> None:
+        super().__init__(name="tlkeras_serving")
+        size = input_size(model)
+        k = min(top_k, head.num_classes)
+        names = tf.constant(list(class_names), dtype=tf.string)
+        self.model_variables = list(model.variables)
+
+        def serving_float(images):
+            probabilities = head.probabilities(model(images, training=False))
+            scores, indices = tf.math.top_k(probabilities, k=k)
+            return {
+                "probabilities": probabilities,
+                "classes": tf.gather(names, indices),
+                "scores": scores,
+            }
+
+        self.serving_float = tf.function(
+            serving_float,
+            input_signature=[tf.TensorSpec([None, *size, 3], tf.float32, name=FLOAT_INPUT)],
+        )
+        self.serving_default = tf.function(
+            lambda image_bytes: self.serving_float(_decode_batch(image_bytes, size)),
+            input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
+        )
+
+    def write_out(self, path: str) -> None:
+        """Save as a SavedModel at ``path`` with the ``SIGNATURES`` for TF Serving."""
+        signatures = {
+            BYTES_SIGNATURE: self.serving_default.get_concrete_function(),
+            FLOAT_SIGNATURE: self.serving_float.get_concrete_function(),
         }
-
-    def serving_default(image_bytes):
-        return outputs(_decode_batch(image_bytes, size))
-
-    def serving_float(images):
-        return outputs(images)
-
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    # The first endpoint is also what ExportArchive aliases as serving_default; naming it so keeps it.
-    archive.add_endpoint(
-        BYTES_SIGNATURE,
-        serving_default,
-        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
-    )
-    archive.add_endpoint(
-        FLOAT_SIGNATURE,
-        serving_float,
-        input_signature=[tf.TensorSpec([None, *size, 3], tf.float32, name=FLOAT_INPUT)],
-    )
-    return archive
+        tf.saved_model.save(self, path, signatures=signatures)
