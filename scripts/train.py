@@ -24,6 +24,7 @@ import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli, training, transfer
 from tlkeras.data import DataConfig
 from tlkeras.distribute import DistributeConfig, Distribution
+from tlkeras.head_solver import SOLVERS
 from tlkeras.model import AugmentConfig, HeadConfig
 from tlkeras.strategy import Strategy
 
@@ -116,6 +117,13 @@ flags.DEFINE_boolean(
     "feature_extraction on cached features: retrain the head on train + validation at the end.",
 )
 flags.DEFINE_enum(
+    "head_solver",
+    _C.head_solver,
+    list(SOLVERS),
+    "feature_extraction head on cached features: lbfgs solves a linear head to convergence "
+    "(L2 strength chosen on validation); gradient trains it by epochs.",
+)
+flags.DEFINE_enum(
     "distribution",
     DistributeConfig().distribution.value,
     [d.value for d in Distribution],
@@ -173,6 +181,7 @@ def main(argv: list[str]) -> None:
         augment_views=FLAGS.augment_views,
         converge_head=FLAGS.converge_head,
         refit=FLAGS.refit,
+        head_solver=FLAGS.head_solver,
         distribution=DistributeConfig(
             FLAGS.distribution, cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu
         ),

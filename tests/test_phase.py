@@ -73,6 +73,7 @@ def test_config_defaults_and_fine_tune_learning_rate():
         ({"converge_head": 1}, TypeError),
         ({"refit": None}, TypeError),
         ({"augment_views": -1}, ValueError),
+        ({"head_solver": "adam"}, ValueError),
     ],
 )
 def test_config_rejects_bad_values_with_expected_received(kwargs, error):
@@ -127,6 +128,18 @@ def test_plan_converges_the_head_and_refits_only_a_last_head_phase(strategy, con
     # Refitting on validation data would bias the early stopping of a later phase.
     assert head.refit is (refit and strategy == FEATURE_EXTRACTION)
     assert all(not p.converge and not p.refit for p in rest)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "gradient"])
+@pytest.mark.parametrize("strategy", [FEATURE_EXTRACTION, PARTIAL, FULL, SCRATCH])
+def test_plan_solves_only_the_head_warm_up(strategy, solver):
+    config = TrainConfig(epochs=2, fine_tune_epochs=3, head_solver=solver)
+    phases = plan_phases(strategy, -1 if strategy == PARTIAL else None, config)
+    expected = [solver if p.name == phase_lib.HEAD_WARM_UP else "gradient" for p in phases]
+    assert [p.solver for p in phases] == expected
+    assert TrainConfig().head_solver == "lbfgs"
+    with pytest.raises(ValueError, match="Phase.solver: expected one of"):
+        Phase("head", FEATURE_EXTRACTION, None, 1e-3, 1, solver="newton")
 
 
 @pytest.mark.parametrize("views", [0, 1, 4])
@@ -269,3 +282,43 @@ def test_run_phase_refits_on_train_and_validation(digits):
     result = run_phase(model, phase, train, validation)
     n = sum(int(y.shape[0]) for _, y in train) + sum(int(y.shape[0]) for _, y in validation)
     assert result.refit == {"epochs": features.best_epochs(result.history), "examples": n}
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_run_phase_solves_a_linear_head_as_one_logged_epoch(digits, tmp_path, refit):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase(
+        "head", FEATURE_EXTRACTION, None, 1e-3, epochs=7, fast=True, refit=refit, solver="lbfgs"
+    )
+    train, validation = _datasets(digits)
+    csv = tmp_path / "log.csv"
+    saver = features.SaveFullModel(
+        model, tmp_path / "best.keras", monitor="val_loss", save_best_only=True
+    )
+    result = run_phase(
+        model, phase, train, validation, callbacks=[keras.callbacks.CSVLogger(str(csv)), saver]
+    )
+    assert result.epochs_run == 1  # solved, not trained for the budget of 7
+    assert result.solver["method"] == "lbfgs" and result.solver["selected_by"] == "validation"
+    assert len(csv.read_text().strip().splitlines()) == 2  # header + the one epoch
+    assert (tmp_path / "best.keras").is_file()  # callbacks saw the epoch
+    logged = result.history.history["val_loss"][0]
+    model.compile(loss="categorical_crossentropy")
+    if refit:
+        n = sum(int(y.shape[0]) for _, y in train) + sum(int(y.shape[0]) for _, y in validation)
+        assert result.refit == {"examples": n, "solver": "lbfgs", "C": result.solver["C"]}
+    else:
+        # The solved weights are the full model's: it scores the logged validation loss.
+        assert result.refit is None
+        assert model.evaluate(validation, verbose=0) == pytest.approx(logged, rel=1e-4)
+
+
+def test_run_phase_says_why_a_head_is_not_solved(digits):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase("head", FEATURE_EXTRACTION, None, 1e-3, epochs=2, fast=True, solver="lbfgs")
+    result = run_phase(model, phase, *_datasets(digits), label_smoothing=0.1)
+    assert result.solver == {
+        "method": "gradient",
+        "why": "label_smoothing=0.1 has no closed-form counterpart",
+    }
+    assert result.epochs_run == 2

@@ -87,7 +87,11 @@ def test_phase_switch_flags_learning_rate_and_reports(digits, tmp_path):
 def test_partial_fine_tuning_trains_on_the_cached_block_boundary(digits, tmp_path):
     model = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, **SMALL)
     config = TrainConfig(
-        epochs=2, fine_tune_epochs=2, early_stopping_patience=0, converge_head=False
+        epochs=2,
+        fine_tune_epochs=2,
+        early_stopping_patience=0,
+        converge_head=False,
+        head_solver="gradient",  # exactly 2 + 2 epochs
     )
     frozen = tlkeras.blocks(model)[:-2]
     before = [np.array(w) for b in frozen for w in b.trainable_weights + b.non_trainable_weights]
@@ -112,7 +116,8 @@ def test_fine_tune_at_without_partial_is_refused(digits, tmp_path):
 
 def test_nan_loss_raises_a_clear_error_and_frees_the_run_dir(digits, tmp_path):
     model = tlkeras.build_model("MobileNet", 3, **SMALL)
-    config = TrainConfig(epochs=2, fine_tune_epochs=0, learning_rate=1e30)
+    # Gradient epochs: a solved head has no learning rate to diverge with.
+    config = TrainConfig(epochs=2, fine_tune_epochs=0, learning_rate=1e30, head_solver="gradient")
     with pytest.raises(ValueError, match=r"loss became NaN at epoch 1 .*learning_rate=1e\+30"):
         training.fit(model, digits, config, run_dir=tmp_path, verbose=0)
     assert json.loads((tmp_path / "run_state.json").read_text())["status"] == "failed"
@@ -136,7 +141,7 @@ d = data.load("digits:0-2", image_size=(32, 32), batch_size=64, seed=0)
 m = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-1, weights=None,
                         input_shape=(32, 32, 3), backbone_kwargs={"alpha": 0.25})
 c = training.TrainConfig(epochs=2, fine_tune_epochs=EPOCHS2, early_stopping_patience=0,
-                        converge_head=False)
+                        converge_head=False, head_solver="gradient")
 r = training.fit(m, d, c, run_dir=sys.argv[1], verbose=0)
 print("FINISHED", r.metrics["accuracy"])
 """

@@ -26,13 +26,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import head_solver
 from tlkeras.blocks import blocks as list_blocks
 from tlkeras.blocks import resolve_block_index
+from tlkeras.task import infer
 
 logger = logging.getLogger(__name__)
 
-# Augmented views cached per training image when the model augments (plus the clean view).
-DEFAULT_AUGMENT_VIEWS = 4
+# Augmented views cached per training image when the model augments (plus the clean one). One:
+# with the solved head on ants/bees (3 seeds) 0 views scored 79.7 %, 1 view 82.9 %, 4 views 82.4 %;
+# on CPU each view costs an augmentation pass (~4.5 ms/image at 224²) plus a forward pass.
+DEFAULT_AUGMENT_VIEWS = 1
 # Features are kept in memory up to this fraction of the available RAM, else cached to a file.
 MEMORY_FRACTION = 0.25
 
@@ -422,46 +426,16 @@ def cache_features(
     if not isinstance(dataset, tf.data.Dataset):
         raise TypeError(f"expected a tf.data.Dataset, received {type(dataset).__name__}")
 
-    clean_fn, augment_fn = _feature_functions(prefix, augmentation)
-
-    def features(images: tf.Tensor, augment: bool) -> Any:
-        out = augment_fn(images) if augment else clean_fn(images)
-        # tf.data reads a list as one tensor to stack; several boundary tensors are a tuple.
-        return tuple(out) if isinstance(out, list) else out
-
-    batch_size = None
     if cache_dir is None:
-        per_view: list[list[Any]] = [[] for _ in range(views)]
-        rest: list[tuple[Any, ...]] = []
-        budget, used = MEMORY_FRACTION * _available_memory(), 0
-        for element in dataset:
-            images, extra = _split_element(element)
-            batch_size = batch_size or int(tf.shape(images)[0])
-            for v in range(views):
-                out = tf.nest.map_structure(lambda t: t.numpy(), features(images, v > 0))
-                per_view[v].append(out)
-                used += sum(a.nbytes for a in tf.nest.flatten(out))
-            rest.append(tuple(np.asarray(e) for e in extra))
-            if used > budget:
-                logger.warning(
-                    "cached features exceed %.0f MiB of memory; caching to files instead",
-                    budget / 2**20,
-                )
-                break
-        else:
-            if not rest:
-                raise ValueError("expected a non-empty dataset, received one with no batches")
-            stacked = [
-                tf.nest.map_structure(lambda *a: np.concatenate(a), *batches)
-                for batches in per_view
-            ]
-            labels = tuple(np.concatenate(parts) for parts in zip(*rest, strict=True))
+        cached = feature_arrays(prefix, dataset, views=views, augmentation=augmentation)
+        if cached is not None:
             return _sample_arrays(
-                stacked, labels, batch_size=batch_size, seed=seed, shuffle=shuffle
+                cached.views, cached.rest, batch_size=cached.batch_size, seed=seed, shuffle=shuffle
             )
-
     # File-backed: one cached pass per view, zipped so the same example lines up across views.
     import tempfile
+
+    features = _features_fn(prefix, augmentation)
 
     directory = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="tlkeras_features_"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -476,12 +450,68 @@ def cache_features(
         for _ in ds:  # fill the cache now: cost is paid once, here
             pass
         unbatched.append(ds)
-    if batch_size is None:
-        batch_size = int(tf.shape(_split_element(next(iter(dataset)))[0])[0])
+    batch_size = _batch_size(dataset)
     feats = [ds.map(lambda *e: e[0]) for ds in unbatched]
     labels = unbatched[0].map(lambda *e: tuple(e[1:]))
     n = int(unbatched[0].reduce(0, lambda c, _: c + 1))
     return _sample_views(feats, labels, n=n, batch_size=batch_size, seed=seed, shuffle=shuffle)
+
+
+@dataclass(frozen=True)
+class CachedArrays:
+    """Cached features in memory: ``views[v]`` holds view ``v`` of every example (view 0 clean),
+    ``rest`` the labels (and sample weights) in the same order, ``batch_size`` the input's."""
+
+    views: list[Any]
+    rest: tuple[np.ndarray, ...]
+    batch_size: int
+
+
+def _features_fn(prefix: keras.Model, augmentation: keras.layers.Layer | None) -> Callable:
+    clean_fn, augment_fn = _feature_functions(prefix, augmentation)
+
+    def features(images: tf.Tensor, augment: bool) -> Any:
+        out = augment_fn(images) if augment else clean_fn(images)
+        # tf.data reads a list as one tensor to stack; several boundary tensors are a tuple.
+        return tuple(out) if isinstance(out, list) else out
+
+    return features
+
+
+def feature_arrays(
+    prefix: keras.Model,
+    dataset: tf.data.Dataset,
+    *,
+    views: int = 1,
+    augmentation: keras.layers.Layer | None = None,
+) -> CachedArrays | None:
+    """Run ``prefix`` once per view over ``dataset`` into NumPy arrays (see ``cache_features``);
+    ``None`` when they would exceed ``MEMORY_FRACTION`` of the available RAM."""
+    features = _features_fn(prefix, augmentation)
+    per_view: list[list[Any]] = [[] for _ in range(views)]
+    rest: list[tuple[Any, ...]] = []
+    budget, used, batch_size = MEMORY_FRACTION * _available_memory(), 0, 0
+    for element in dataset:
+        images, extra = _split_element(element)
+        batch_size = batch_size or int(tf.shape(images)[0])
+        for v in range(views):
+            out = tf.nest.map_structure(lambda t: t.numpy(), features(images, v > 0))
+            per_view[v].append(out)
+            used += sum(a.nbytes for a in tf.nest.flatten(out))
+        rest.append(tuple(np.asarray(e) for e in extra))
+        if used > budget:
+            logger.warning(
+                "cached features exceed %.0f MiB of memory; caching to files instead",
+                budget / 2**20,
+            )
+            return None
+    if not rest:
+        raise ValueError("expected a non-empty dataset, received one with no batches")
+    stacked = [
+        tf.nest.map_structure(lambda *a: np.concatenate(a), *batches) for batches in per_view
+    ]
+    labels = tuple(np.concatenate(parts) for parts in zip(*rest, strict=True))
+    return CachedArrays(stacked, labels, batch_size)
 
 
 def _feature_functions(
@@ -662,6 +692,7 @@ def fit_frozen(
     verbose: int | str = 1,
     initial_epoch: int = 0,
     refit_optimizer: Callable[[], Any] | None = None,
+    solver: str = head_solver.GRADIENT,
 ) -> keras.callbacks.History:
     """Train what trains in ``model`` on features its frozen prefix computes once.
 
@@ -681,10 +712,19 @@ def fit_frozen(
     for the epoch of the best validation loss, without callbacks. Cached features make this cost
     little; ``history.fast_path["refit"]`` says ``{"epochs", "examples"}``.
 
+    With ``solver="lbfgs"``, the whole backbone frozen and a linear head (``tlkeras.head_solver``),
+    the head is not trained by epochs but solved to convergence: logistic regression on the cached
+    features, its L2 strength chosen by validation log loss (``epochs`` is then unused). The
+    callbacks see it as one epoch whose logs are the solved head's train and validation metrics;
+    with ``refit_optimizer`` (any factory: nothing is optimised by gradient) it is then re-solved
+    on train + validation at the chosen strength. ``history.fast_path["solver"]`` says what ran.
+
     Returns:
         The ``keras.callbacks.History`` of the fit.
     """
     import time
+
+    head_solver.check_solver(solver)
 
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise ValueError(f"expected epochs to be an int >= 0, received {epochs!r}")
@@ -703,16 +743,55 @@ def fit_frozen(
         augmentation = (
             model.get_layer(AUGMENTATION_LAYER) if plan.mode == MODE_CACHED_VIEWS else None
         )
-        train_in = cache_features(
-            prefix,
-            train,
-            views=1 + plan.augment_views if augmentation is not None else 1,
-            augmentation=augmentation,
-            seed=seed,
-            shuffle=True,
-        )
-        val_in = cache_features(prefix, validation) if validation is not None else None
+        views = 1 + plan.augment_views if augmentation is not None else 1
+        arrays = feature_arrays(prefix, train, views=views, augmentation=augmentation)
+        val_arrays = feature_arrays(prefix, validation) if validation is not None else None
         extra = {"cache_seconds": round(time.perf_counter() - start, 3)}
+        why_not = _why_not_solved(
+            solver, plan, model, trained, loss, arrays, validation, val_arrays
+        )
+        if why_not is None:
+            history = _solve_head(
+                trained,
+                arrays,
+                val_arrays,
+                callbacks=callbacks,
+                compile_args={"optimizer": optimizer, "loss": loss, "metrics": metrics},
+                class_weight=class_weight,
+                initial_epoch=initial_epoch,
+                refit=refit_optimizer is not None,
+                seed=seed,
+                verbose=verbose,
+            )
+            history.fast_path = {**plan.to_dict(), **extra, **history.fast_path}
+            return history
+        if solver == head_solver.LBFGS:
+            extra["solver"] = {"method": head_solver.GRADIENT, "why": why_not}
+            logger.info("head solver: gradient epochs (%s)", why_not)
+            if verbose:
+                print(f"head trained by gradient epochs: {why_not}", flush=True)
+        train_in = (
+            _sample_arrays(
+                arrays.views, arrays.rest, batch_size=arrays.batch_size, seed=seed, shuffle=True
+            )
+            if arrays is not None
+            else cache_features(
+                prefix, train, views=views, augmentation=augmentation, seed=seed, shuffle=True
+            )
+        )
+        val_in = None
+        if validation is not None:
+            val_in = (
+                _sample_arrays(
+                    val_arrays.views,
+                    val_arrays.rest,
+                    batch_size=val_arrays.batch_size,
+                    seed=seed,
+                    shuffle=False,
+                )
+                if val_arrays is not None
+                else cache_features(prefix, validation)
+            )
 
     initial = trained.get_weights() if refit_optimizer is not None else None
     trained.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []))
@@ -749,6 +828,115 @@ def fit_frozen(
             verbose=verbose,
         )
     return history
+
+
+def _why_not_solved(
+    solver: str,
+    plan: FastPathPlan,
+    model: keras.Model,
+    trained: keras.Model,
+    loss: Any,
+    arrays: CachedArrays | None,
+    validation: tf.data.Dataset | None,
+    val_arrays: CachedArrays | None,
+) -> str | None:
+    """Why the head is trained by gradient epochs rather than solved (``None``: solve it)."""
+    if solver != head_solver.LBFGS:
+        return f"solver={solver!r}"
+    if plan.fine_tune_at is not None:
+        return "only a head on the whole frozen backbone is solved"
+    if arrays is None or (validation is not None and val_arrays is None):
+        return "the cached features do not fit in memory"
+    task = infer(model)[0]
+    y = None if task == "multilabel" else head_solver.class_ids(arrays.rest[0])
+    return head_solver.unsupported(trained, task, float(getattr(loss, "label_smoothing", 0.0)), y)
+
+
+def _row_weights(
+    rest: tuple[np.ndarray, ...], ids: np.ndarray, class_weight: dict[int, float] | None
+) -> np.ndarray | None:
+    """Per-example weights: the dataset's sample weights times the class weights."""
+    weights = np.asarray(rest[1], np.float64).reshape(-1) if len(rest) > 1 else None
+    if class_weight:
+        by_class = np.array([float(class_weight.get(int(i), 1.0)) for i in ids])
+        weights = by_class if weights is None else weights * by_class
+    return weights
+
+
+def _solve_head(
+    trained: keras.Model,
+    arrays: CachedArrays,
+    val_arrays: CachedArrays | None,
+    *,
+    callbacks: Iterable[keras.callbacks.Callback],
+    compile_args: dict[str, Any],
+    class_weight: dict[int, float] | None,
+    initial_epoch: int,
+    refit: bool,
+    seed: int,
+    verbose: int | str,
+) -> keras.callbacks.History:
+    """``fit_frozen``'s L-BFGS head: solved, logged to the callbacks as one epoch, maybe refit."""
+    n, count = len(arrays.rest[0]), len(arrays.views)
+    ids = head_solver.class_ids(arrays.rest[0])
+    weights = _row_weights(arrays.rest, ids, class_weight)
+    x = np.concatenate(arrays.views)  # every cached view of an image is a row of its own
+    y, groups = np.tile(ids, count), np.tile(np.arange(n), count)
+    weights = None if weights is None else np.tile(weights, count)
+    validation = None
+    if val_arrays is not None:
+        val_ids = head_solver.class_ids(val_arrays.rest[0])
+        validation = (val_arrays.views[0], val_ids, _row_weights(val_arrays.rest, val_ids, None))
+
+    history = keras.callbacks.History()
+    trained.compile(**{**compile_args, "metrics": list(compile_args.get("metrics") or [])})
+    hooks = keras.callbacks.CallbackList(
+        [*callbacks, history], model=trained, verbose=verbose, epochs=initial_epoch + 1, steps=1
+    )
+    hooks.on_train_begin()
+    hooks.on_epoch_begin(initial_epoch)
+    solution = head_solver.solve(
+        trained, x, y, groups=groups, sample_weight=weights, validation=validation, seed=seed
+    )
+    logs = _cached_metrics(trained, arrays)
+    if val_arrays is not None:
+        logs.update({f"val_{k}": v for k, v in _cached_metrics(trained, val_arrays).items()})
+    if verbose:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        print(
+            f"head solved by L-BFGS: C={solution.C:g} chosen by {solution.selected_by} log loss "
+            f"among {len(head_solver.CS)} strengths ({solution.iterations} iterations); {shown}",
+            flush=True,
+        )
+    hooks.on_epoch_end(initial_epoch, logs)
+    hooks.on_train_end(logs)
+    history.fast_path = {"solver": solution.to_dict()}
+    if refit and validation is not None:
+        rows = np.concatenate([x, validation[0]])
+        labels = np.concatenate([y, validation[1]])
+        both = head_solver.join_weights(weights, len(x), validation[2], len(validation[1]))
+        head_solver.refit(trained, rows, labels, solution.C, sample_weight=both)
+        examples = n + len(validation[1])
+        history.fast_path["refit"] = {
+            "examples": examples,
+            "solver": head_solver.LBFGS,
+            "C": solution.C,
+        }
+        if verbose:
+            print(
+                f"refit: the head re-solved on train + validation ({examples} images) at "
+                f"C={solution.C:g}",
+                flush=True,
+            )
+    return history
+
+
+def _cached_metrics(trained: keras.Model, arrays: CachedArrays) -> dict[str, float]:
+    """The compiled metrics of ``trained`` on the clean view of cached features."""
+    clean = _sample_arrays(
+        arrays.views[:1], arrays.rest, batch_size=arrays.batch_size, seed=0, shuffle=False
+    )
+    return {k: float(v) for k, v in trained.evaluate(clean, return_dict=True, verbose=0).items()}
 
 
 def best_epochs(history: keras.callbacks.History, initial_epoch: int = 0) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import distribute, features
+from tlkeras.head_solver import GRADIENT, LBFGS, SOLVERS
 from tlkeras.strategy import Strategy, apply_strategy, scratch_batchnorm
 from tlkeras.task import infer, loss_for, metrics_for
 
@@ -93,6 +94,12 @@ class TrainConfig:
         refit: when the head warm-up is the last phase (``feature_extraction``) and ran on cached
             features, retrain the head from its initial weights on train + validation for the
             epoch count validation chose (the test split stays unseen).
+        head_solver: how the head warm-up trains on cached features of the whole frozen backbone.
+            ``"lbfgs"``: a linear head is solved to convergence (logistic regression, L2 strength
+            chosen by validation log loss; ``tlkeras.head_solver``), ``epochs``,
+            ``converge_head`` and the learning rate do not apply to it; heads it cannot solve
+            (hidden layers, multi-label, label smoothing) train by ``"gradient"`` epochs, and the
+            run says why.
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``).
     """
 
@@ -110,6 +117,7 @@ class TrainConfig:
     augment_views: int = features.DEFAULT_AUGMENT_VIEWS
     converge_head: bool = True
     refit: bool = True
+    head_solver: str = LBFGS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,6 +143,10 @@ class TrainConfig:
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         _check_int("seed", self.seed, 0)
         _check_int("augment_views", self.augment_views, 0)
+        if self.head_solver not in SOLVERS:
+            raise ValueError(
+                f"TrainConfig.head_solver: expected one of {SOLVERS}, received {self.head_solver!r}"
+            )
         for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
@@ -192,6 +204,8 @@ class Phase:
             weights on train + validation for the best epoch count.
         augment_views: augmented views per training image on the fast path
             (``TrainConfig.augment_views``).
+        solver: ``"lbfgs"`` solves a linear head on cached features of the whole frozen
+            backbone to convergence (``tlkeras.head_solver``); ``"gradient"`` trains by epochs.
     """
 
     name: str
@@ -204,9 +218,12 @@ class Phase:
     converge: bool = False
     refit: bool = False
     augment_views: int = features.DEFAULT_AUGMENT_VIEWS
+    solver: str = GRADIENT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy).value)
+        if self.solver not in SOLVERS:
+            raise ValueError(f"Phase.solver: expected one of {SOLVERS}, received {self.solver!r}")
         for name in ("fast", "converge", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name}: expected a bool, received {getattr(self, name)!r}")
@@ -274,6 +291,7 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
                 converge=config.converge_head,
                 # Refitting on validation is only honest when no later phase early-stops on it.
                 refit=config.refit and strategy == FEATURE_EXTRACTION,
+                solver=config.head_solver,
             )
         )
     if strategy in (PARTIAL, FULL) and config.fine_tune_epochs > 0:
@@ -323,8 +341,11 @@ class PhaseResult:
         fast_path: the fast path's mode when it trained the phase, else ``None``.
         note: why the fast path ran or did not (``"off"`` when the phase did not ask for it).
         seconds: wall time of the fit, feature caching included.
-        refit: ``{"epochs", "examples"}`` when the phase refit on train + validation, else ``None``
-            (the model then holds the refit weights, not the best-validation ones).
+        refit: ``{"epochs", "examples"}`` (``{"examples", "solver", "C"}`` for a solved head) when
+            the phase refit on train + validation, else ``None`` (the model then holds the refit
+            weights, not the best-validation ones).
+        solver: how a head on cached features trained (``tlkeras.head_solver``): the L-BFGS
+            solution, or why it fell back to gradient epochs; ``None`` when not asked.
     """
 
     history: keras.callbacks.History
@@ -333,7 +354,8 @@ class PhaseResult:
     fast_path: str | None
     note: str
     seconds: float
-    refit: dict[str, int] | None = None
+    refit: dict[str, Any] | None = None
+    solver: dict[str, Any] | None = None
 
 
 def trainable_params(model: keras.Model) -> int:
@@ -463,6 +485,7 @@ def run_phase(
             verbose=verbose,
             initial_epoch=initial_epoch,
             refit_optimizer=phase.optimizer if phase.refit else None,
+            solver=phase.solver,
         )
     else:
         with scope.scope():
@@ -489,6 +512,7 @@ def run_phase(
         note=note,
         seconds=seconds,
         refit=getattr(history, "fast_path", {}).get("refit"),
+        solver=getattr(history, "fast_path", {}).get("solver"),
     )
 
 

@@ -231,6 +231,12 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else str(value)
 
 
+def _refit_text(refit: Mapping[str, Any]) -> str:
+    if "C" in refit:
+        return f"{refit['examples']} examples, re-solved at C={refit['C']:g}"
+    return f"{refit['examples']} examples, {refit['epochs']} epochs"
+
+
 def summary_text(metrics: Mapping[str, Any], *, max_classes: int = 20) -> str:
     """The one-screen end-of-run summary from a ``metrics.json`` dict."""
     lines = []
@@ -241,14 +247,19 @@ def summary_text(metrics: Mapping[str, Any], *, max_classes: int = 20) -> str:
             f"fine_tune_at={run.get('fine_tune_at')} dir={run.get('run_dir', '?')}"
         )
     for phase in metrics.get("phases", []):
+        solver = phase.get("solver") or {}
         lines.append(
             f"  phase {phase['phase']} ({phase['name']}): epochs {phase['epochs_run']}, "
             f"trainable params {phase['trainable_params']:,}, "
             f"{phase['wall_time_s']:.1f} s"
             + (f", fast path: {phase['fast_path']}" if phase.get("fast_path") else "")
             + (
-                f", refit on train + validation ({phase['refit']['examples']} examples, "
-                f"{phase['refit']['epochs']} epochs)"
+                f", head solved by L-BFGS (C={solver['C']:g}, chosen by {solver['selected_by']})"
+                if solver.get("method") == "lbfgs"
+                else ""
+            )
+            + (
+                f", refit on train + validation ({_refit_text(phase['refit'])})"
                 if phase.get("refit")
                 else ""
             )

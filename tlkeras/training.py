@@ -383,6 +383,7 @@ def _run_one_phase(
         "wall_time_s": float(earlier.get("wall_time_s", 0.0)) + result.seconds,
         "fast_path": result.fast_path,
         "refit": result.refit,
+        "solver": result.solver,
         "done": True,
     }
 
