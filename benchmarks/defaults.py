@@ -49,6 +49,12 @@ flags.DEFINE_list("strategies", ["feature_extraction", "full"], f"Some of {STRAT
 flags.DEFINE_float("test_split", 0.3, "Fraction of --data held out for scoring the exports.")
 flags.DEFINE_integer("image_size", _B.image_size, "Square image size.")
 flags.DEFINE_list("tlkeras_flags", [], "Extra scripts/train.py flags, e.g. --epochs=5.")
+flags.DEFINE_list(
+    "curve",
+    ["1", "3"],
+    "full only: fine-tuning budgets (epochs) run besides the default, for the time-to-accuracy "
+    "curve; [] skips it.",
+)
 flags.DEFINE_string("output", str(REPO / "BENCHMARKS.md"), "Report to update; '' to skip.")
 flags.DEFINE_enum("worker", None, ["recipe", "score", "probe"], "Internal: one worker.")
 flags.DEFINE_string("job", None, "Internal: the worker's job file (JSON).")
@@ -233,6 +239,7 @@ def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
         f"--output_dir={run_dir}",
         f"--export_dir={work / tag}",
         "--model_name=model",
+        f"--fine_tune_epochs={config.fine_tune_epochs}",
         *job["tlkeras_flags"],
     ]
     seconds = _timed(command, work / f"{tag}.log")
@@ -244,6 +251,82 @@ def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
         "refit": [p.get("refit") for p in phases],
         "export_dir": str(work / tag / "model" / "1"),
     }
+
+
+def _pair(job: dict[str, Any], work: Path, tag: str) -> dict[str, dict[str, Any]]:
+    """Both contenders on ``job``, back to back, each a fresh process; then one scorer process."""
+    export, naive = str(work / f"recipe_{tag}"), str(work / f"naive_{tag}")
+    seconds, result = _spawn_worker(
+        "recipe", {**job, "export_dir": export, "naive_export_dir": naive}, work, f"recipe_{tag}"
+    )
+    seconds -= result["naive_export_s"]
+    out = {"recipe": {**result, "seconds": seconds, "export": export, "naive": naive}}
+    seconds, result = _tlkeras(job, work, f"tlkeras_{tag}")
+    out["tlkeras"] = {**result, "seconds": seconds, "export": result["export_dir"]}
+    _, scores = _spawn_worker(
+        "score",
+        {
+            **job,
+            "image_size": BenchConfig.from_dict(job["config"]).image_size,
+            "exports": {**{n: out[n]["export"] for n in CONTENDERS}, "naive": naive},
+        },
+        work,
+        f"score_{tag}",
+    )
+    out["recipe"]["naive_accuracy"] = scores["accuracy"]["naive"]
+    for name in CONTENDERS:
+        out[name]["accuracy"] = scores["accuracy"][name]
+    return out
+
+
+def curve_report(
+    runs: dict[str, dict[str, list[dict]]], curve: dict[int, dict[str, list[dict]]], final: int
+) -> str:
+    """Whole-process time against test accuracy for `full` at several fine-tuning budgets, and
+    issue 13's target 3 judged from it (``feature_extraction`` rows, if run, are the 0 budget)."""
+    points = dict(curve)
+    points[final] = runs["full"]
+    if "feature_extraction" in runs:
+        points[0] = runs["feature_extraction"]
+    lines = [
+        "#### `full`: time to accuracy",
+        "",
+        "Each point is a whole fresh process (start to verified export) with that fine-tuning "
+        "budget, means over the seeds; budget 0 is the `feature_extraction` row (no fine-tuning).",
+        "",
+        "| fine-tuning epochs (budget) | recipe s | recipe test accuracy | tlkeras s "
+        "| tlkeras test accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for budget in sorted(points):
+        by = points[budget]
+        cells = [
+            f"{_pm([r['seconds'] for r in by[n]])} | {_pm([100 * r['accuracy'] for r in by[n]])} %"
+            for n in CONTENDERS
+        ]
+        lines.append(f"| {budget} | {' | '.join(cells)} |")
+    target = _mean(runs["full"]["recipe"], "accuracy")
+    limit = _mean(runs["full"]["recipe"], "seconds") / 2
+    reached = [
+        (_mean(by["tlkeras"], "seconds"), budget)
+        for budget, by in points.items()
+        if _mean(by["tlkeras"], "accuracy") >= target
+    ]
+    if reached:
+        seconds, budget = min(reached)
+        verdict = (
+            f"tlkeras first reaches it at budget {budget} in {seconds:.1f} s, "
+            f"{'within' if seconds <= limit else 'over'} half the recipe's {2 * limit:.1f} s "
+            f"({'met' if seconds <= limit else 'missed'})"
+        )
+    else:
+        verdict = "tlkeras reaches it at no budget measured (missed)"
+    lines += [
+        "",
+        f"Target 3 (issue 13): the recipe's final `full` test accuracy ({100 * target:.1f} %) in at "
+        f"most half its whole-process time: {verdict}.",
+    ]
+    return "\n".join(lines)
 
 
 def _pm(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -288,7 +371,9 @@ def report(
             )
             epochs = "/".join("+".join(str(e) for e in r["epochs"]) for r in rs)
             refit = next((f for f in rs[0].get("refit") or [] if f), None)
-            if refit:
+            if refit and "C" in refit:  # the solved head: re-solved, not retrained by epochs
+                epochs += f" (L-BFGS head, re-solved on {refit['examples']})"
+            elif refit:
                 epochs += f" (refit {refit['epochs']} on {refit['examples']})"
             ratio = f"{_pm(ratios)}×" if name == "tlkeras" else "1.0×"
             accuracy = _pm([100 * r["accuracy"] for r in rs]) + " %"
@@ -375,45 +460,31 @@ def main(argv: list[str]) -> None:
             "tlkeras_flags": list(FLAGS.tlkeras_flags),
         }
         runs: dict[str, dict[str, list[dict]]] = {}
+        curve: dict[int, dict[str, list[dict]]] = {}
+        budgets = [int(b) for b in FLAGS.curve] if "full" in FLAGS.strategies else []
         for strategy in FLAGS.strategies:
             runs[strategy] = {name: [] for name in CONTENDERS}
             for seed in range(FLAGS.seeds):
                 job = {**base, "strategy": strategy, "seed": seed}
-                tag = f"{strategy}_{seed}"
-                export, naive = str(work / f"recipe_{tag}"), str(work / f"naive_{tag}")
-                seconds, result = _spawn_worker(
-                    "recipe",
-                    {**job, "export_dir": export, "naive_export_dir": naive},
-                    work,
-                    f"recipe_{tag}",
-                )
-                seconds -= result["naive_export_s"]
-                runs[strategy]["recipe"].append(
-                    {**result, "seconds": seconds, "export": export, "naive": naive}
-                )
-                seconds, result = _tlkeras(job, work, f"tlkeras_{tag}")
-                runs[strategy]["tlkeras"].append(
-                    {**result, "seconds": seconds, "export": result["export_dir"]}
-                )
-                _, scores = _spawn_worker(
-                    "score",
-                    {
-                        **job,
-                        "image_size": config.image_size,
-                        "exports": {
-                            **{n: runs[strategy][n][-1]["export"] for n in CONTENDERS},
-                            "naive": naive,
-                        },
-                    },
-                    work,
-                    f"score_{tag}",
-                )
-                runs[strategy]["recipe"][-1]["naive_accuracy"] = scores["accuracy"]["naive"]
-                for name in CONTENDERS:
-                    runs[strategy][name][-1]["accuracy"] = scores["accuracy"][name]
-                    print(strategy, seed, name, json.dumps(runs[strategy][name][-1]), flush=True)
+                for name, result in _pair(job, work, f"{strategy}_{seed}").items():
+                    runs[strategy][name].append(result)
+                    print(strategy, seed, name, json.dumps(result), flush=True)
+        for budget in budgets:
+            curve[budget] = {name: [] for name in CONTENDERS}
+            for seed in range(FLAGS.seeds):
+                job = {
+                    **base,
+                    "strategy": "full",
+                    "seed": seed,
+                    "config": {**base["config"], "fine_tune_epochs": budget},
+                }
+                for name, result in _pair(job, work, f"full{budget}_{seed}").items():
+                    curve[budget][name].append(result)
+                    print("full", budget, seed, name, json.dumps(result), flush=True)
         _, probe = _spawn_worker("probe", base, work, "probe")
     text = report(runs, probe["accuracy"], counts, FLAGS.data, list(FLAGS.tlkeras_flags))
+    if curve:
+        text += "\n\n" + curve_report(runs, curve, config.fine_tune_epochs)
     print(text)
     print(f"({time.perf_counter() - started:.0f} s)")
     if FLAGS.output:

@@ -187,3 +187,24 @@ print("\\n".join(defaults.targets(runs, 0.90, 2000)))
     assert "0.5 points below it (target ≤ 1: met)" in small
     assert "3.00× (target ≥ 3×: met)" in medium and "target ≥ +0: met" in medium
     assert "10.0 points below it (target ≤ 1: missed)" in medium
+
+
+def test_defaults_time_to_accuracy_judges_the_first_budget_that_reaches_the_recipe():
+    code = """
+import defaults
+def pair(r_s, r_a, t_s, t_a):
+    return {"recipe": [{"seconds": r_s, "accuracy": r_a}],
+            "tlkeras": [{"seconds": t_s, "accuracy": t_a}]}
+runs = {"full": pair(80.0, 0.70, 60.0, 0.85), "feature_extraction": pair(30.0, 0.60, 25.0, 0.65)}
+print(defaults.curve_report(runs, {1: pair(40.0, 0.62, 35.0, 0.72)}, 10))
+print(defaults.curve_report(runs, {1: pair(40.0, 0.62, 45.0, 0.72)}, 10))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    met, missed = out.stdout.split("#### `full`: time to accuracy")[1:]
+    # Budget 0 (feature_extraction, 65 %) is below the recipe's 70 %; budget 1 reaches it.
+    assert "| 0 | 30.0 | 60.0 % | 25.0 | 65.0 % |" in met
+    assert "first reaches it at budget 1 in 35.0 s, within half the recipe's 80.0 s (met)" in met
+    assert "at budget 1 in 45.0 s, over half the recipe's 80.0 s (missed)" in missed
