@@ -200,10 +200,29 @@ def test_a_pre_started_verifier_checks_the_export_and_is_consumed(tmp_path):
     assert result.verification["ok"]  # export() pre-starts its verifier
     process = verify.start_verifier()
     report = verify.verify_export(result.path, model, jpegs(2), process=process)
-    assert report["ok"] and report["num_images"] == 2 and process.returncode == 0
+    # Its report is taken as soon as it is printed; the child is then ended, not awaited.
+    assert report["ok"] and report["num_images"] == 2 and process.poll() is not None
     # A verifier whose export failed before handing over work ends quietly on an empty line.
     idle = verify.start_verifier()
     assert idle.communicate("", timeout=120)[0] == "" and idle.returncode == 0
+
+
+def test_a_verifier_started_with_the_run_is_the_one_the_export_uses():
+    verify.prestart_verifier()
+    waiting = verify._prestarted
+    verify.prestart_verifier()  # one waits at a time
+    assert verify._prestarted is waiting and waiting.poll() is None
+    assert verify.start_verifier() is waiting and verify._prestarted is None
+    fresh = verify.start_verifier()  # nothing pre-started any more: a new one
+    assert fresh is not waiting
+    for process in (waiting, fresh):
+        process.stdin.close()
+        assert process.wait(timeout=120) == 0
+    # Unused at exit: told to quit (the atexit hook), it ends without verifying anything.
+    verify.prestart_verifier()
+    unused = verify._prestarted
+    verify._discard(unused)
+    assert unused.wait(timeout=120) == 0
 
 
 def test_an_export_that_fails_leaves_no_verifier_behind(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import data as data_lib
-from tlkeras import distribute, features, reports, savedmodel
+from tlkeras import distribute, features, reports, savedmodel, verify
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
 from tlkeras.exported import load_exported
@@ -687,6 +687,8 @@ def train(
     )
     # First: a multi-worker or logical-CPU strategy must exist before TensorFlow starts its devices.
     strategy_tf, batch_size = _tf_strategy(distribution, config, verbose)
+    if export_dir is not None and distribute.is_chief(strategy_tf):
+        verify.prestart_verifier()  # its TensorFlow import overlaps the training
     set_seed(config.seed)
     data = data_lib.load(
         data_source,

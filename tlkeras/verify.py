@@ -5,13 +5,17 @@ model's probabilities to a work directory, then runs ``python -m tlkeras.verify 
 SAVED_MODEL_DIR WORK_DIR``; that child reloads the SavedModel with ``tf.saved_model.load`` only and
 checks signature names, dtypes, shapes and outputs against them (``_check_in_this_process``).
 
-Importing TensorFlow costs the child seconds, so ``start_verifier`` can start it (``--wait``: import,
-then read ``SAVED_MODEL_DIR WORK_DIR`` as one JSON line on stdin) while the export is still being
-written; ``verify_export(..., process=...)`` hands it the work.
+Importing TensorFlow costs the child seconds (8 s on the 2-core machines here), so ``start_verifier``
+can start it (``--wait``: import, then read ``SAVED_MODEL_DIR WORK_DIR`` as one JSON line on stdin)
+while the export is still being written; ``verify_export(..., process=...)`` hands it the work.
+``prestart_verifier`` starts one even earlier, when a run that will export begins: the next
+``start_verifier`` hands that one out, by then ready. The parent takes the child's report as soon as
+it is printed and does not wait for TensorFlow's teardown at the child's exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -59,19 +63,51 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def start_verifier() -> subprocess.Popen:
-    """A fresh Python process that imports TensorFlow now and waits for ``verify_export``'s work.
+_prestarted: subprocess.Popen | None = None
 
-    Kill it (``process.kill()``) if the export fails before handing it over.
-    """
-    return subprocess.Popen(
+
+def _spawn() -> subprocess.Popen:
+    # stderr goes to a file: a pipe nobody reads while stdout is awaited could fill and block.
+    errors = tempfile.TemporaryFile(mode="w+", prefix="tlkeras-verify-stderr-")
+    process = subprocess.Popen(
         [sys.executable, "-m", "tlkeras.verify", "--wait"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errors,
         text=True,
         env=_child_env(),
     )
+    process.errors = errors  # read back on failure
+    return process
+
+
+def start_verifier() -> subprocess.Popen:
+    """A fresh Python process that imports TensorFlow now and waits for ``verify_export``'s work
+    (the one ``prestart_verifier`` started, if it is still waiting).
+
+    Kill it (``process.kill()``) if the export fails before handing it over.
+    """
+    global _prestarted
+    process, _prestarted = _prestarted, None
+    if process is not None and process.poll() is None:
+        return process
+    return _spawn()
+
+
+def prestart_verifier() -> None:
+    """Start the next export's verifying process now, so its TensorFlow import overlaps training.
+
+    One waits at a time; if no export takes it, it is told to quit when this process exits.
+    """
+    global _prestarted
+    if _prestarted is None or _prestarted.poll() is not None:
+        _prestarted = _spawn()
+        atexit.register(_discard, _prestarted)
+
+
+def _discard(process: subprocess.Popen) -> None:
+    if process.poll() is None and process is _prestarted:
+        process.stdin.close()  # an empty line: the child exits without verifying anything
 
 
 def verify_export(
@@ -123,15 +159,14 @@ def verify_export(
         if process is None:
             process = start_verifier()
         try:
-            stdout, stderr = process.communicate(
-                json.dumps([str(path), str(work)]) + "\n", timeout=timeout
-            )
+            lines = _report_lines(process, json.dumps([str(path), str(work)]), timeout)
         finally:
-            if process.poll() is None:
+            if process.poll() is None:  # its report is in; TensorFlow's teardown is not needed
                 process.kill()
-                process.wait()
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+            process.wait()
     if not lines:
+        errors = getattr(process, "errors", None)
+        stderr = (errors.seek(0), errors.read())[1] if errors is not None else ""
         raise ExportVerificationError(
             f"verification process failed (exit {process.returncode}): {stderr.strip()[-2000:]}"
         )
@@ -142,6 +177,27 @@ def verify_export(
             + "; ".join(report.get("problems", ["unknown"]))
         )
     return report
+
+
+def _report_lines(process: subprocess.Popen, work: str, timeout: float) -> list[str]:
+    """Hand ``work`` to the waiting child and read its stdout up to its JSON report line."""
+    import threading
+
+    timer = threading.Timer(timeout, process.kill)  # a hung child ends the read with EOF
+    timer.start()
+    try:
+        process.stdin.write(work + "\n")
+        process.stdin.flush()
+        lines = []
+        for line in process.stdout:
+            if line.startswith("{"):
+                lines.append(line)
+                break
+        return lines
+    except (BrokenPipeError, OSError):  # the child died before reading its work
+        return []
+    finally:
+        timer.cancel()
 
 
 def _check_in_this_process(path: Path, work: Path) -> dict[str, Any]:
