@@ -64,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    tlkeras.cli.run(main)
+    tlkeras.cli.run(main, exit_now=True)

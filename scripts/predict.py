@@ -42,4 +42,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    tlkeras.cli.run(main)
+    tlkeras.cli.run(main, exit_now=True)

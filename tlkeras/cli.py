@@ -9,6 +9,7 @@ flags the experiment scripts share (:func:`define_model_flags`). It never reads 
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import sys
@@ -43,8 +44,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
-    """``absl.app.run(main)`` with one-line errors and exit code 2 for bad flags or bad input."""
+def run(main: Callable[[list[str]], Any], *, exit_now: bool = False) -> None:
+    """``absl.app.run(main)`` with one-line errors and exit code 2 for bad flags or bad input.
+
+    ``exit_now``: once ``main`` has returned, flush and leave at once (``os._exit``), skipping the
+    interpreter's teardown of TensorFlow (1.5–2.5 s on 2 cores) that a finished script does not
+    need; its files are written and closed, and a pre-started verifier sees its stdin close.
+    """
     from absl import app, flags
 
     def parse_flags(argv: list[str]) -> list[str]:
@@ -56,7 +62,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
     def guarded_main(argv: list[str]) -> Any:
         try:
-            return main(argv)
+            code = main(argv)
         except USER_ERRORS as e:
             fail(str(e) or type(e).__name__)
         except KeyboardInterrupt:
@@ -66,6 +72,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
             if isinstance(getattr(e, "exit_code", None), int):
                 fail(str(e), e.exit_code)
             raise
+        if not exit_now:
+            return code
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0)
 
     app.run(guarded_main, flags_parser=parse_flags)
 
