@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -429,12 +430,8 @@ def cache_features(
     if cache_dir is None:
         cached = feature_arrays(prefix, dataset, views=views, augmentation=augmentation)
         if cached is not None:
-            return _sample_arrays(
-                cached.views, cached.rest, batch_size=cached.batch_size, seed=seed, shuffle=shuffle
-            )
+            return cached.dataset(seed=seed, shuffle=shuffle)
     # File-backed: one cached pass per view, zipped so the same example lines up across views.
-    import tempfile
-
     features = _features_fn(prefix, augmentation)
 
     directory = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="tlkeras_features_"))
@@ -465,6 +462,12 @@ class CachedArrays:
     views: list[Any]
     rest: tuple[np.ndarray, ...]
     batch_size: int
+
+    def dataset(self, *, seed: int = 0, shuffle: bool = False, views: int | None = None):
+        """Batches of ``(features, *rest)``, one view (of the first ``views``) drawn per example."""
+        return _sample_arrays(
+            self.views[:views], self.rest, batch_size=self.batch_size, seed=seed, shuffle=shuffle
+        )
 
 
 def _features_fn(prefix: keras.Model, augmentation: keras.layers.Layer | None) -> Callable:
@@ -770,27 +773,27 @@ def fit_frozen(
             logger.info("head solver: gradient epochs (%s)", why_not)
             if verbose:
                 print(f"head trained by gradient epochs: {why_not}", flush=True)
+        # Past the memory budget the features go to files (a temporary directory) instead.
+        spill = None if arrays is not None and val_arrays is not None else tempfile.mkdtemp()
         train_in = (
-            _sample_arrays(
-                arrays.views, arrays.rest, batch_size=arrays.batch_size, seed=seed, shuffle=True
-            )
+            arrays.dataset(seed=seed, shuffle=True)
             if arrays is not None
             else cache_features(
-                prefix, train, views=views, augmentation=augmentation, seed=seed, shuffle=True
+                prefix,
+                train,
+                views=views,
+                augmentation=augmentation,
+                seed=seed,
+                shuffle=True,
+                cache_dir=Path(spill) / "train",
             )
         )
         val_in = None
         if validation is not None:
             val_in = (
-                _sample_arrays(
-                    val_arrays.views,
-                    val_arrays.rest,
-                    batch_size=val_arrays.batch_size,
-                    seed=seed,
-                    shuffle=False,
-                )
+                val_arrays.dataset()
                 if val_arrays is not None
-                else cache_features(prefix, validation)
+                else cache_features(prefix, validation, cache_dir=Path(spill) / "validation")
             )
 
     initial = trained.get_weights() if refit_optimizer is not None else None
@@ -933,9 +936,7 @@ def _solve_head(
 
 def _cached_metrics(trained: keras.Model, arrays: CachedArrays) -> dict[str, float]:
     """The compiled metrics of ``trained`` on the clean view of cached features."""
-    clean = _sample_arrays(
-        arrays.views[:1], arrays.rest, batch_size=arrays.batch_size, seed=0, shuffle=False
-    )
+    clean = arrays.dataset(views=1)
     return {k: float(v) for k, v in trained.evaluate(clean, return_dict=True, verbose=0).items()}
 
 
