@@ -34,9 +34,10 @@ TOL = 1e-6
 CV_FOLDS = 5
 
 
-def check_solver(solver: Any) -> str:
+def check_solver(solver: Any, name: str = "head_solver") -> str:
+    """``solver`` if it is one of ``SOLVERS``, else a ``ValueError`` naming ``name``."""
     if solver not in SOLVERS:
-        raise ValueError(f"head_solver: expected one of {SOLVERS}, received {solver!r}")
+        raise ValueError(f"{name}: expected one of {SOLVERS}, received {solver!r}")
     return solver
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import distribute, features
-from tlkeras.head_solver import GRADIENT, LBFGS, SOLVERS
+from tlkeras.head_solver import GRADIENT, LBFGS, check_solver
 from tlkeras.strategy import Strategy, apply_strategy, scratch_batchnorm
 from tlkeras.task import infer, loss_for, metrics_for
 
@@ -143,10 +143,7 @@ class TrainConfig:
         _check_int("early_stopping_patience", self.early_stopping_patience, 0)
         _check_int("seed", self.seed, 0)
         _check_int("augment_views", self.augment_views, 0)
-        if self.head_solver not in SOLVERS:
-            raise ValueError(
-                f"TrainConfig.head_solver: expected one of {SOLVERS}, received {self.head_solver!r}"
-            )
+        check_solver(self.head_solver, "TrainConfig.head_solver")
         for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
@@ -222,8 +219,7 @@ class Phase:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy).value)
-        if self.solver not in SOLVERS:
-            raise ValueError(f"Phase.solver: expected one of {SOLVERS}, received {self.solver!r}")
+        check_solver(self.solver, "Phase.solver")
         for name in ("fast", "converge", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name}: expected a bool, received {getattr(self, name)!r}")

@@ -159,18 +159,18 @@ def verify_export(
         if process is None:
             process = start_verifier()
         try:
-            lines = _report_lines(process, json.dumps([str(path), str(work)]), timeout)
+            line = _report_line(process, json.dumps([str(path), str(work)]), timeout)
         finally:
             if process.poll() is None:  # its report is in; TensorFlow's teardown is not needed
                 process.kill()
             process.wait()
-    if not lines:
+    if line is None:
         errors = getattr(process, "errors", None)
         stderr = (errors.seek(0), errors.read())[1] if errors is not None else ""
         raise ExportVerificationError(
             f"verification process failed (exit {process.returncode}): {stderr.strip()[-2000:]}"
         )
-    report = json.loads(lines[-1])
+    report = json.loads(line)
     if not report.get("ok"):
         raise ExportVerificationError(
             f"exported model at {str(path)!r} does not match the Keras model: "
@@ -179,7 +179,7 @@ def verify_export(
     return report
 
 
-def _report_lines(process: subprocess.Popen, work: str, timeout: float) -> list[str]:
+def _report_line(process: subprocess.Popen, work: str, timeout: float) -> str | None:
     """Hand ``work`` to the waiting child and read its stdout up to its JSON report line."""
     import threading
 
@@ -188,14 +188,9 @@ def _report_lines(process: subprocess.Popen, work: str, timeout: float) -> list[
     try:
         process.stdin.write(work + "\n")
         process.stdin.flush()
-        lines = []
-        for line in process.stdout:
-            if line.startswith("{"):
-                lines.append(line)
-                break
-        return lines
+        return next((line for line in process.stdout if line.startswith("{")), None)
     except (BrokenPipeError, OSError):  # the child died before reading its work
-        return []
+        return None
     finally:
         timer.cancel()
 
