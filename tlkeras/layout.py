@@ -1,7 +1,7 @@
 """The on-disk layout of a tlkeras export (TF Serving's ``model_base_path/<version>/``)::
 
     <base_dir>/<model_name>/<version>/
-        saved_model.pb, variables/          the graph and weights (``signatures.ServingModule``)
+        saved_model.pb, variables/          the graph and weights (``signatures.write_serving_model``)
         assets.extra/labels.txt             one class name a line, in output order
         assets.extra/metadata.json          how the model was built, trained and exported
         assets.extra/tf_serving_warmup_requests   PredictionLog TFRecords TF Serving replays at load

@@ -49,9 +49,9 @@ from tlkeras.signatures import (  # noqa: E402
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     SIGNATURES,
-    ServingModule,
     _resolve_head,
     input_size,
+    write_serving_model,
 )
 from tlkeras.verify import start_verifier, verify_export  # noqa: E402
 
@@ -274,7 +274,7 @@ def export(
     # The verifying process imports TensorFlow while this one writes the SavedModel.
     verifier = start_verifier() if verify else None
     try:
-        ServingModule(model, class_names, head, top_k).write_out(str(tmp))
+        write_serving_model(model, class_names, head, top_k, str(tmp))
         extra = tmp / ASSETS_EXTRA
         extra.mkdir()
         (extra / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names), encoding="utf-8")
