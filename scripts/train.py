@@ -68,16 +68,37 @@ flags.DEFINE_integer(
     "partial only: first trainable block (negative counts from the end; default: the top half).",
 )
 flags.DEFINE_integer("epochs", _C.epochs, "Phase 1 epochs (head warm-up on the frozen backbone).")
+_SOURCE = training.SOURCE_FINE_TUNING  # the defaults for source: weights
 flags.DEFINE_integer(
-    "fine_tune_epochs", _C.fine_tune_epochs, "Phase 2 epochs (partial/full); 0 skips it."
+    "fine_tune_epochs",
+    None,
+    f"Phase 2 epochs (partial/full); 0 skips it (default: {_C.fine_tune_epochs}; "
+    f"{_SOURCE['fine_tune_epochs']} with source: weights).",
 )
 flags.DEFINE_float("learning_rate", _C.learning_rate, "Phase 1 AdamW learning rate.")
 flags.DEFINE_float(
-    "fine_tune_learning_rate", None, "Phase 2 learning rate (default: learning_rate / 10)."
+    "fine_tune_learning_rate",
+    None,
+    "Phase 2 learning rate (default: learning_rate / 10; "
+    f"{_SOURCE['fine_tune_learning_rate']:g} with source: weights).",
+)
+flags.DEFINE_integer(
+    "early_stopping_patience",
+    None,
+    f"Epochs without a better validation loss before a phase stops (default: "
+    f"{_C.early_stopping_patience}; {_SOURCE['early_stopping_patience']} with source: weights).",
+)
+flags.DEFINE_boolean(
+    "reduce_lr_on_plateau",
+    None,
+    "Halve the learning rate when validation loss stalls (default: "
+    f"{_C.reduce_lr_on_plateau}; {_SOURCE['reduce_lr_on_plateau']} with source: weights).",
 )
 flags.DEFINE_integer("batch_size", _C.batch_size, "Batch size.")
 flags.DEFINE_boolean(
-    "augment", None, "Random flip/rotation/zoom/contrast in training (default: on, off for digits)."
+    "augment",
+    None,
+    "Random flip/rotation/zoom/contrast in training (default: on; digits: shifts and turns only).",
 )
 flags.DEFINE_float("dropout", HeadConfig().dropout, "Dropout before the classifier layer.")
 flags.DEFINE_float(
@@ -173,6 +194,8 @@ def main(argv: list[str]) -> None:
         fine_tune_epochs=FLAGS.fine_tune_epochs,
         learning_rate=FLAGS.learning_rate,
         fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
+        early_stopping_patience=FLAGS.early_stopping_patience,
+        reduce_lr_on_plateau=FLAGS.reduce_lr_on_plateau,
         batch_size=FLAGS.batch_size,
         label_smoothing=FLAGS.label_smoothing,
         class_weight=cli.parse_class_weight(FLAGS.class_weight),

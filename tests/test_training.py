@@ -193,3 +193,33 @@ def test_sigkill_in_phase_two_resumes_in_phase_two(tmp_path):
     assert history["history"]["epoch"] == list(range(2 + epochs2))
     assert history["history"]["phase"] == [1, 1] + [2] * epochs2
     assert history["phase_boundary"] == 2
+
+
+@pytest.mark.parametrize(
+    "config, weights, overrides, expected",
+    [
+        # ImageNet/file/no weights: TrainConfig's defaults; None overrides mean "the default".
+        (None, "imagenet", {"fine_tune_epochs": None}, {"fine_tune_epochs": 10}),
+        (None, None, {"epochs": 3}, {"epochs": 3, "reduce_lr_on_plateau": False}),
+        # source: weights fill in SOURCE_FINE_TUNING where the overrides say nothing.
+        (None, "source:digits:0-4", {}, training.SOURCE_FINE_TUNING),
+        (
+            None,
+            "source:digits:0-4",
+            {"fine_tune_epochs": 4, "reduce_lr_on_plateau": None},
+            {"fine_tune_epochs": 4, "reduce_lr_on_plateau": True},
+        ),
+        # An explicit config is taken as it is.
+        (TrainConfig(epochs=2), "source:digits:0-4", {}, {"epochs": 2, "fine_tune_epochs": 10}),
+    ],
+)
+def test_resolve_config(config, weights, overrides, expected):
+    resolved = training.resolve_config(config, weights, **overrides)
+    assert {k: getattr(resolved, k) for k in expected} == dict(expected)
+
+
+def test_resolve_augment_digits_get_shifts_and_turns_without_flips():
+    augment = training.resolve_augment(None, "digits:5-9", seed=4)
+    assert augment.flip == "none" and augment.translation > 0 and augment.seed == 4
+    assert training.resolve_augment(None, "some/folder").flip != "none"
+    assert training.resolve_augment(False, "digits:5-9") is None

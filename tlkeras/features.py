@@ -471,10 +471,10 @@ class CachedArrays:
 
 
 def _features_fn(prefix: keras.Model, augmentation: keras.layers.Layer | None) -> Callable:
-    clean_fn, augment_fn = _feature_functions(prefix, augmentation)
+    fn = _feature_function(prefix, augmentation)
 
     def features(images: tf.Tensor, augment: bool) -> Any:
-        out = augment_fn(images) if augment else clean_fn(images)
+        out = fn(images, tf.constant(augment))
         # tf.data reads a list as one tensor to stack; several boundary tensors are a tuple.
         return tuple(out) if isinstance(out, list) else out
 
@@ -517,27 +517,34 @@ def feature_arrays(
     return CachedArrays(stacked, labels, batch_size)
 
 
-def _feature_functions(
-    prefix: keras.Model, augmentation: keras.layers.Layer | None
-) -> tuple[Any, Any]:
-    """Compiled ``prefix`` (and augmentation + prefix) traced once for any batch size.
+def _feature_function(prefix: keras.Model, augmentation: keras.layers.Layer | None) -> Any:
+    """Compiled ``prefix`` on ``(images, augment)``, traced once for any batch size and for both
+    the clean and the augmented views (a ``tf.cond`` picks the input; the backbone is traced once).
 
     Kept on the prefix so the training and validation passes share one trace: tracing costs about
-    as much as a forward pass over a small dataset.
+    as much as a forward pass over a small dataset. No autograph: Keras layers need none, and
+    converting every call in the backbone made the trace several times slower.
     """
     cache = getattr(prefix, "_tlkeras_feature_fns", None)
     if cache is None:
         cache = {}
         object.__setattr__(prefix, "_tlkeras_feature_fns", cache)
-    spec = [tf.TensorSpec(prefix.inputs[0].shape, prefix.inputs[0].dtype)]
-    if "clean" not in cache:
-        cache["clean"] = tf.function(lambda x: prefix(x, training=False), input_signature=spec)
-    if augmentation is not None and cache.get("augmentation") is not augmentation:
-        cache["augmentation"] = augmentation
-        cache["augmented"] = tf.function(
-            lambda x: prefix(augmentation(x, training=True), training=False), input_signature=spec
-        )
-    return cache["clean"], cache.get("augmented")
+    # A clean-only caller reuses the function of an augmenting one (with augment=False).
+    if "fn" in cache and (augmentation is None or cache["augmentation"] is augmentation):
+        return cache["fn"]
+
+    def run(images: tf.Tensor, augment: tf.Tensor) -> Any:
+        if augmentation is not None:
+            images = tf.cond(augment, lambda: augmentation(images, training=True), lambda: images)
+        return prefix(images, training=False)
+
+    spec = [
+        tf.TensorSpec(prefix.inputs[0].shape, prefix.inputs[0].dtype),
+        tf.TensorSpec([], tf.bool),
+    ]
+    cache["augmentation"] = augmentation
+    cache["fn"] = tf.function(run, input_signature=spec, autograph=False)
+    return cache["fn"]
 
 
 def _sample_arrays(

@@ -332,8 +332,8 @@ def train_with_baselines(
     bound = inspect.signature(training.train).bind(data_source, **kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
-    config = dataclasses.replace(
-        args["config"] or training.TrainConfig(), **args.pop("config_overrides")
+    config = training.resolve_config(
+        args["config"], args["weights"], **args.pop("config_overrides")
     )
     size = tuple(int(s) for s in result.model.input_shape[1:3])
     data = load(
