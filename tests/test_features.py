@@ -297,3 +297,23 @@ def test_refit_needs_validation_and_the_fast_path():
         _model(), _dataset(), None, 2, refit_optimizer=lambda: keras.optimizers.Adam(1e-2)
     )
     assert "refit" not in history.fast_path
+
+
+def test_clean_and_augmented_views_share_one_trace():
+    model = _model(augment=AugmentConfig(flip="horizontal", rotation=0.0, zoom=0.0, contrast=0.0))
+    prefix, _ = features.split_at_block(model, None)
+    augmentation = model.get_layer("augmentation")
+    images = next(iter(_dataset(n=8, batch_size=8)))[0]
+    with_views = features._feature_function(prefix, augmentation)
+    # A clean-only caller (the validation pass) reuses the augmenting function: one trace in all.
+    assert features._feature_function(prefix, None) is with_views
+    features_of = features._features_fn(prefix, augmentation)
+    clean = features_of(images, False)
+    np.testing.assert_allclose(clean, prefix(images, training=False), atol=1e-6)
+    flipped = prefix(tf.reverse(images, axis=[2]), training=False).numpy()
+    augmented = np.asarray(features_of(images, True))
+    # Every image is either kept or flipped.
+    kept = np.all(np.isclose(augmented, clean, atol=1e-5), axis=1)
+    turned = np.all(np.isclose(augmented, flipped, atol=1e-5), axis=1)
+    assert np.all(kept | turned)
+    assert with_views.experimental_get_tracing_count() == 1

@@ -152,3 +152,20 @@ def test_check_solver():
     assert head_solver.check_solver("lbfgs") == "lbfgs"
     with pytest.raises(ValueError, match=r"head_solver: expected one of \('lbfgs', 'gradient'\)"):
         head_solver.check_solver("adam")
+
+
+def test_the_solver_runs_on_solver_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    fit = LogisticRegression.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", recording_fit)
+    (x, y), _ = _digits(3)
+    model = _suffix(x.shape[1], 3, "softmax")
+    head_solver.refit(model, x, y, 1.0)
+    assert seen == [{head_solver.SOLVER_THREADS}]
