@@ -134,3 +134,16 @@ def test_pretraining_prints_progress_once_and_not_when_cached(home, tmp_path, ca
     assert "validation accuracy" in epochs[-1]
     weights_lib.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
     assert "Pre-training" not in capsys.readouterr().out  # cached: nothing to wait for
+
+
+@pytest.mark.parametrize(
+    "backbone, kwargs, expected",
+    [
+        ("MobileNet", None, weights_lib.DEFAULT_BACKBONE_KWARGS),  # the main job's width
+        ("MobileNet", {"alpha": 0.5}, {"alpha": 0.5}),
+        ("MobileNet", {}, {}),
+        ("ResNet50", None, {}),
+    ],
+)
+def test_source_backbone_kwargs(backbone, kwargs, expected):
+    assert weights_lib.source_backbone_kwargs(backbone, kwargs) == expected

@@ -663,7 +663,9 @@ def train(
     Args:
         data_source: anything ``tlkeras.data.load`` takes (folder, ``tfds:NAME``, ``(x, y)``,
             ``digits[:A-B]``); default: the embedded digits 5-9 (offline).
-        backbone, backbone_kwargs, fine_tune_at, train_bn: as ``tlkeras.build_model``.
+        backbone, backbone_kwargs, fine_tune_at, train_bn: as ``tlkeras.build_model``;
+            ``backbone_kwargs=None`` with ``source:`` weights is the main job's (``alpha=0.25``
+            for MobileNet).
         weights: ``"imagenet"``, a weights file, ``None`` (random init; required by ``scratch``),
             or ``"source:TASK"`` (a backbone pre-trained on TASK by ``tlkeras.weights``; default
             ``"source:digits:0-4"``).
@@ -689,6 +691,8 @@ def train(
     head, augment = _check_train_args(
         strategy_enum, fine_tune_at, weights, head, dropout, augment, data_source, config
     )
+    if weights_lib.is_source(weights):  # the source model's width (the main job's, by default)
+        backbone_kwargs = weights_lib.source_backbone_kwargs(backbone, backbone_kwargs)
     backbone_kwargs = dict(backbone_kwargs or {})
     size = weights_lib.image_size_for(image_size, weights, backbone)
     model_name = model_name or model_name_for(data_source)

@@ -37,9 +37,11 @@ from tlkeras.weights import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SOURCE,
     DEFAULT_TARGET,
+    is_source,
     pretrained_record,
     pretrained_weights,
     resolve,
+    source_backbone_kwargs,
 )
 
 STRATEGIES = tuple(s.value for s in Strategy)
@@ -359,7 +361,12 @@ def train_with_baselines(
     scratch = compare_strategies(
         data,
         backbone=args["backbone"],
-        backbone_kwargs=args["backbone_kwargs"],
+        # The transferred network's width (train() fills in the source model's for None).
+        backbone_kwargs=(
+            source_backbone_kwargs(args["backbone"], args["backbone_kwargs"])
+            if is_source(args["weights"])
+            else args["backbone_kwargs"]
+        ),
         weights=None,
         strategies=["scratch"],
         config=config,

@@ -128,8 +128,7 @@ def pretrained_weights(
     """
     source = _check_source(source)
     spec = get_backbone(backbone)
-    if backbone_kwargs is None:
-        backbone_kwargs = dict(DEFAULT_BACKBONE_KWARGS) if spec.name == DEFAULT_BACKBONE else {}
+    backbone_kwargs = source_backbone_kwargs(spec.name, backbone_kwargs)
     if not isinstance(backbone_kwargs, dict):
         raise TypeError(
             f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
@@ -239,6 +238,14 @@ def parse(text: str | None) -> str | None:
     if text.strip().lower() == IMAGENET:
         return IMAGENET
     return text.strip()
+
+
+def source_backbone_kwargs(backbone: str, backbone_kwargs: Any) -> Any:
+    """``backbone_kwargs`` for a source-task backbone: as given, or when ``None`` the main job's
+    (``DEFAULT_BACKBONE_KWARGS`` for ``DEFAULT_BACKBONE``, else none)."""
+    if backbone_kwargs is not None:
+        return backbone_kwargs
+    return dict(DEFAULT_BACKBONE_KWARGS) if get_backbone(backbone).name == DEFAULT_BACKBONE else {}
 
 
 def is_source(weights: Any) -> bool:
