@@ -137,13 +137,15 @@ def test_pretraining_prints_progress_once_and_not_when_cached(home, tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "backbone, kwargs, expected",
+    "backbone, kwargs, weights, expected",
     [
-        ("MobileNet", None, weights_lib.DEFAULT_BACKBONE_KWARGS),  # the main job's width
-        ("MobileNet", {"alpha": 0.5}, {"alpha": 0.5}),
-        ("MobileNet", {}, {}),
-        ("ResNet50", None, {}),
+        ("MobileNet", None, "source:digits:0-4", weights_lib.DEFAULT_BACKBONE_KWARGS),
+        ("MobileNet", {"alpha": 0.5}, "source:digits:0-4", {"alpha": 0.5}),
+        ("MobileNet", {}, "source:digits:0-4", {}),
+        ("ResNet50", None, "source:digits:0-4", {}),
+        ("MobileNet", None, "imagenet", {}),  # Keras's own default width
+        ("MobileNet", {"alpha": 0.5}, None, {"alpha": 0.5}),
     ],
 )
-def test_source_backbone_kwargs(backbone, kwargs, expected):
-    assert weights_lib.source_backbone_kwargs(backbone, kwargs) == expected
+def test_backbone_kwargs_for(backbone, kwargs, weights, expected):
+    assert weights_lib.backbone_kwargs_for(backbone, kwargs, weights) == expected

@@ -691,9 +691,7 @@ def train(
     head, augment = _check_train_args(
         strategy_enum, fine_tune_at, weights, head, dropout, augment, data_source, config
     )
-    if weights_lib.is_source(weights):  # the source model's width (the main job's, by default)
-        backbone_kwargs = weights_lib.source_backbone_kwargs(backbone, backbone_kwargs)
-    backbone_kwargs = dict(backbone_kwargs or {})
+    backbone_kwargs = weights_lib.backbone_kwargs_for(backbone, backbone_kwargs, weights)
     size = weights_lib.image_size_for(image_size, weights, backbone)
     model_name = model_name or model_name_for(data_source)
     run_dir = (

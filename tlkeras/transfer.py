@@ -37,11 +37,10 @@ from tlkeras.weights import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SOURCE,
     DEFAULT_TARGET,
-    is_source,
+    backbone_kwargs_for,
     pretrained_record,
     pretrained_weights,
     resolve,
-    source_backbone_kwargs,
 )
 
 STRATEGIES = tuple(s.value for s in Strategy)
@@ -362,10 +361,8 @@ def train_with_baselines(
         data,
         backbone=args["backbone"],
         # The transferred network's width (train() fills in the source model's for None).
-        backbone_kwargs=(
-            source_backbone_kwargs(args["backbone"], args["backbone_kwargs"])
-            if is_source(args["weights"])
-            else args["backbone_kwargs"]
+        backbone_kwargs=backbone_kwargs_for(
+            args["backbone"], args["backbone_kwargs"], args["weights"]
         ),
         weights=None,
         strategies=["scratch"],

@@ -128,11 +128,11 @@ def pretrained_weights(
     """
     source = _check_source(source)
     spec = get_backbone(backbone)
-    backbone_kwargs = source_backbone_kwargs(spec.name, backbone_kwargs)
-    if not isinstance(backbone_kwargs, dict):
+    if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
         raise TypeError(
             f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
         )
+    backbone_kwargs = backbone_kwargs_for(spec.name, backbone_kwargs, SOURCE_PREFIX + source)
     size = max(_check_positive_int("image_size", image_size), spec.min_size)
     epochs = _check_positive_int("epochs", DEFAULT_PRETRAIN_EPOCHS if epochs is None else epochs)
     directory = Path(cache_dir) if cache_dir is not None else cache_root()
@@ -240,12 +240,13 @@ def parse(text: str | None) -> str | None:
     return text.strip()
 
 
-def source_backbone_kwargs(backbone: str, backbone_kwargs: Any) -> Any:
-    """``backbone_kwargs`` for a source-task backbone: as given, or when ``None`` the main job's
-    (``DEFAULT_BACKBONE_KWARGS`` for ``DEFAULT_BACKBONE``, else none)."""
-    if backbone_kwargs is not None:
-        return backbone_kwargs
-    return dict(DEFAULT_BACKBONE_KWARGS) if get_backbone(backbone).name == DEFAULT_BACKBONE else {}
+def backbone_kwargs_for(backbone: str, backbone_kwargs: Any, weights: Any = None) -> dict:
+    """``backbone_kwargs`` as a dict; ``None`` is none, or with ``source:`` weights the source
+    model's (``DEFAULT_BACKBONE_KWARGS`` for ``DEFAULT_BACKBONE``: the main job's width)."""
+    if backbone_kwargs is None and is_source(weights):
+        default = get_backbone(backbone).name == DEFAULT_BACKBONE
+        backbone_kwargs = DEFAULT_BACKBONE_KWARGS if default else {}
+    return dict(backbone_kwargs or {})
 
 
 def is_source(weights: Any) -> bool:
