@@ -1,7 +1,15 @@
-"""Export a trained Keras model as a TF-Serving SavedModel: ``<base_dir>/<model_name>/<version>/``.
+"""Export a trained Keras model as a TF-Serving SavedModel (``<base_dir>/<model_name>/<version>/``),
+or a model or SavedModel as a TFLite / ONNX file for phones, browsers and microcontrollers.
 
     python scripts/export.py --model=runs/ants_bees/model.keras --model_name=ants_bees \
         --images=../shared/data/hymenoptera/train/ants
+    python scripts/export.py --model=saved_models/ants_bees --format=tflite --quantization=int8 \
+        --calibration_data=path/to/train --eval_data=path/to/test
+
+Edge files go to ``<base_dir>/<model_name>/edge/<version>/<format>/`` (or ``--output_dir``) with
+``labels.txt`` and ``metadata.json``; each is run in LiteRT/onnxruntime on ``--eval_data`` (or
+``--images``) and its agreement, accuracy, size and latency printed. A float32 file that disagrees
+with the model is refused.
 
 ``--model`` is a ``.keras`` file (loaded with Keras ``safe_mode``) or a training run directory holding
 ``model.keras``; class names come from ``--class_names`` or the run's ``metrics.json``. The export is
@@ -11,7 +19,7 @@ verified in a fresh process before its version directory appears.
 from absl import flags, logging
 
 import tlkeras.cli
-from tlkeras import exported, layout, savedmodel, signatures
+from tlkeras import edge, exported, layout, savedmodel, signatures, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -32,7 +40,27 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_integer("max_images", 8, "At most this many --images are used.", lower_bound=1)
 flags.DEFINE_bool("verify", True, "Verify the export in a fresh process.")
-flags.mark_flags_as_required(["model", "model_name"])
+flags.DEFINE_enum("format", "saved_model", ["saved_model", *edge.FORMATS], "What to write.")
+flags.DEFINE_enum(
+    "quantization",
+    "none",
+    list(edge.QUANTIZATIONS),
+    "TFLite: none (float32) | float16 | "
+    "dynamic (int8 weights) | int8 (full integer; needs --calibration_data).",
+)
+flags.DEFINE_enum(
+    "io_type", None, list(edge.IO_TYPES), "int8: the input/output type (default uint8)."
+)
+flags.DEFINE_string(
+    "calibration_data", None, "int8: training images (one subfolder per class) to calibrate on."
+)
+flags.DEFINE_string(
+    "eval_data", None, "Edge formats: a labelled folder to verify on and score (else --images)."
+)
+flags.DEFINE_string(
+    "output_dir", None, "Edge formats: where to write (default under --base_dir, see above)."
+)
+flags.mark_flags_as_required(["model"])
 
 
 def main(argv: list[str]) -> None:
@@ -40,6 +68,11 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"expected no positional arguments, received {argv[1:]}")
     if not FLAGS["verbosity"].present:  # tf.saved_model.save logs every asset at INFO
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.format != "saved_model":
+        _export_edge()
+        return
+    if not FLAGS.model_name:
+        raise ValueError("--model_name: expected a name for the SavedModel, received none")
     model, class_names = exported.load_keras_model(FLAGS.model, FLAGS.class_names)
     images = exported.read_images(FLAGS.images, limit=FLAGS.max_images) if FLAGS.images else None
     result = savedmodel.export(
@@ -61,6 +94,24 @@ def main(argv: list[str]) -> None:
             f"float {v['serving_float_max_abs_diff']:.2e}, bytes {v['serving_default_max_abs_diff']:.2e} "
             f"on {v['num_images']} images"
         )
+
+
+def _export_edge() -> None:
+    config = edge.EdgeConfig(FLAGS.format, FLAGS.quantization, FLAGS.io_type)
+    result = training.export_edge_files(
+        FLAGS.model,
+        config,
+        out_dir=FLAGS.output_dir,
+        base_dir=FLAGS.base_dir,
+        model_name=FLAGS.model_name,
+        class_names=FLAGS.class_names,
+        images=FLAGS.images,
+        eval_data=FLAGS.eval_data,
+        calibration_data=FLAGS.calibration_data,
+        max_images=None if FLAGS.eval_data else FLAGS.max_images,
+        overwrite=FLAGS.overwrite,
+    )
+    print(edge.summary(result))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, training, transfer
+from tlkeras import cli, edge, training, transfer
 from tlkeras.data import DataConfig
 from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.head_solver import SOLVERS
@@ -113,6 +113,12 @@ flags.DEFINE_string(
     "export_dir", training.DEFAULT_EXPORT_DIR, "SavedModel base directory; '' skips the export."
 )
 flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
+flags.DEFINE_list(
+    "export_formats",
+    [edge.SAVED_MODEL],
+    f"What --export_dir receives, any of {', '.join([edge.SAVED_MODEL, *edge.EXPORT_FORMATS])}; "
+    "edge files go to EXPORT_DIR/MODEL_NAME/edge/VERSION/FORMAT/, verified on the test split.",
+)
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
 flags.DEFINE_boolean(
@@ -189,6 +195,7 @@ def main(argv: list[str]) -> None:
         output_dir=FLAGS.output_dir,
         export_dir=FLAGS.export_dir or None,
         model_name=FLAGS.model_name,
+        export_formats=FLAGS.export_formats,
         overwrite=FLAGS.overwrite,
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,

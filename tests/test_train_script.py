@@ -27,6 +27,7 @@ BAD_FLAGS = {
     "multi_worker_without_tf_config": (["--distribution=multi_worker"], "TF_CONFIG"),
     "cpu_replicas_without_mirrored": (["--cpu_replicas=2"], "cpu_replicas"),
     "tpu_without_a_tpu": (["--distribution=tpu", "--tpu=local"], "distribution='tpu'"),
+    "unknown_export_format": (["--export_formats=saved_model,tflite_int4"], "export_formats:"),
 }
 
 
@@ -51,6 +52,7 @@ def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
         f"--output_dir={run}",
         f"--export_dir={export}",
         "--model_name=tiny",
+        "--export_formats=saved_model,tflite_int8",
         "--nobaselines",  # tests/test_transfer.py covers them
     ]
     out = run_python(*cmd, env=_env(tmp_path))
@@ -59,7 +61,14 @@ def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
     version = export / "tiny" / "1"
     assert f"Exported SavedModel: {version}" in out.stdout
     assert (version / "saved_model.pb").is_file()
+    # The int8 file of the same version: calibrated on training images, verified on the test split.
+    tflite = export / "tiny" / "edge" / "1" / "tflite_int8"
+    assert f"Exported tflite_int8: {tflite}" in out.stdout
+    edge_meta = json.loads((tflite / "metadata.json").read_text())
+    assert edge_meta["version"] == 1 and edge_meta["input"]["input_dtype"] == "uint8"
+    assert edge_meta["calibration_images"] > 0 and "accuracy" in edge_meta["verification"]
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["edge_exports"]["tflite_int8"]["path"] == str(tflite / "model.tflite")
     assert metrics["export"] == str(version)
     assert metrics["class_names"] == ["0", "1", "2"]
     assert [p["phase"] for p in metrics["phases"]] == [1, 2]

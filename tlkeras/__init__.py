@@ -20,6 +20,7 @@ Where each concept lives (each module imports only the ones above it in this lis
 - serving signatures (in-graph decoding, the head):       ``tlkeras.signatures``
 - verifying an export in a fresh process:                 ``tlkeras.verify``
 - export (TF Serving SavedModels), ``tlkeras.export``:    ``tlkeras.savedmodel``
+- edge export (TFLite float/float16/dynamic/int8, ONNX):  ``tlkeras.edge``
 - loading exports and predicting; local serving:          ``tlkeras.exported``, ``tlkeras.serving``
 - the scripts' flag helpers and one-line errors:          ``tlkeras.cli``
 """
@@ -36,6 +37,7 @@ from tlkeras.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones
 from tlkeras.backbones import BackboneSpec, backbone_names, build_backbone, get_backbone
 from tlkeras.blocks import Block, block_names, blocks
 from tlkeras.distribute import DistributeConfig, Distribution
+from tlkeras.edge import EdgeConfig, EdgeExportResult, export_edge, export_onnx, export_tflite
 from tlkeras.exported import load_exported
 from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
 from tlkeras.phase import Phase, plan_phases, run_phase
@@ -52,6 +54,8 @@ __all__ = [
     "BackboneSpec",
     "Block",
     "DistributeConfig",
+    "EdgeConfig",
+    "EdgeExportResult",
     "Distribution",
     "ExportResult",
     "HeadConfig",
@@ -71,6 +75,9 @@ __all__ = [
     "data",
     "distribute",
     "export",
+    "export_edge",
+    "export_onnx",
+    "export_tflite",
     "features",
     "fit",
     "get_backbone",

@@ -24,6 +24,8 @@ import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras import model as _model  # noqa: E402, F401  (registers tlkeras layers for loading)
+from tlkeras.edge import is_edge_path, load_edge_model  # noqa: E402
+from tlkeras.edge_runtime import EdgeRunner  # noqa: E402
 from tlkeras.layout import (  # noqa: E402
     ASSETS_EXTRA,
     LABELS_FILE,
@@ -34,9 +36,11 @@ from tlkeras.layout import (  # noqa: E402
 from tlkeras.signatures import (  # noqa: E402
     BYTES_INPUT,
     BYTES_SIGNATURE,
+    DEFAULT_TOP_K,
     FLOAT_INPUT,
     FLOAT_SIGNATURE,
     MAX_IMAGE_BYTES,
+    reference_decode,
 )
 
 
@@ -70,8 +74,59 @@ class ExportedModel:
         return {k: v.numpy() for k, v in out.items()}
 
 
-def load_exported(path_or_base: str | Path, version: int | None = None) -> ExportedModel:
-    """Load a version directory, or the highest (or given) version under a base directory."""
+@dataclass
+class EdgeExportedModel:
+    """An edge export (``tlkeras.edge``) behind the same calls as ``ExportedModel``: bytes are
+    decoded as the serving graph decodes them, the file runs in LiteRT or onnxruntime."""
+
+    path: Path
+    runner: EdgeRunner
+    class_names: list[str]
+    metadata: dict[str, Any]
+    version: int | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.runner.image_size
+
+    def predict_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        probabilities = self.runner.predict(pixels)
+        k = min(DEFAULT_TOP_K, probabilities.shape[-1])
+        indices = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+        names = np.array([c.encode("utf-8") for c in self.class_names], dtype=object)
+        return {
+            "probabilities": probabilities,
+            "classes": names[indices],
+            "scores": np.take_along_axis(probabilities, indices, axis=-1),
+        }
+
+    def predict_bytes(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
+        return self.predict_pixels(reference_decode(list(images), self.input_size))
+
+
+def _load_edge(path: Path) -> EdgeExportedModel:
+    runner = load_edge_model(path)
+    labels, meta = runner.path.parent / LABELS_FILE, runner.path.parent / METADATA_FILE
+    if not labels.is_file():
+        raise FileNotFoundError(
+            f"model: expected {LABELS_FILE} beside {str(runner.path)!r} (written by tlkeras's "
+            "edge export), found none"
+        )
+    return EdgeExportedModel(
+        path=runner.path,
+        runner=runner,
+        class_names=labels.read_text(encoding="utf-8").splitlines(),
+        metadata=json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {},
+    )
+
+
+def load_exported(
+    path_or_base: str | Path, version: int | None = None
+) -> ExportedModel | EdgeExportedModel:
+    """Load a version directory, or the highest (or given) version under a base directory; or an
+    edge export (a ``.tflite``/``.onnx`` file or the folder holding it)."""
+    if is_edge_path(path_or_base):
+        return _load_edge(Path(path_or_base))
     path = resolve_version_dir(path_or_base, version)
     try:
         loaded = tf.saved_model.load(str(path))

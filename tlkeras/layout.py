@@ -6,6 +6,12 @@
         assets.extra/metadata.json          how the model was built, trained and exported
         assets.extra/tf_serving_warmup_requests   PredictionLog TFRecords TF Serving replays at load
 
+Edge exports (``tlkeras.edge``) of a version sit beside the versions, in a folder TF Serving does
+not read (it only loads numeric subdirectories)::
+
+    <base_dir>/<model_name>/edge/<version>/<format>/   model.tflite | model.onnx, labels.txt,
+                                                     metadata.json
+
 ``assets.extra/`` is TF Serving's conventional place for files it should not treat as model assets
 (it reads only the warmup file from it). Owns the file names, version numbering and resolving a
 path to a version directory; shared by the writer (``tlkeras.savedmodel``), the verifier
@@ -23,6 +29,7 @@ LABELS_FILE = "labels.txt"
 METADATA_FILE = "metadata.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 VERSION_RE = re.compile(r"^[0-9]+$")
+EDGE_DIR = "edge"
 
 
 def _versions(model_dir: Path) -> list[int]:
@@ -70,3 +77,18 @@ def resolve_version_dir(path_or_base: str | Path, version: int | None = None) ->
             f"version subdirectories, received {str(path)!r}"
         )
     return path / str(versions[-1])
+
+
+def next_edge_version(base_dir: str | Path, model_name: str) -> int:
+    """The next number free both as a SavedModel version and among the edge exports (for edge
+    exports written without a SavedModel)."""
+    root = Path(base_dir) / model_name / EDGE_DIR
+    taken = (
+        [int(p.name) for p in root.iterdir() if VERSION_RE.match(p.name)] if root.is_dir() else []
+    )
+    return max(next_version(base_dir, model_name) - 1, *taken) + 1
+
+
+def edge_dir(base_dir: str | Path, model_name: str, version: int, name: str) -> Path:
+    """Where the edge export ``name`` (``tflite_int8``…) of ``version`` goes."""
+    return Path(base_dir) / model_name / EDGE_DIR / str(version) / name

@@ -216,14 +216,16 @@ def write_serving_model(
     """
     size = input_size(model)
     k = min(top_k, head.num_classes)
-    names = tf.constant(list(class_names), dtype=tf.string)
+    names = list(class_names)
 
     def serving_float(images):
         probabilities = head.probabilities(model(images, training=False))
         scores, indices = tf.math.top_k(probabilities, k=k)
         return {
             "probabilities": probabilities,
-            "classes": tf.gather(names, indices),
+            # A constant of the graph, not a captured eager tensor: converters (tf2onnx) would
+            # otherwise see the class names as a second input.
+            "classes": tf.gather(tf.constant(names, dtype=tf.string), indices),
             "scores": scores,
         }
 

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import data as data_lib
-from tlkeras import distribute, features, reports, savedmodel, verify
+from tlkeras import distribute, edge, features, layout, reports, savedmodel, verify
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
 from tlkeras.exported import load_exported
@@ -83,6 +84,7 @@ class RunResult:
         metrics: the ``metrics.json`` content (test-split metrics, data counts, phases).
         run_dir: the run directory.
         export: the ``tlkeras.ExportResult`` when :func:`train` exported, else ``None``.
+        edge_exports: the ``tlkeras.EdgeExportResult`` of each edge format :func:`train` wrote.
     """
 
     model: keras.Model
@@ -90,6 +92,7 @@ class RunResult:
     metrics: dict[str, Any]
     run_dir: Path
     export: Any = None
+    edge_exports: list[Any] = dataclasses.field(default_factory=list)
 
 
 def set_seed(seed: int) -> None:
@@ -652,6 +655,7 @@ def train(
     output_dir: str | Path | None = None,
     export_dir: str | Path | None = DEFAULT_EXPORT_DIR,
     model_name: str | None = None,
+    export_formats: Sequence[str] = (edge.SAVED_MODEL,),
     overwrite: bool = False,
     distribution: Any = None,
     verbose: int = 1,
@@ -681,12 +685,19 @@ def train(
         export_dir: SavedModel base directory (``<export_dir>/<model_name>/<version>``); ``None``
             skips the export.
         model_name: default from the data source (``digits_5_9``, ``hymenoptera``…).
+        export_formats: what to write under ``export_dir``: ``saved_model`` and any of
+            ``tlkeras.edge.EXPORT_FORMATS`` (``tflite``, ``tflite_float16``, ``tflite_dynamic``,
+            ``tflite_int8``, ``onnx``), each verified on the test split (``layout.edge_dir``);
+            int8 is calibrated on training images.
         overwrite: replace a finished run in ``output_dir``.
         distribution: ``tlkeras.distribute`` — a ``DistributeConfig``, its name (``default``,
             ``mirrored``, ``multi_worker``, ``tpu``) or a ``tf.distribute.Strategy``; ``None``:
             one device. ``batch_size`` is then per replica. Only the chief writes and exports.
     """
     config = resolve_config(config, weights, **config_overrides)
+    if isinstance(export_formats, str):
+        export_formats = export_formats.split(",")
+    edge.parse_export_formats(export_formats)  # refuse a bad name before training, not after
     strategy_enum = Strategy.parse(strategy)
     head, augment = _check_train_args(
         strategy_enum, fine_tune_at, weights, head, dropout, augment, data_source, config
@@ -747,7 +758,7 @@ def train(
         fine_tune_at=fine_tune_at,
         overwrite=overwrite,
         verbose=verbose,
-        _before_done=_exporter(export_dir, model_name, data.class_names),
+        _before_done=_exporter(export_dir, model_name, data, export_formats, verbose),
     )
 
 
@@ -839,23 +850,95 @@ def _resolve_weights(
     return resolved
 
 
-def _exporter(export_dir: str | Path | None, model_name: str, class_names: list[str]):
-    """What :func:`fit` calls before it marks the run done: the SavedModel export (or nothing)."""
+def _exporter(
+    export_dir: str | Path | None,
+    model_name: str,
+    data: Any,
+    export_formats: Sequence[str],
+    verbose: int = 1,
+):
+    """What :func:`fit` calls before it marks the run done: the exports (or nothing)."""
+    write_saved_model, edge_configs = edge.parse_export_formats(export_formats)
 
     def export_model(result: RunResult) -> None:
         if export_dir is None:
             return
-        exported = savedmodel.export(
-            result.model,
-            model_name,
-            base_dir=export_dir,
-            class_names=class_names,
-            metadata={"metrics": {"test_accuracy": result.metrics.get("accuracy")}},
-        )
-        result.export = exported
-        result.metrics["export"] = str(exported.path)
+        source, version = result.model, None
+        if write_saved_model:
+            exported = savedmodel.export(
+                result.model,
+                model_name,
+                base_dir=export_dir,
+                class_names=data.class_names,
+                metadata={"metrics": {"test_accuracy": result.metrics.get("accuracy")}},
+            )
+            result.export = exported
+            result.metrics["export"] = str(exported.path)
+            source, version = exported.path, exported.version
+        if edge_configs:
+            result.edge_exports = _edge_exports(
+                source, edge_configs, export_dir, model_name, version, data, verbose
+            )
+            result.metrics["edge_exports"] = {
+                r.config.name: {"path": str(r.path), "size_bytes": r.size_bytes, **r.verification}
+                for r in result.edge_exports
+            }
 
     return export_model
+
+
+def _edge_exports(
+    source: Any,
+    configs: list[Any],
+    export_dir: str | Path,
+    model_name: str,
+    version: int | None,
+    data: Any,
+    verbose: int = 1,
+) -> list[Any]:
+    """Each edge format of ``source``, verified on the test split (validation when there is none;
+    labels only for single-label data) and int8-calibrated on training images."""
+    held_out = data.test if data.test is not None else data.validation
+    images, labels = _pixels_and_labels(held_out, None) if held_out is not None else (None, None)
+    calibration = None
+    if any(c.quantization == "int8" for c in configs):
+        calibration, _ = _pixels_and_labels(data.train, max(c.calibration_size for c in configs))
+    if data.multilabel:
+        labels = None
+    version = version or layout.next_edge_version(export_dir, model_name)
+    results = []
+    for config in configs:
+        out = layout.edge_dir(export_dir, model_name, version, config.name)
+        results.append(
+            edge.export_edge(
+                source,
+                out,
+                config,
+                class_names=data.class_names,
+                images=images,
+                labels=labels,
+                calibration_images=calibration,
+            )
+        )
+        v = results[-1].verification
+        accuracy = f", accuracy {v['accuracy']:.1%}" if "accuracy" in v else ""
+        if verbose:
+            print(
+                f"Exported {config.name}: {out} ({results[-1].size_bytes / 1e6:.2f} MB, top-1 "
+                f"agreement {v['top1_agreement']:.1%}{accuracy})"
+            )
+    return results
+
+
+def _pixels_and_labels(dataset: tf.data.Dataset, limit: int | None) -> tuple[np.ndarray, Any]:
+    xs, ys, n = [], [], 0
+    for x, y in dataset:
+        xs.append(np.asarray(x, dtype="float32"))
+        ys.append(np.asarray(y))
+        n += len(xs[-1])
+        if limit is not None and n >= limit:
+            break
+    return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
 
 def evaluate_export(
@@ -917,3 +1000,82 @@ def evaluate_export(
     if verbose:
         print(reports.summary_text(metrics))
     return metrics
+
+
+def labelled_pixels(
+    folder: Any, class_names: Sequence[str], image_size: tuple[int, int], limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of a labelled folder (one subfolder per class, a subset of ``class_names``)
+    decoded as training decodes it, with its index in ``class_names``; bad files skipped."""
+    names = list(class_names)
+    data = data_lib.load(folder, image_size=image_size, validation_split=0.0, test_split=0.0)
+    unknown = [c for c in data.class_names if c not in names]
+    if unknown:
+        raise ValueError(
+            f"data: expected class folders among the model's classes {names}, received "
+            f"unknown classes {unknown}"
+        )
+    pixels, labels = _pixels_and_labels(data.train, limit)
+    return pixels, np.array([names.index(data.class_names[i]) for i in labels])
+
+
+def export_edge_files(
+    model: str | Path,
+    config: Any,
+    *,
+    out_dir: str | Path | None = None,
+    base_dir: str | Path = savedmodel.DEFAULT_BASE_DIR,
+    model_name: str | None = None,
+    class_names: Sequence[str] | None = None,
+    images: Sequence[str | Path] = (),
+    eval_data: Any = None,
+    calibration_data: Any = None,
+    max_images: int | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """``scripts/export.py --format=tflite|onnx``: ``model`` is a SavedModel (version or base
+    directory), a ``.keras`` file or a run directory; verified on ``eval_data`` (labelled folder:
+    accuracy too) or ``images`` (files/folders), int8-calibrated on ``calibration_data``. The
+    default ``out_dir`` is ``layout.edge_dir`` of the model's name and version."""
+    path = Path(model)
+    version = None
+    if path.is_dir() and not (path / "model.keras").is_file():  # a run directory holds model.keras
+        version_dir = layout.resolve_version_dir(path)
+        source: Any = version_dir
+        loaded = load_exported(version_dir)
+        names, size = list(class_names or loaded.class_names), loaded.input_size
+        version = loaded.version
+        model_name = model_name or (version_dir.parent.name if version else version_dir.name)
+    else:
+        from tlkeras.exported import load_keras_model
+
+        source, names = load_keras_model(path, class_names)
+        size = tuple(int(d) for d in source.inputs[0].shape[1:3])
+        model_name = model_name or (path.parent.name if path.is_file() else path.name)
+    pixels = labels = calibration = None
+    if eval_data is not None:
+        pixels, labels = labelled_pixels(eval_data, names, size, max_images)
+    elif images:
+        from tlkeras.exported import read_images
+
+        pixels = read_images(images, limit=max_images)
+    if calibration_data is not None:
+        calibration, _ = _pixels_and_labels(
+            data_lib.load(
+                calibration_data, image_size=size, validation_split=0.0, test_split=0.0
+            ).train,
+            config.calibration_size,
+        )
+    if out_dir is None:
+        version = version or layout.next_edge_version(base_dir, model_name)
+        out_dir = layout.edge_dir(base_dir, model_name, version, config.name)
+    return edge.export_edge(
+        source,
+        out_dir,
+        config,
+        class_names=names,
+        images=pixels,
+        labels=labels,
+        calibration_images=calibration,
+        overwrite=overwrite,
+    )
