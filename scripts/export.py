@@ -12,8 +12,9 @@ Edge files go to ``<base_dir>/<model_name>/edge/<version>/<format>/`` (or ``--ou
 with the model is refused.
 
 ``--model`` is a ``.keras`` file (loaded with Keras ``safe_mode``) or a training run directory holding
-``model.keras``; class names come from ``--class_names`` or the run's ``metrics.json``. The export is
-verified in a fresh process before its version directory appears.
+``model.keras``; for the edge formats also a SavedModel (version or base directory). Class names come
+from ``--class_names``, the run's ``metrics.json`` or the SavedModel's labels. The SavedModel export
+is verified in a fresh process before its version directory appears.
 """
 
 from absl import flags, logging
@@ -23,7 +24,10 @@ from tlkeras import edge, exported, layout, savedmodel, signatures, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    "model", None, "A .keras model file, or a run directory containing model.keras."
+    "model",
+    None,
+    "A .keras model file, or a run directory containing model.keras; edge formats: also a "
+    "SavedModel directory.",
 )
 flags.DEFINE_string("model_name", None, "Model name: the folder under --base_dir and the URL name.")
 flags.DEFINE_string("base_dir", layout.DEFAULT_BASE_DIR, "SavedModel base directory.")

@@ -167,6 +167,22 @@ def test_onnx_agrees_with_keras_on_a_batch(model, images, tmp_path):
     assert got.shape == (len(x), 2)
     assert np.abs(got - _keras_probabilities(model, x)).max() <= 1e-4
     assert result.verification["runtime"] == "onnxruntime"
+    import onnx
+
+    graph = onnx.load(str(result.path)).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [o.name for o in graph.output] == ["probabilities"]
+
+
+def test_onnx_of_a_backbone_with_captured_constants(tmp_path):
+    """EfficientNet's normalisation constants: tf2onnx left them as extra graph inputs unless the
+    function is frozen first."""
+    m = tlkeras.build_model("EfficientNetB0", 2, weights=None, input_shape=(SIZE, SIZE, 3))
+    result = tlkeras.export_onnx(m, tmp_path / "onnx", class_names=CLASSES)
+    assert result.verification["max_abs_prob_diff"] <= 1e-4
+    import onnx
+
+    assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["images"]
 
 
 def test_a_float_conversion_that_disagrees_is_refused_and_nothing_written(

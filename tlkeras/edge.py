@@ -54,6 +54,7 @@ from tlkeras.layout import (  # noqa: E402
     METADATA_FILE,
     resolve_version_dir,
 )
+from tlkeras.model import get_spec  # noqa: E402
 from tlkeras.signatures import (  # noqa: E402
     FLOAT_INPUT,
     FLOAT_SIGNATURE,
@@ -196,8 +197,6 @@ def _load_source(
             class_names = labels.read_text(encoding="utf-8").splitlines()
         saved = path
     else:
-        from tlkeras.model import get_spec  # a Keras model: its tlkeras spec, if it has one
-
         model = model_or_export_dir
         head = _resolve_head(model, None, None)
         if not class_names or len(class_names) != head.num_classes:
@@ -305,15 +304,35 @@ def _convert_tflite(source: _Source, config: EdgeConfig, calibration: np.ndarray
 
 def _convert_onnx(source: _Source, path: Path) -> None:
     try:
+        import onnx
         import tf2onnx
     except ImportError as e:
         raise EdgeExportError(
             f"onnx: needs the tf2onnx and onnxruntime packages (pip install 'tlkeras[onnx]'): {e}"
         ) from e
-    fn = _probabilities_function(source, None)
-    tf2onnx.convert.from_function(
-        fn, input_signature=fn.input_signature, opset=ONNX_OPSET, output_path=str(path)
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
     )
+
+    # Frozen first (what tf2onnx does inside from_function, but there the SavedModel's captured
+    # constants, e.g. EfficientNet's normalisation, stayed behind as extra graph inputs).
+    frozen = convert_variables_to_constants_v2(
+        _probabilities_function(source, None).get_concrete_function()
+    )
+    names = {frozen.inputs[0].name: FLOAT_INPUT, frozen.outputs[0].name: OUTPUT}
+    proto, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[frozen.inputs[0].name],
+        output_names=[frozen.outputs[0].name],
+        opset=ONNX_OPSET,
+    )
+    # The TF tensor names ("images:0", "Identity:0") become the contract's names.
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.name = names.get(value.name, value.name)
+    for node in proto.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    onnx.save(proto, str(path))
 
 
 # --------------------------------------------------------------------------------------------------

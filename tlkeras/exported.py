@@ -3,8 +3,10 @@
 The client side of a tlkeras export, for ``scripts/predict.py``, ``tlkeras.serving`` and
 ``tlkeras.training``: loads a version directory through ``tf.saved_model.load`` only (no Keras
 model code runs), reads its labels and metadata, finds and reads image files, predicts through
-``serving_default`` and formats the results and TensorFlow's errors. ``load_keras_model`` reads
-a ``.keras`` model and its class names, for ``scripts/export.py``.
+``serving_default`` and formats the results and TensorFlow's errors. An edge export (``.tflite`` /
+``.onnx``, ``tlkeras.edge``) loads behind the same calls (``EdgeExportedModel``), so predict and
+evaluate take either. ``load_keras_model`` reads a ``.keras`` model and its class names, for
+``scripts/export.py``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from tlkeras import data as data_lib
 from tlkeras import distribute, edge, features, layout, reports, savedmodel, verify
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
-from tlkeras.exported import load_exported
+from tlkeras.exported import load_exported, load_keras_model, read_images
 from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
 from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is where users look)
     FULL,
@@ -1047,8 +1047,6 @@ def export_edge_files(
         version = loaded.version
         model_name = model_name or (version_dir.parent.name if version else version_dir.name)
     else:
-        from tlkeras.exported import load_keras_model
-
         source, names = load_keras_model(path, class_names)
         size = tuple(int(d) for d in source.inputs[0].shape[1:3])
         model_name = model_name or (path.parent.name if path.is_file() else path.name)
@@ -1056,8 +1054,6 @@ def export_edge_files(
     if eval_data is not None:
         pixels, labels = labelled_pixels(eval_data, names, size, max_images)
     elif images:
-        from tlkeras.exported import read_images
-
         pixels = read_images(images, limit=max_images)
     if calibration_data is not None:
         calibration, _ = _pixels_and_labels(
