@@ -173,6 +173,7 @@ def families(work: Path) -> str:
                         if row["format"] in ("tflite", "onnx")
                         else ""
                     )
+                    + (" ‡" if row["runtime"]["delegates"] == "none" else "")
                 )
             else:
                 cells.append("✗")

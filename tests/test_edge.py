@@ -265,6 +265,18 @@ def test_a_model_with_ops_outside_the_builtins_gets_the_one_line_error(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_backbone_onnx_cannot_express_gets_the_one_line_error(tmp_path):
+    """ConvNeXt: tf2onnx maps neither its exact GELU (Erfc) nor its depthwise convolution call;
+    it would write an invalid file, tlkeras refuses with the ops named."""
+    m = tlkeras.build_model("ConvNeXtTiny", 2, weights=None, input_shape=(SIZE, SIZE, 3))
+    with pytest.raises(edge.EdgeExportError) as caught:
+        tlkeras.export_onnx(m, tmp_path / "out", class_names=CLASSES)
+    message = str(caught.value)
+    assert message.startswith("ConvNeXtTiny: cannot convert to onnx: tf2onnx ")
+    assert "Erfc" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

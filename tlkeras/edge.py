@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -302,6 +303,20 @@ def _convert_tflite(source: _Source, config: EdgeConfig, calibration: np.ndarray
         return converter.convert()
 
 
+class _Collect(logging.Handler):
+    """Collects tf2onnx's "Unsupported ops: Counter({...})" as ``op (count)`` strings."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Unsupported ops:"):
+            found = re.findall(r"'([^']+)': (\d+)", message)
+            self.into.extend(f"{op} ({n}×)" for op, n in found)
+
+
 def _convert_onnx(source: _Source, path: Path) -> None:
     try:
         import onnx
@@ -317,15 +332,30 @@ def _convert_onnx(source: _Source, path: Path) -> None:
     # Frozen first (what tf2onnx does inside from_function, but there the SavedModel's captured
     # constants, e.g. EfficientNet's normalisation, stayed behind as extra graph inputs).
     frozen = convert_variables_to_constants_v2(
-        _probabilities_function(source, None).get_concrete_function()
+        _probabilities_function(source, None).get_concrete_function(), aggressive_inlining=True
     )
     names = {frozen.inputs[0].name: FLOAT_INPUT, frozen.outputs[0].name: OUTPUT}
-    proto, _ = tf2onnx.convert.from_graph_def(
-        frozen.graph.as_graph_def(),
-        input_names=[frozen.inputs[0].name],
-        output_names=[frozen.outputs[0].name],
-        opset=ONNX_OPSET,
-    )
+    # tf2onnx logs the ops it cannot map and writes an invalid model anyway: collect and refuse.
+    unsupported: list[str] = []
+    handler = _Collect(unsupported)
+    logger = logging.getLogger("tf2onnx")
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        proto, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(),
+            input_names=[frozen.inputs[0].name],
+            output_names=[frozen.outputs[0].name],
+            opset=ONNX_OPSET,
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+    if unsupported:
+        raise EdgeExportError(
+            f"{source.backbone}: cannot convert to onnx: tf2onnx {tf2onnx.__version__} has no "
+            f"ONNX mapping for {', '.join(unsupported)}"
+        )
     # The TF tensor names ("images:0", "Identity:0") become the contract's names.
     for value in [*proto.graph.input, *proto.graph.output]:
         value.name = names.get(value.name, value.name)
