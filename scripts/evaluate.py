@@ -2,7 +2,8 @@
 
     python scripts/evaluate.py --model=saved_models/hymenoptera/1 --data=path/to/val
 
-``--model`` may also be the model's base directory (``saved_models/NAME``: the highest version).
+``--model`` may also be the model's base directory (``saved_models/NAME``: the highest version), or an
+edge export (a ``.tflite``/``.onnx`` file or its folder, ``scripts/export.py --format``).
 Prints the per-class report and writes ``metrics.json`` and ``confusion.png`` to ``--output_dir``.
 """
 
@@ -17,7 +18,10 @@ from tlkeras import cli, training
 from tlkeras.data import DataConfig
 
 flags.DEFINE_string(
-    "model", None, "SavedModel version directory, or its base directory.", required=True
+    "model",
+    None,
+    "SavedModel version directory, its base directory, or a .tflite/.onnx export.",
+    required=True,
 )
 flags.DEFINE_string(
     "data", None, "Folder with one subfolder per class (or tfds:NAME:SPLIT).", required=True

@@ -112,7 +112,7 @@ def _export_edge() -> None:
         images=FLAGS.images,
         eval_data=FLAGS.eval_data,
         calibration_data=FLAGS.calibration_data,
-        max_images=None if FLAGS.eval_data else FLAGS.max_images,
+        max_images=FLAGS.max_images,
         overwrite=FLAGS.overwrite,
     )
     print(edge.summary(result))

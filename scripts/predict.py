@@ -1,8 +1,11 @@
-"""Classify images with an exported SavedModel (TensorFlow only, no model code needed).
+"""Classify images with an exported SavedModel (TensorFlow only, no model code needed) or an edge
+export (``.tflite`` in LiteRT, ``.onnx`` in onnxruntime).
 
     python scripts/predict.py --model=saved_models/ants_bees photo.jpg more_photos/ [--json]
+    python scripts/predict.py --model=saved_models/ants_bees/edge/1/tflite_int8/model.tflite photo.jpg
 
-``--model`` is a model base directory (highest version) or one version directory. Prints the top-k
+``--model`` is a model base directory (highest version), one version directory, or an edge export
+(its model file or folder; images are decoded as the SavedModel's serving graph decodes them). Prints the top-k
 classes per image; files that cannot be decoded are reported per file and make the exit code 1.
 """
 
@@ -15,7 +18,9 @@ from tlkeras import exported
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    "model", None, "saved_models/NAME (highest version) or saved_models/NAME/VERSION."
+    "model",
+    None,
+    "saved_models/NAME (highest version), saved_models/NAME/VERSION, or a .tflite/.onnx export.",
 )
 flags.DEFINE_integer(
     "top_k", None, "Show at most this many classes (default: all the model returns).", lower_bound=1

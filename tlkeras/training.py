@@ -1035,7 +1035,8 @@ def export_edge_files(
 ) -> Any:
     """``scripts/export.py --format=tflite|onnx``: ``model`` is a SavedModel (version or base
     directory), a ``.keras`` file or a run directory; verified on ``eval_data`` (labelled folder:
-    accuracy too) or ``images`` (files/folders), int8-calibrated on ``calibration_data``. The
+    accuracy too; every image) or ``images`` (files/folders, at most ``max_images``),
+    int8-calibrated on ``calibration_data``. The
     default ``out_dir`` is ``layout.edge_dir`` of the model's name and version."""
     path = Path(model)
     version = None
@@ -1052,7 +1053,7 @@ def export_edge_files(
         model_name = model_name or (path.parent.name if path.is_file() else path.name)
     pixels = labels = calibration = None
     if eval_data is not None:
-        pixels, labels = labelled_pixels(eval_data, names, size, max_images)
+        pixels, labels = labelled_pixels(eval_data, names, size)
     elif images:
         pixels = read_images(images, limit=max_images)
     if calibration_data is not None:
