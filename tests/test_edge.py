@@ -423,3 +423,16 @@ def test_export_bad_flags_exit_2_with_one_line(saved, tmp_path):
         _env(tmp_path),
         lambda name: [f"--model={saved.path}", f"--base_dir={tmp_path / name}"],
     )
+
+
+def test_edge_versions_sit_beside_the_savedmodel_versions(tmp_path):
+    from tlkeras import layout
+
+    assert layout.next_edge_version(tmp_path, "m") == 1
+    (tmp_path / "m" / "2").mkdir(parents=True)
+    (tmp_path / "m" / "2" / "saved_model.pb").write_bytes(b"")
+    assert layout.next_edge_version(tmp_path, "m") == 3  # never a SavedModel version's number
+    (tmp_path / "m" / "edge" / "5").mkdir(parents=True)
+    assert layout.next_edge_version(tmp_path, "m") == 6
+    assert layout.edge_dir(tmp_path, "m", 2, "tflite_int8") == tmp_path / "m/edge/2/tflite_int8"
+    assert layout.resolve_version_dir(tmp_path / "m") == tmp_path / "m" / "2"  # edge/ is ignored

@@ -86,7 +86,7 @@ def next_edge_version(base_dir: str | Path, model_name: str) -> int:
     taken = (
         [int(p.name) for p in root.iterdir() if VERSION_RE.match(p.name)] if root.is_dir() else []
     )
-    return max(next_version(base_dir, model_name) - 1, *taken) + 1
+    return max([next_version(base_dir, model_name) - 1, *taken]) + 1
 
 
 def edge_dir(base_dir: str | Path, model_name: str, version: int, name: str) -> Path:
