@@ -436,3 +436,32 @@ def test_edge_versions_sit_beside_the_savedmodel_versions(tmp_path):
     assert layout.next_edge_version(tmp_path, "m") == 6
     assert layout.edge_dir(tmp_path, "m", 2, "tflite_int8") == tmp_path / "m/edge/2/tflite_int8"
     assert layout.resolve_version_dir(tmp_path / "m") == tmp_path / "m" / "2"  # edge/ is ignored
+
+
+def test_train_writes_edge_formats_without_a_savedmodel(tmp_path):
+    """``export_formats`` without ``saved_model``: converted from the in-memory model, numbered
+    as the next version, verified on the run's test split."""
+    result = tlkeras.train(
+        "digits:0-2",
+        backbone="MobileNet",
+        backbone_kwargs={"alpha": 0.25},
+        weights=None,
+        image_size=32,
+        strategy="partial",
+        fine_tune_at=-1,
+        epochs=1,
+        fine_tune_epochs=1,
+        output_dir=tmp_path / "run",
+        export_dir=tmp_path / "models",
+        model_name="tiny",
+        export_formats=["tflite"],
+        verbose=0,
+    )
+    assert result.export is None
+    out = tmp_path / "models" / "tiny" / "edge" / "1" / "tflite"
+    assert [r.path for r in result.edge_exports] == [out / "model.tflite"]
+    written = result.metrics["edge_exports"]["tflite"]
+    assert written["top1_agreement"] == 1.0 and written["num_images"] > 0
+    # Scored on the test split: the same accuracy the run reports for the Keras model.
+    assert written["reference_accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert not (tmp_path / "models" / "tiny" / "1").exists()
