@@ -386,7 +386,7 @@ def _run_fresh(model_file: Path, pixels: np.ndarray, work: Path, delegates: bool
     ]
     if not delegates:
         cmd.append("--no_delegates")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         noise = ("INFO:", "WARNING:", " ", "Current thread", "Extension modules", "Fatal Python")
         lines = [ln for ln in (done.stderr or "").splitlines() if ln.strip()]
@@ -399,12 +399,6 @@ def _run_fresh(model_file: Path, pixels: np.ndarray, work: Path, delegates: bool
         report = {k: result[k] for k in result.files}
     out.unlink()
     return report
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    return env
 
 
 def _run_verified(
