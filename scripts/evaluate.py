@@ -44,9 +44,7 @@ def main(argv: list[str]) -> None:
         raise FileNotFoundError(
             f"--model: expected a SavedModel directory, received {FLAGS.model!r} (not found)"
         )
-    output_dir = FLAGS.output_dir or Path(
-        training.DEFAULT_OUTPUT_ROOT, "evaluate", *model.resolve().parts[-2:]
-    )
+    output_dir = FLAGS.output_dir or training.default_evaluate_dir(model)
     training.evaluate_export(model, FLAGS.data, batch_size=FLAGS.batch_size, output_dir=output_dir)
     print(f"Metrics written to {Path(output_dir) / 'metrics.json'}")
 

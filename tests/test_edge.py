@@ -425,6 +425,18 @@ def test_export_bad_flags_exit_2_with_one_line(saved, tmp_path):
     )
 
 
+def test_evaluate_output_folder_is_named_after_the_export_folder(tmp_path):
+    from tlkeras import training
+
+    edge_file = tmp_path / "m" / "edge" / "1" / "tflite_int8" / "model.tflite"
+    edge_file.parent.mkdir(parents=True)
+    edge_file.write_bytes(b"")
+    assert training.default_evaluate_dir(edge_file) == Path("runs/evaluate/1/tflite_int8")
+    assert training.default_evaluate_dir(edge_file.parent) == Path("runs/evaluate/1/tflite_int8")
+    (tmp_path / "m" / "3").mkdir()
+    assert training.default_evaluate_dir(tmp_path / "m" / "3") == Path("runs/evaluate/m/3")
+
+
 def test_edge_versions_sit_beside_the_savedmodel_versions(tmp_path):
     from tlkeras import layout
 

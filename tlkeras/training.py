@@ -941,6 +941,14 @@ def _pixels_and_labels(dataset: tf.data.Dataset, limit: int | None) -> tuple[np.
     return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
 
+def default_evaluate_dir(model_path: str | Path) -> Path:
+    """``runs/evaluate/<the export's last two folders>``: ``NAME/VERSION`` for a SavedModel,
+    ``VERSION/FORMAT`` for an edge export (its folder, not its model file)."""
+    path = Path(model_path).resolve()
+    folder = path.parent if path.is_file() else path
+    return Path(DEFAULT_OUTPUT_ROOT, "evaluate", *folder.parts[-2:])
+
+
 def evaluate_export(
     model_path: str | Path,
     data_source: Any,
