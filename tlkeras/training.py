@@ -969,20 +969,7 @@ def evaluate_export(
         raise ValueError(
             f"model: expected a tlkeras export with assets.extra/labels.txt, received {model_path}"
         )
-    data = data_lib.load(
-        data_source,
-        image_size=exported.input_size,
-        batch_size=batch_size,
-        validation_split=0.0,
-        test_split=0.0,
-    )
-    unknown = [c for c in data.class_names if c not in names]
-    if unknown:
-        raise ValueError(
-            f"data: expected class folders among the model's classes {names}, received "
-            f"unknown classes {unknown}"
-        )
-    to_model = np.array([names.index(c) for c in data.class_names])
+    data, to_model = _load_labelled(data_source, names, exported.input_size, batch_size=batch_size)
     ys, probs = [], []
     for x, y in data.train:
         probs.append(exported.predict_pixels(x.numpy())["probabilities"])
@@ -1015,16 +1002,26 @@ def labelled_pixels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every image of a labelled folder (one subfolder per class, a subset of ``class_names``)
     decoded as training decodes it, with its index in ``class_names``; bad files skipped."""
-    names = list(class_names)
-    data = data_lib.load(folder, image_size=image_size, validation_split=0.0, test_split=0.0)
+    data, to_model = _load_labelled(folder, list(class_names), image_size)
+    pixels, labels = _pixels_and_labels(data.train, limit)
+    return pixels, to_model[labels]
+
+
+def _load_labelled(
+    data_source: Any, names: list[str], image_size: tuple[int, int], **load_kwargs: Any
+) -> tuple[Any, np.ndarray]:
+    """All of ``data_source`` (no split) and, per class of it, that class's index in the model's
+    ``names``: folders may hold a subset of the model's classes, none outside them."""
+    data = data_lib.load(
+        data_source, image_size=image_size, validation_split=0.0, test_split=0.0, **load_kwargs
+    )
     unknown = [c for c in data.class_names if c not in names]
     if unknown:
         raise ValueError(
             f"data: expected class folders among the model's classes {names}, received "
             f"unknown classes {unknown}"
         )
-    pixels, labels = _pixels_and_labels(data.train, limit)
-    return pixels, np.array([names.index(data.class_names[i]) for i in labels])
+    return data, np.array([names.index(c) for c in data.class_names])
 
 
 def export_edge_files(
