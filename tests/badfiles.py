@@ -165,3 +165,51 @@ def make_messy_dataset(root: Path, per_class: int = 120, size: tuple[int, int] =
     (root / "__MACOSX" / "cats").mkdir(parents=True)
     (root / "__MACOSX" / "cats" / "._x.jpg").write_bytes(b"\x00\x05\x16\x07")
     return root, expected
+
+
+# Weights and model files that are not what their name says: {file name: words of the error}.
+# A half-finished download is the common one; HDF5 records the full size in its header.
+BAD_WEIGHTS = {
+    "truncated.h5": "is truncated: ",
+    "page.h5": "is not an HDF5 file",
+    "empty.weights.h5": "is empty (0 bytes)",
+    "not_a_zip.keras": "is not a .keras archive",
+}
+
+
+def hdf5_bytes(values: int = 20_000) -> bytes:
+    """A small but real HDF5 file (one float32 dataset), as bytes."""
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f["kernel"] = np.arange(values, dtype=np.float32)
+    return buffer.getvalue()
+
+
+def write_bad_weights(folder: Path) -> dict[str, Path]:
+    """Write every ``BAD_WEIGHTS`` file into ``folder``; returns {file name: path}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = hdf5_bytes()
+    contents = {
+        "truncated.h5": full[: len(full) // 2],
+        "page.h5": b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n",
+        "empty.weights.h5": b"",
+        "not_a_zip.keras": b"model weights, honest\n",
+    }
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+def truncated_keras_cache(home: Path, name: str = "mobilenet_2_5_224_tf_no_top.h5") -> Path:
+    """``KERAS_HOME`` whose ``models/`` holds a half-downloaded ``name`` (the file Keras loads for
+    ``MobileNet(alpha=0.25)`` at 224 px, which it caches without a hash to check)."""
+    path = Path(home) / "models" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = hdf5_bytes()
+    path.write_bytes(full[: len(full) // 2])
+    return path

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -134,3 +135,67 @@ def test_missing_imagenet_weights_names_the_file(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5" in last
     assert f"{tmp_path}/models/" in last
+
+
+def test_a_bad_weights_file_is_named_with_what_is_wrong(tmp_path):
+    import badfiles
+
+    from tlkeras.backbones import BadFileError, build_backbone, file_problem
+
+    for name, path in badfiles.write_bad_weights(tmp_path).items():
+        assert badfiles.BAD_WEIGHTS[name] in file_problem(path), name
+        with pytest.raises(BadFileError) as info:
+            build_backbone("MobileNet", (32, 32, 3), str(path), alpha=0.25)
+        message = str(info.value)
+        assert message.startswith(f"weights: {str(path)!r} {badfiles.BAD_WEIGHTS[name]}")
+        assert message.endswith("delete it and download it again"), message
+    # The expected size is HDF5's own record of the complete file.
+    full = len(badfiles.hdf5_bytes())
+    assert f"{full // 2} of {full} bytes" in file_problem(tmp_path / "truncated.h5")
+    good = tmp_path / "good.h5"
+    good.write_bytes(badfiles.hdf5_bytes())
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(tmp_path / "good.keras")
+    assert file_problem(good) is None and file_problem(tmp_path / "good.keras") is None
+
+
+@needs_shared_weights
+def test_a_truncated_download_of_the_real_weights_reports_the_full_size(tmp_path):
+    from tlkeras.backbones import file_problem
+
+    cut = tmp_path / MOBILENET_WEIGHTS.name
+    cut.write_bytes(MOBILENET_WEIGHTS.read_bytes()[:1_000_000])
+    size = MOBILENET_WEIGHTS.stat().st_size
+    assert f"is truncated: 1000000 of {size} bytes" in file_problem(cut)
+
+
+_BAD_CACHE_SCRIPT = """
+import tlkeras
+tlkeras.build_model("MobileNet", 2, backbone_kwargs={"alpha": 0.25}, weights="imagenet")
+"""
+
+
+def test_a_truncated_file_in_the_keras_cache_is_named(tmp_path):
+    import badfiles
+
+    cached = badfiles.truncated_keras_cache(tmp_path)
+    proc = run_python("-c", _BAD_CACHE_SCRIPT, env={**os.environ, "KERAS_HOME": str(tmp_path)})
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tlkeras.backbones.BadFileError: ImageNet weights for MobileNet")
+    assert f"the Keras cache file {str(cached)!r} is truncated: " in last
+    assert "delete it and Keras downloads it again" in last
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("MobileNet", {"alpha": "zero"}, "MobileNet expects alpha to be a number (default 1.0), "),
+        ("MobileNet", {"depth_multiplier": 1.5}, "depth_multiplier to be an int (default 1)"),
+        ("MobileNetV3Small", {"minimalistic": "yes"}, "minimalistic to be True or False"),
+    ],
+)
+def test_backbone_kwargs_of_the_wrong_type_name_the_key_and_the_type(name, kwargs, match):
+    from tlkeras.backbones import build_backbone, check_backbone_kwargs
+
+    with pytest.raises(ValueError, match=re.escape(match)):
+        build_backbone(name, (32, 32, 3), None, **kwargs)
+    check_backbone_kwargs("MobileNet", {"alpha": 1, "dropout": 0.1, "name": "m"})  # int for float

@@ -7,12 +7,16 @@ A *family* says how its models preprocess pixels and how their layers group into
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import h5py
 import keras
 
 # How each family's own `preprocess_input` maps raw 0–255 RGB pixels. "internal": the model rescales and
@@ -231,6 +235,110 @@ def check_input_shape(
 
 
 _URL = re.compile(r"https?://\S+?\.h5")
+# HDF5's own words for a file shorter than its superblock says: "eof = 1000, ..., stored_eof = 2108140".
+_HDF5_TRUNCATED = re.compile(r"\beof = (\d+).*\bstored_eof = (\d+)")
+_HDF5_SUFFIXES = (".h5", ".hdf5")
+REDOWNLOAD = "delete it and download it again"
+
+
+class BadFileError(ValueError):
+    """A weights or model file that exists but cannot be read: truncated, empty or another kind."""
+
+
+def _starts_with(path: Path) -> str:
+    """``", it starts with '<!DOCTYPE html>…'"`` when the file begins as text (an error page saved
+    in its place, a note), else nothing."""
+    with open(path, "rb") as f:
+        head = f.read(40)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    text = " ".join(text.split())
+    return f", it starts with {text!r}" if text and text.isprintable() else ""
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with an existing weights or model file, in words, or ``None`` when it opens.
+
+    ``.h5``/``.hdf5``/``.weights.h5`` files are opened with h5py: a truncated file is reported
+    with the size its HDF5 superblock records (what the complete file has). ``.keras`` files must
+    be zip archives. Other suffixes are left to Keras.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    if path.suffix == ".keras":
+        if zipfile.is_zipfile(path):
+            return None
+        return (
+            f"is not a .keras archive (not a zip file: {size} bytes{_starts_with(path)}); "
+            "a copy or download cut short, or another kind of file"
+        )
+    if path.suffix.lower() not in _HDF5_SUFFIXES:
+        return None
+    try:
+        with h5py.File(path, "r"):
+            return None
+    except OSError as e:
+        error = str(e)
+    m = _HDF5_TRUNCATED.search(error)
+    if m:
+        return (
+            f"is truncated: {int(m[1])} of {int(m[2])} bytes (the full size its HDF5 header "
+            "records; an interrupted download?)"
+        )
+    if "signature" in error:
+        return f"is not an HDF5 file ({size} bytes{_starts_with(path)})"
+    return f"cannot be read by HDF5 ({error})"
+
+
+def check_file(path: str | os.PathLike, what: str, advice: str = REDOWNLOAD) -> None:
+    """Raise ``BadFileError`` ``"<what>: '<path>' <problem>; <advice>"`` for an unreadable file."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise BadFileError(f"{what}: {str(path)!r} {problem}; {advice}")
+
+
+def _cache_dir() -> Path:
+    from keras.src.backend.config import keras_home  # where keras.utils.get_file caches
+
+    return Path(keras_home()) / "models"
+
+
+def _bad_cache_files() -> list[str]:
+    """``'<path>' <problem>`` for each unreadable file of Keras's ``models/`` cache."""
+    folder = _cache_dir()
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return [f"{str(p)!r} {problem}" for p in files if (problem := file_problem(p)) is not None]
+
+
+def check_backbone_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Each constructor argument against the type of its default in the ``keras.applications``
+    signature (``alpha`` a number, ``minimalistic`` a bool…); unknown names are Keras's to refuse."""
+    parameters = inspect.signature(get_backbone(name).constructor).parameters
+    for key, value in kwargs.items():
+        default = parameters[key].default if key in parameters else None
+        if default is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "True or False"
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if isinstance(default, int):
+                ok, expected = ok and isinstance(value, int), "an int"
+            else:
+                expected = "a number"
+        elif isinstance(default, str):
+            ok, expected = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(
+                f"backbone_kwargs: {name} expects {key} to be {expected} (default "
+                f"{default!r}), received {value!r} ({type(value).__name__})"
+            )
 
 
 def build_backbone(
@@ -243,7 +351,8 @@ def build_backbone(
 
     ``weights``: ``"imagenet"`` (Keras's own download and ``$KERAS_HOME/models/`` cache), a path to a
     ``.h5``/``.weights.h5`` file, or ``None`` (random init). Constructor arguments such as MobileNet's
-    ``alpha`` pass through ``kwargs``.
+    ``alpha`` pass through ``kwargs``. A weights file that is truncated or not a weights file raises
+    ``BadFileError`` naming it (a bad file in Keras's cache too).
     """
     spec = get_backbone(name)
     input_shape = check_input_shape(
@@ -255,12 +364,14 @@ def build_backbone(
                 f"weights: expected 'imagenet', None or an existing .h5/.weights.h5 file, "
                 f"received {weights!r} (no such file)"
             )
+        check_file(weights, "weights")
     for reserved in ("include_top", "weights", "input_shape", "input_tensor", "classes"):
         if reserved in kwargs:
             raise ValueError(
                 f"backbone_kwargs: {reserved!r} is set by tlkeras; expected constructor options "
                 f"such as alpha, received {reserved}={kwargs[reserved]!r}"
             )
+    check_backbone_kwargs(spec.name, kwargs)
     args = {**spec.default_kwargs, **kwargs}
     try:
         # The constructors load "imagenet" through keras.utils.get_file and a path through
@@ -272,16 +383,24 @@ def build_backbone(
         raise TypeError(f"backbone_kwargs for {name}: {e}") from e
     except ValueError:
         raise
+    except (OSError, zipfile.BadZipFile) as e:
+        # A cached file whose hash Keras cannot check (MobileNet's has none; a mismatch is
+        # downloaded again): h5py and zipfile do not name it, so name every bad one.
+        bad = _bad_cache_files() if weights == "imagenet" else []
+        if not bad:
+            raise
+        raise BadFileError(
+            f"ImageNet weights for {name}: the Keras cache file {'; '.join(bad)}; delete it and "
+            "Keras downloads it again (or put a good copy there)"
+        ) from e
     except Exception as e:  # Keras raises a bare Exception when the download fails
         if weights != "imagenet":
             raise
         m = _URL.search(str(e))
         fname = m.group(0).rsplit("/", 1)[-1] if m else "(see the URL above)"
-        from keras.src.backend.config import keras_home
-
         raise FileNotFoundError(
             f"ImageNet weights for {name} could not be downloaded ({type(e).__name__}). Keras looked "
-            f"for {fname!r}: put that file in {keras_home()}/models/ (KERAS_HOME is read when keras "
+            f"for {fname!r}: put that file in {_cache_dir()}/ (KERAS_HOME is read when keras "
             f"is imported), or pass weights=PATH to a local file, or weights=None"
         ) from e
     return model

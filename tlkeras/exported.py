@@ -26,6 +26,7 @@ import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras import model as _model  # noqa: E402, F401  (registers tlkeras layers for loading)
+from tlkeras.backbones import check_file  # noqa: E402
 from tlkeras.edge import is_edge_path, load_edge_model  # noqa: E402
 from tlkeras.edge_runtime import EdgeRunner  # noqa: E402
 from tlkeras.layout import (  # noqa: E402
@@ -265,6 +266,8 @@ def load_keras_model(path: str | Path, class_names: Sequence[str] | None = None)
         raise FileNotFoundError(
             f"--model: expected a .keras file or a run directory with model.keras, received {str(path)!r}"
         )
+    # Keras answers "File not found" for a file that is there but is not a zip archive.
+    check_file(file, "model", "copy or save it again")
     model = keras.saving.load_model(file, compile=False, safe_mode=True)
     if not class_names:
         metrics = file.parent / "metrics.json"

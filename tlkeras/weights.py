@@ -29,7 +29,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlkeras.backbones import get_backbone
+from tlkeras.backbones import check_file, file_problem, get_backbone
 from tlkeras.data import DIGITS, load
 from tlkeras.model import HeadConfig, build_model
 from tlkeras.phase import SCRATCH, Phase, run_phase
@@ -146,7 +146,7 @@ def pretrained_weights(
     )
     slug = re.sub(r"[^A-Za-z0-9]+", "-", source).strip("-")
     path = directory / f"{spec.name}_{slug}_{size}px_{key}.weights.h5"
-    if path.is_file():
+    if path.is_file() and file_problem(path) is None:  # a damaged cache file is made again
         return path
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -285,7 +285,8 @@ def resolve(
 
     ``None``/``"none"`` → ``None``; ``"imagenet"`` → ``"imagenet"``; ``"source:TASK"`` (e.g.
     ``"source:digits:0-4"``) → the path of a backbone pre-trained on TASK (``pretrained_weights``,
-    at ``DEFAULT_IMAGE_SIZE``; the weights fit any input size); any other string → an existing file.
+    at ``DEFAULT_IMAGE_SIZE``; the weights fit any input size); any other string → an existing file
+    (``tlkeras.backbones.BadFileError`` when it is truncated or not a weights file).
     """
     if weights is None:
         return None
@@ -313,4 +314,5 @@ def resolve(
             f"weights: expected 'imagenet', None, 'source:TASK' or an existing weights file, "
             f"received {text!r} (no such file)"
         )
+    check_file(Path(text).expanduser(), "weights")  # before any data is loaded
     return str(Path(text).expanduser())
