@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import shutil
+import socket
 import threading
 
 import badfiles
@@ -12,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from tlkeras import exported, savedmodel, serving
+from tlkeras import exported, savedmodel, server, serving
 
 NAMES = ["ants", "bees", "wasps"]
 
@@ -37,7 +39,9 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(base):
-    return serving.create_app(base, "tiny", max_request_bytes=2**20).test_client()
+    app = serving.create_app(base, "tiny", serving.ServingConfig(max_request_bytes=2**20))
+    yield app.test_client()
+    app.extensions["tlkeras_manager"].close()
 
 
 def b64(data: bytes) -> dict:
@@ -212,8 +216,8 @@ BAD = {
         "POST",
         "/v1/models/tiny:predict",
         {"instances": [b64(b"x" * 2**20)]},
-        400,
-        "limit",
+        413,
+        "max_request_bytes",
     ),
     "unknown_signature": (
         "POST",
@@ -239,6 +243,70 @@ BAD = {
     "unknown_version": ("GET", "/v1/models/tiny/versions/99", None, 404, "99"),
     "unknown_verb": ("POST", "/v1/models/tiny:classify", {"instances": []}, 400, ":predict"),
     "unknown_path": ("GET", "/v2/whatever", None, 404, ""),
+    # Hostile bodies: 4xx, never a 500.
+    "deeply_nested_json": ("POST", "/v1/models/tiny:predict", b"[" * 50_000, 400, "nested"),
+    "deeply_nested_instances": (
+        "POST",
+        "/v1/models/tiny:predict",
+        b'{"instances": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+        400,
+        "nested",
+    ),
+    "nan_pixels": (
+        "POST",
+        "/v1/models/tiny:predict",
+        b'{"signature_name": "serving_float", "instances": '
+        + json.dumps(PIXELS).replace("0.0", "NaN", 1).encode()
+        + b"}",
+        400,
+        "finite",
+    ),
+    "infinite_pixels": (
+        "POST",
+        "/v1/models/tiny:predict",
+        b'{"signature_name": "serving_float", "inputs": '
+        + json.dumps(PIXELS).replace("0.0", "1e999", 1).encode()
+        + b"}",
+        400,
+        "finite",
+    ),
+    "float32_overflow": (
+        "POST",
+        "/v1/models/tiny:predict",
+        b'{"signature_name": "serving_float", "inputs": '
+        + json.dumps(PIXELS).replace("0.0", "1e300", 1).encode()
+        + b"}",
+        400,
+        "range",
+    ),
+    "bools_to_float": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "serving_float", "instances": np.ones((1, 32, 32, 3), bool).tolist()},
+        400,
+        "received bool",
+    ),
+    "too_many_instances": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"instances": [{"b64": "AA=="}] * (serving.MAX_INSTANCES + 1)},
+        400,
+        "max_instances",
+    ),
+    "too_many_columnar_inputs": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"inputs": {"image_bytes": [{"b64": "AA=="}] * (serving.MAX_INSTANCES + 1)}},
+        400,
+        "max_instances",
+    ),
+    "huge_integer": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "serving_float", "instances": [[[[10**40] * 3] * 32] * 32]},
+        400,
+        "out of range",
+    ),
 }
 
 
@@ -258,41 +326,145 @@ def test_bad_requests_get_json_errors_and_the_server_stays_up(client, case):
     assert ok.status_code == 200
 
 
+def test_request_pixel_limit(base):
+    # Each test JPEG is 40x50 = 2,000 pixels: two fit under 5,000, three do not.
+    app = serving.create_app(base, "tiny", serving.ServingConfig(max_request_pixels=5_000))
+    try:
+        client = app.test_client()
+        ok = client.post("/v1/models/tiny:predict", json={"instances": [b64(b) for b in JPEGS[:2]]})
+        assert ok.status_code == 200
+        r = client.post("/v1/models/tiny:predict", json={"instances": [b64(b) for b in JPEGS]})
+        assert r.status_code == 400 and "6000 pixels" in r.json["error"]
+        assert "max_request_pixels" in r.json["error"]
+    finally:
+        app.extensions["tlkeras_manager"].close()
+
+
+def test_metrics_endpoint_parses_as_prometheus_text(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.post("/v1/models/tiny:predict", json={"instances": [b64(JPEGS[0])]})
+    client.post("/v1/models/tiny:predict", data=b"{", content_type="application/json")
+    r = client.get(serving.METRICS_PATH)
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    families = {f.name: f for f in text_string_to_metric_families(r.get_data(as_text=True))}
+    requests = {
+        (s.labels["endpoint"], s.labels["code"]): s.value
+        for s in families["tlkeras_serving_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert requests[("predict", "200")] >= 1 and requests[("predict", "400")] >= 1
+    latency = families["tlkeras_serving_request_latency_seconds"]
+    assert latency.type == "histogram"
+    assert any(s.name.endswith("_count") and s.value >= 2 for s in latency.samples)
+    batches = families["tlkeras_serving_batch_size"]
+    assert any(s.name.endswith("_count") and s.value >= 1 for s in batches.samples)
+    (state,) = families["tlkeras_serving_model_version_state"].samples
+    assert state.labels == {"model": "tiny", "version": "1", "state": "AVAILABLE"}
+    assert families["tlkeras_serving_loaded_versions"].samples[0].value == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Versions.
 
 
-def test_new_version_is_served_without_restart_and_broken_ones_fall_back(tmp_path):
-    savedmodel.export(tiny_model(), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False)
+def poll_app(base, **config):
+    """An app whose background poll never runs during the test (the test polls)."""
+    return serving.create_app(base, "tiny", serving.ServingConfig(poll_seconds=3600, **config))
+
+
+def export(tmp_path, seed=0):
+    savedmodel.export(tiny_model(seed), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False)
+
+
+def test_new_version_is_served_without_restart_and_broken_ones_do_not_replace_it(tmp_path):
+    export(tmp_path)
     base = tmp_path / "tiny"
-    client = serving.create_app(base, "tiny").test_client()
-    assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "1"
-    savedmodel.export(
-        tiny_model(seed=7), "tiny", base_dir=tmp_path, class_names=NAMES, verify=False
-    )
-    assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "2"
-    r = client.post("/v1/models/tiny:predict", json={"instances": [b64(JPEGS[0])]})
-    np.testing.assert_allclose(
-        r.json["predictions"][0]["probabilities"],
-        expected_probabilities(base, JPEGS[:1], 2)[0],
-        atol=1e-6,
-    )
-    r1 = client.post("/v1/models/tiny/versions/1:predict", json={"instances": [b64(JPEGS[0])]})
-    assert r1.json["predictions"][0]["probabilities"] != r.json["predictions"][0]["probabilities"]
-    # A corrupt newest version (not written by export) does not take the model down.
-    (base / "3").mkdir()
-    (base / "3" / "saved_model.pb").write_bytes(b"garbage")
-    assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "2"
-    r3 = client.post("/v1/models/tiny/versions/3:predict", json={"instances": [b64(JPEGS[0])]})
-    assert r3.status_code == 500 and "failed to load version 3" in r3.json["error"]
+    app = poll_app(base)
+    manager, client = app.extensions["tlkeras_manager"], app.test_client()
+    try:
+        assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "1"
+        # The warmup records written by export were replayed before version 1 was published.
+        assert manager.statuses()[1].warmup_records == 3
+        export(tmp_path, seed=7)
+        assert client.get("/v1/models/tiny").json["model_version_status"][0]["version"] == "1"
+        manager.poll()  # what the background thread does every poll_seconds
+        states = {
+            s["version"]: s for s in client.get("/v1/models/tiny").json["model_version_status"]
+        }
+        assert states["2"]["state"] == "AVAILABLE"
+        # 1 is unloaded (policy: latest) and reported so, as TF Serving does.
+        assert states["1"]["state"] == "END" and states["1"]["status"]["error_code"] == "OK"
+        r = client.post("/v1/models/tiny:predict", json={"instances": [b64(JPEGS[0])]})
+        np.testing.assert_allclose(
+            r.json["predictions"][0]["probabilities"],
+            expected_probabilities(base, JPEGS[:1], 2)[0],
+            atol=1e-6,
+        )
+        gone = client.post(
+            "/v1/models/tiny/versions/1:predict", json={"instances": [b64(JPEGS[0])]}
+        )
+        assert gone.status_code == 404 and "Specific(tiny, 1)" in gone.json["error"]
+        # A corrupt newest version (not written by export) is reported and does not replace 2.
+        (base / "3").mkdir()
+        (base / "3" / "saved_model.pb").write_bytes(b"garbage")
+        manager.poll()
+        states = {
+            s["version"]: s for s in client.get("/v1/models/tiny").json["model_version_status"]
+        }
+        assert states["2"]["state"] == "AVAILABLE"
+        assert states["3"]["state"] == "END" and states["3"]["status"]["error_code"] == "UNKNOWN"
+        assert "failed to load version 3" in states["3"]["status"]["error_message"]
+        ok = client.post("/v1/models/tiny:predict", json={"instances": [b64(JPEGS[0])]})
+        assert ok.status_code == 200 and ok.json == r.json
+        r3 = client.post("/v1/models/tiny/versions/3:predict", json={"instances": [b64(JPEGS[0])]})
+        assert r3.status_code == 404 and "failed to load version 3" in r3.json["error"]
+        # Removing the served version unloads it; the newest left on disk is loaded again.
+        shutil.rmtree(base / "3")
+        shutil.rmtree(base / "2")
+        manager.poll()
+        assert manager.available == [1]
+        shutil.rmtree(base / "1")
+        manager.poll()
+        assert manager.available == [] and client.get("/v1/models/tiny").json == {
+            "model_version_status": []
+        }
+        assert client.post("/v1/models/tiny:predict", json={"instances": []}).status_code == 404
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize(
+    "policy, served",
+    [("latest", [3]), ("latest:2", [2, 3]), ("all", [1, 2, 3]), ("specific:1,3", [1, 3])],
+)
+def test_version_policies(tmp_path, policy, served):
+    for seed in range(3):
+        export(tmp_path, seed)
+    app = poll_app(tmp_path / "tiny", model_version_policy=policy)
+    try:
+        manager = app.extensions["tlkeras_manager"]
+        assert manager.available == served
+        client = app.test_client()
+        for v in (1, 2, 3):
+            r = client.post(
+                f"/v1/models/tiny/versions/{v}:predict", json={"instances": [b64(JPEGS[0])]}
+            )
+            assert r.status_code == (200 if v in served else 404)
+    finally:
+        app.extensions["tlkeras_manager"].close()
 
 
 def test_missing_base_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_base_path"):
         serving.create_app(tmp_path / "missing", "m")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="Servable not found"):
-        serving.make_server(tmp_path / "empty", "m", port=0)
+    with pytest.raises(ValueError, match="no servable version"):
+        server.make_server(tmp_path / "empty", "m", server=server.ServerConfig(port=0))
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "saved_model.pb").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="failed to load version 1"):
+        serving.create_app(tmp_path / "broken", "m")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,13 +472,18 @@ def test_missing_base_path_is_a_clear_error(tmp_path):
 
 
 def test_real_http_requests_on_loopback(base):
-    server = serving.make_server(base, "tiny", host="127.0.0.1", port=0, max_request_bytes=2**20)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    running = server.make_server(
+        base,
+        "tiny",
+        serving.ServingConfig(max_request_bytes=2**20),
+        server.ServerConfig(host="127.0.0.1", port=0),
+    )
+    thread = threading.Thread(target=running.serve_forever, daemon=True)
     thread.start()
     try:
 
         def call(method, url, body=None):
-            conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+            conn = http.client.HTTPConnection("127.0.0.1", running.server_port, timeout=60)
             try:
                 data = (
                     body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -324,13 +501,21 @@ def test_real_http_requests_on_loopback(base):
         assert call("POST", "/v1/models/tiny:predict", b"{oops")[0] == 400
         assert call("POST", "/v1/models/tiny:predict", {"instances": [b64(b"GIF89a")]})[0] == 400
         assert call("GET", "/v1/models/nope")[0] == 404
-        status, out_big = call("POST", "/v1/models/tiny:predict", b"x" * 2**21)
-        assert status == 400 and "limit" in out_big["error"]
+        # A body over the limit is refused from its Content-Length, before it is sent.
+        with socket.create_connection(("127.0.0.1", running.server_port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: %d\r\n\r\n" % 2**21
+            )
+            reply = sock.makefile("rb").read()
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head
+        assert "max_request_bytes" in json.loads(payload)["error"]
         status, again = call("POST", "/v1/models/tiny:predict", {"instances": [b64(JPEGS[0])]})
         assert status == 200
         assert again["predictions"][0]["classes"] == out["predictions"][0]["classes"]
         assert call("GET", "/v1/models/tiny")[0] == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        running.shutdown(timeout=30)
         thread.join(timeout=10)
+    assert not thread.is_alive()

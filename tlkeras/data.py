@@ -284,8 +284,9 @@ def _sniff(data: bytes) -> str:
         return f"not an image (unrecognised bytes {data[:8].hex()})"
 
 
-def _declared_size(data: bytes, fallback: str) -> str:
-    """``WxH`` as the header declares it, bypassing Pillow's bomb check (which hides the size)."""
+def declared_dimensions(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` as an image header declares it (``None`` if no supported format reads
+    it), without decoding and bypassing Pillow's bomb check (which hides the size)."""
     from PIL import Image
 
     for fmt in SUPPORTED_FORMATS:
@@ -294,10 +295,16 @@ def _declared_size(data: bytes, fallback: str) -> str:
             continue
         try:
             width, height = factory(io.BytesIO(data)).size
-            return f"{width}x{height}"
-        except Exception:  # a header Pillow cannot read: keep the pixel count from its message
+            return int(width), int(height)
+        except Exception:  # a header Pillow cannot read: try the next format
             continue
-    return fallback
+    return None
+
+
+def _declared_size(data: bytes, fallback: str) -> str:
+    """``WxH`` as the header declares it, or ``fallback``."""
+    size = declared_dimensions(data)
+    return f"{size[0]}x{size[1]}" if size else fallback
 
 
 def _tf_error_text(error: Exception) -> str:

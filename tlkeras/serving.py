@@ -1,16 +1,18 @@
-"""A local server speaking TensorFlow Serving's REST API, for exported tlkeras models.
+"""TensorFlow Serving's REST API over exported tlkeras models: requests, answers, metrics.
 
 Client code written against it works unchanged against ``tensorflow/serving``::
 
     POST /v1/models/NAME[/versions/N]:predict   {"instances": [...]} (row) or {"inputs": ...} (columnar),
                                                  binary values as {"b64": "..."}, optional "signature_name"
-    GET  /v1/models/NAME[/versions/N]           version status
+    GET  /v1/models/NAME[/versions/N]           version status (LOADING / AVAILABLE / END, load errors)
     GET  /v1/models/NAME[/versions/N]/metadata  signature defs
+    GET  /monitoring/prometheus/metrics         Prometheus text (TF Serving's monitoring path)
 
-The highest version under ``model_base_path`` answers by default; the directory is re-scanned on every
-request (one ``scandir``), so a newly exported version is served without a restart. Every bad request
-gets ``{"error": "..."}`` with HTTP 400 (404 for an unknown model or version), as TF Serving answers.
-Built on Flask/Werkzeug; the model runs through ``tf.saved_model.load`` only.
+Which versions answer, and when new ones are loaded, is ``tlkeras.servables``; batching of concurrent
+requests is ``tlkeras.batching``; the process (a production WSGI server, graceful shutdown) is
+``tlkeras.server``. Every bad request gets ``{"error": "..."}`` with a 4xx status as TF Serving answers
+(400; 404 for an unknown model or version; 503 when overloaded or timed out), never a 500 for
+anything a client can send.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import base64
 import binascii
 import json
 import re
-import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,60 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
-from tlkeras.exported import ExportedModel, load_exported, tf_error_message  # noqa: E402
-from tlkeras.signatures import BYTES_SIGNATURE  # noqa: E402
+from tlkeras.batching import BatchingConfig, QueueFullError  # noqa: E402
+from tlkeras.data import declared_dimensions  # noqa: E402
+from tlkeras.exported import tf_error_message  # noqa: E402
+from tlkeras.servables import (  # noqa: E402
+    DEFAULT_POLL_SECONDS,
+    ModelManager,
+    Servable,
+    VersionPolicy,
+    VersionState,
+)
+from tlkeras.signatures import BYTES_SIGNATURE, MAX_IMAGE_PIXELS  # noqa: E402
 
 DEFAULT_PORT = 8501
 DEFAULT_HOST = "127.0.0.1"
 MAX_REQUEST_BYTES = 64 * 2**20
+# Per-request limits: a request is refused (400) before any decoding beyond them.
+MAX_INSTANCES = 1024
+MAX_REQUEST_PIXELS = 200_000_000  # decoded RGB pixels of all images of one request (~600 MB)
+REQUEST_TIMEOUT = 30.0
+METRICS_PATH = "/monitoring/prometheus/metrics"
 _PATH_RE = re.compile(
     r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
 )
-_VERSION_RE = re.compile(r"^[0-9]+$")
 _INTERNAL_SIGNATURES = ("__saved_model_init_op",)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What a model server does with requests and versions; validated on creation."""
+
+    model_version_policy: str = "latest"
+    poll_seconds: float = DEFAULT_POLL_SECONDS
+    # None turns batching off: each request is one graph call.
+    batching: BatchingConfig | None = field(default_factory=BatchingConfig)
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_instances: int = MAX_INSTANCES
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    request_timeout: float = REQUEST_TIMEOUT
+
+    def __post_init__(self) -> None:
+        VersionPolicy.parse(self.model_version_policy)
+        for name in ("max_request_bytes", "max_instances", "max_request_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, received {value!r}")
+        for name in ("poll_seconds", "request_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: expected a number of seconds > 0, received {value!r}")
+        if self.batching is not None and not isinstance(self.batching, BatchingConfig):
+            raise ValueError(
+                f"batching: expected a BatchingConfig or None, received {self.batching!r}"
+            )
 
 
 class RequestError(Exception):
@@ -50,82 +94,6 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-# --------------------------------------------------------------------------------------------------
-# Versions on disk.
-
-
-@dataclass
-class _Loaded:
-    stamp: float
-    model: ExportedModel | None
-    error: str | None = None
-
-
-class ModelRepository:
-    """The versions of one model under ``model_base_path``, loaded lazily and re-scanned on demand."""
-
-    def __init__(self, model_base_path: str | Path, model_name: str) -> None:
-        self.base = Path(model_base_path)
-        self.name = model_name
-        if not self.base.is_dir():
-            raise FileNotFoundError(
-                f"--model_base_path: expected a directory of numeric version folders, "
-                f"received {str(self.base)!r}"
-            )
-        self._lock = threading.Lock()
-        self._cache: dict[int, _Loaded] = {}
-
-    def versions(self) -> list[int]:
-        """Complete versions on disk (with ``saved_model.pb``), ascending."""
-        try:
-            entries = list(self.base.iterdir())
-        except OSError:
-            return []
-        return sorted(
-            int(p.name)
-            for p in entries
-            if _VERSION_RE.match(p.name) and (p / "saved_model.pb").is_file()
-        )
-
-    def _load(self, version: int) -> _Loaded:
-        path = self.base / str(version)
-        stamp = (path / "saved_model.pb").stat().st_mtime
-        with self._lock:
-            entry = self._cache.get(version)
-            if entry is None or entry.stamp != stamp:
-                try:
-                    entry = _Loaded(stamp, load_exported(path))
-                except (ValueError, OSError, tf.errors.OpError) as e:
-                    entry = _Loaded(stamp, None, f"failed to load version {version}: {e}")
-                self._cache[version] = entry
-            # Forget versions that were removed from disk.
-            for gone in set(self._cache) - set(self.versions()):
-                del self._cache[gone]
-        return entry
-
-    def get(self, version: int | None = None) -> ExportedModel:
-        """The model for ``version``, or the highest version that loads."""
-        versions = self.versions()
-        if version is not None:
-            if version not in versions:
-                raise RequestError(
-                    f"Servable not found for request: Specific({self.name}, {version})", 404
-                )
-            entry = self._load(version)
-            if entry.model is None:
-                raise RequestError(entry.error or "failed to load", 500)
-            return entry.model
-        errors = []
-        for v in reversed(versions):  # a broken newest version falls back to the previous one
-            entry = self._load(v)
-            if entry.model is not None:
-                return entry.model
-            errors.append(entry.error)
-        if errors:
-            raise RequestError("; ".join(e for e in errors if e), 500)
-        raise RequestError(f"Servable not found for request: Latest({self.name})", 404)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,29 +135,7 @@ def _to_array(value: Any, spec: tf.TensorSpec, name: str) -> np.ndarray:
         ):
             raise RequestError(f"input {name!r}: expected a rectangular list of values")
     else:
-
-        def check(v):
-            if isinstance(v, list):
-                for x in v:
-                    check(x)
-            elif _is_b64(v):
-                raise RequestError(
-                    f'input {name!r} has dtype {spec.dtype.name}: {{"b64": ...}} is only for '
-                    "binary (string) inputs; send numbers"
-                )
-            elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise RequestError(
-                    f"input {name!r} has dtype {spec.dtype.name}: expected numbers, "
-                    f"received {type(v).__name__}"
-                )
-
-        check(value)
-        try:
-            array = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
-        except ValueError:
-            raise RequestError(
-                f"input {name!r}: expected a rectangular list of numbers (ragged lists received)"
-            ) from None
+        array = _numbers(value, spec.dtype, name)
     if not spec.shape.is_compatible_with(array.shape):
         raise RequestError(
             f"input {name!r}: expected shape {_shape_text(spec.shape)}, received "
@@ -198,12 +144,59 @@ def _to_array(value: Any, spec: tf.TensorSpec, name: str) -> np.ndarray:
     return array
 
 
+def _numbers(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
+    """JSON numbers → array of ``dtype``; refuses what a cast would silently change (NaN/Inf,
+    fractions or out-of-range values for integer inputs, booleans for numbers)."""
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError):
+        raise RequestError(
+            f"input {name!r}: expected a rectangular list of numbers (ragged or too deeply nested "
+            "lists received)"
+        ) from None
+    target = np.dtype(dtype.as_numpy_dtype)
+    if raw.dtype.kind == "b" and target.kind == "b":
+        return raw
+    if raw.dtype.kind not in "iuf":
+        kinds = {"str" if isinstance(v, str) else type(v).__name__ for v in raw.flat}
+        if raw.dtype == object and any(_is_b64(v) for v in raw.flat):
+            raise RequestError(
+                f'input {name!r} has dtype {dtype.name}: {{"b64": ...}} is only for binary '
+                "(string) inputs; send numbers"
+            )
+        if kinds <= {"int", "float"}:  # Python ints beyond 64 bits
+            raise RequestError(f"input {name!r}: numbers out of range for {dtype.name}")
+        raise RequestError(
+            f"input {name!r} has dtype {dtype.name}: expected numbers, received "
+            f"{', '.join(sorted(kinds - {'int', 'float'}))}"
+        )
+    if target.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = raw.astype(target)
+        if not np.isfinite(array).all():
+            raise RequestError(
+                f"input {name!r}: expected finite numbers, received NaN, Infinity or a value out "
+                f"of {dtype.name}'s range"
+            )
+        return array
+    if target.kind in "iu":
+        if raw.dtype.kind == "f":
+            if not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
+                raise RequestError(f"input {name!r} has dtype {dtype.name}: expected integers")
+        info = np.iinfo(target)
+        if raw.size and (raw.min() < info.min or raw.max() > info.max):
+            raise RequestError(
+                f"input {name!r}: expected integers in [{info.min}, {info.max}] for {dtype.name}"
+            )
+    return raw.astype(target)
+
+
 def _shape_text(shape: tf.TensorShape) -> str:
     return "[" + ", ".join("-1" if d is None else str(d) for d in shape.as_list()) + "]"
 
 
 def _parse_inputs(
-    body: dict, specs: dict[str, tf.TensorSpec]
+    body: dict, specs: dict[str, tf.TensorSpec], max_instances: int = MAX_INSTANCES
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Request body → named input arrays, and whether the request was row format."""
     has_rows, has_cols = "instances" in body, "inputs" in body
@@ -217,6 +210,7 @@ def _parse_inputs(
         rows = body["instances"]
         if not isinstance(rows, list) or not rows:
             raise RequestError('"instances": expected a non-empty list')
+        _check_count(len(rows), max_instances)
         named = [isinstance(r, dict) and not _is_b64(r) for r in rows]
         if any(named) and not all(named):
             raise RequestError('"instances": expected all rows as objects or none')
@@ -243,10 +237,41 @@ def _parse_inputs(
             columns = {names[0]: value}
         else:
             raise RequestError(f'"inputs": this signature has inputs {names}; send an object')
+    for n in names:  # before converting anything: a huge list costs nothing more to refuse
+        if isinstance(columns[n], list) and specs[n].shape.rank:
+            _check_count(len(columns[n]), max_instances)
     arrays = {n: _to_array(columns[n], specs[n], n) for n in names}
     if has_rows and len({a.shape[0] for a in arrays.values()}) > 1:
         raise RequestError('"instances": all inputs must have the same number of rows')
     return arrays, has_rows
+
+
+def _check_count(n: int, max_instances: int) -> None:
+    if n > max_instances:
+        raise RequestError(
+            f"{n} instances in one request: expected at most {max_instances} (max_instances); "
+            "split the request"
+        )
+
+
+def _check_pixels(arrays: dict[str, np.ndarray], max_pixels: int) -> None:
+    """Refuse a request whose images would decode to more than ``max_pixels`` in all, from their
+    headers (the signature refuses single images declaring too much, and undecodable ones)."""
+    total = 0
+    for array in arrays.values():
+        if array.dtype != object:
+            continue
+        for data in array.flat:
+            size = declared_dimensions(data)
+            if size and size[0] * size[1] > MAX_IMAGE_PIXELS:  # as the signature would say
+                raise RequestError(f"image declares more than {MAX_IMAGE_PIXELS} pixels")
+            if size:
+                total += size[0] * size[1]
+    if total > max_pixels:
+        raise RequestError(
+            f"the request's images declare {total} pixels in all: expected at most {max_pixels} "
+            "(max_request_pixels); send fewer or smaller images"
+        )
 
 
 def _jsonable(array: np.ndarray, name: str) -> Any:
@@ -260,27 +285,47 @@ def _jsonable(array: np.ndarray, name: str) -> Any:
     return array.tolist()
 
 
-def predict(model: ExportedModel, body: Any) -> dict[str, Any]:
-    """Run one TF-Serving-style predict request body on ``model``; raises ``RequestError``."""
+def too_large_message(max_request_bytes: int) -> str:
+    return f"request body larger than the {max_request_bytes}-byte limit (max_request_bytes)"
+
+
+def parse_body(raw: bytes) -> Any:
+    """Request bytes → JSON value; malformed or hostile (deeply nested) JSON is a 400."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"JSON Parse error: {e}") from None
+    except RecursionError:
+        raise RequestError("JSON Parse error: nested too deeply") from None
+
+
+def predict(servable: Servable, body: Any, config: ServingConfig | None = None) -> dict[str, Any]:
+    """Run one TF-Serving-style predict request body on ``servable``; raises ``RequestError``."""
+    config = config or ServingConfig()
     if not isinstance(body, dict):
         raise RequestError(f"expected a JSON object, received {type(body).__name__}")
     signature_name = body.get("signature_name", BYTES_SIGNATURE) or BYTES_SIGNATURE
-    signatures = model.signatures
-    if not isinstance(signature_name, str) or signature_name not in signatures:
+    if not isinstance(signature_name, str) or signature_name not in servable.signatures:
         raise RequestError(
             f'Serving signature name: "{signature_name}" not found in signature def; expected one '
-            f"of {sorted(s for s in signatures if s not in _INTERNAL_SIGNATURES)}"
+            f"of {sorted(servable.signatures)}"
         )
-    fn = signatures[signature_name]
-    specs = fn.structured_input_signature[1]
-    arrays, row_format = _parse_inputs(body, specs)
+    specs = servable.input_specs(signature_name)
     try:
-        outputs = fn(**{n: tf.constant(a, dtype=specs[n].dtype) for n, a in arrays.items()})
+        arrays, row_format = _parse_inputs(body, specs, config.max_instances)
+    except RecursionError:
+        raise RequestError("request nested too deeply for the signature's inputs") from None
+    _check_pixels(arrays, config.max_request_pixels)
+    try:
+        outputs = servable.run(signature_name, arrays, timeout=config.request_timeout)
     except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
         raise RequestError(tf_error_message(e)) from None
     except (ValueError, TypeError) as e:  # signature binding: shapes/dtypes the graph refuses
         raise RequestError(" ".join(str(e).split())[:500]) from None
-    outputs = {k: v.numpy() for k, v in outputs.items()}
+    except QueueFullError as e:
+        raise RequestError(f"server overloaded: {e}; retry later", 503) from None
+    except TimeoutError as e:
+        raise RequestError(f"request timed out: {e} (request_timeout)", 503) from None
     if row_format:
         if len(outputs) == 1:
             ((name, value),) = outputs.items()
@@ -299,20 +344,26 @@ def model_name_from_base_path(model_base_path: str | Path) -> str:
     return Path(model_base_path).resolve().name
 
 
-def version_status(version: int) -> dict[str, Any]:
+def version_status(version: int, state: VersionState) -> dict[str, Any]:
+    """One entry of ``model_version_status`` as TF Serving renders it."""
     return {
         "version": str(version),
-        "state": "AVAILABLE",
-        "status": {"error_code": "OK", "error_message": ""},
+        "state": state.state,
+        "status": {
+            "error_code": "UNKNOWN" if state.error else "OK",
+            "error_message": state.error,
+        },
     }
 
 
-def signature_metadata(model: ExportedModel, model_name: str) -> dict[str, Any]:
+def signature_metadata(servable: Servable, model_name: str) -> dict[str, Any]:
     """``GET .../metadata``: the SignatureDefs as TF Serving renders them (proto → JSON)."""
     from google.protobuf import json_format
     from tensorflow.core.protobuf import saved_model_pb2
 
-    saved = saved_model_pb2.SavedModel.FromString((model.path / "saved_model.pb").read_bytes())
+    saved = saved_model_pb2.SavedModel.FromString(
+        (servable.model.path / "saved_model.pb").read_bytes()
+    )
     defs = saved.meta_graphs[0].signature_def
     rendered = {
         name: json_format.MessageToDict(
@@ -324,36 +375,143 @@ def signature_metadata(model: ExportedModel, model_name: str) -> dict[str, Any]:
         if name not in _INTERNAL_SIGNATURES
     }
     return {
-        "model_spec": {"name": model_name, "signature_name": "", "version": str(model.version)},
+        "model_spec": {"name": model_name, "signature_name": "", "version": str(servable.version)},
         "metadata": {"signature_def": {"signature_def": rendered}},
     }
 
 
 # --------------------------------------------------------------------------------------------------
-# The Flask app.
+# Metrics.
 
 
-def create_app(
-    model_base_path: str | Path,
-    model_name: str,
-    *,
-    max_request_bytes: int = MAX_REQUEST_BYTES,
-):
-    """A Flask app serving ``model_base_path`` under ``/v1/models/<model_name>``."""
-    from flask import Flask, Response, request
+class Metrics:
+    """Prometheus metrics of one app, in its own registry (apps in one process stay apart)."""
+
+    def __init__(self, model_name: str, max_batch_size: int = 1024) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.model = model_name
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tlkeras_serving_requests",
+            "Requests answered, by endpoint and HTTP status code.",
+            ["model", "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tlkeras_serving_request_latency_seconds",
+            "Time from request received to answer ready, by endpoint.",
+            ["model", "endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        powers = [2**i for i in range(max(1, max_batch_size).bit_length() + 1)]
+        self.batch_size = Histogram(
+            "tlkeras_serving_batch_size",
+            "Rows per model call (batching gathers concurrent requests into one call).",
+            ["model", "version", "signature"],
+            buckets=sorted(set(powers)),
+            registry=self.registry,
+        )
+
+    def observe_batch(self, version: int, signature: str, rows: int) -> None:
+        self.batch_size.labels(self.model, str(version), signature).observe(rows)
+
+    def watch(self, manager: ModelManager) -> None:
+        """Report ``manager``'s versions and their states at each scrape."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        name = self.model
+
+        class _Versions:
+            def collect(self):
+                family = GaugeMetricFamily(
+                    "tlkeras_serving_model_version_state",
+                    "1 for each version's current state (LOADING, AVAILABLE, END).",
+                    labels=["model", "version", "state"],
+                )
+                for version, state in sorted(manager.statuses().items()):
+                    family.add_metric([name, str(version), state.state], 1)
+                yield family
+                loaded = GaugeMetricFamily(
+                    "tlkeras_serving_loaded_versions",
+                    "Versions answering requests.",
+                    labels=["model"],
+                )
+                loaded.add_metric([name], len(manager.available))
+                yield loaded
+
+        self.registry.register(_Versions())
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------------------------------
+# The WSGI app (Flask).
+
+
+def create_app(model_base_path: str | Path, model_name: str, config: ServingConfig | None = None):
+    """A Flask app serving ``model_base_path`` under ``/v1/models/<model_name>``.
+
+    The versions are loaded here (a model that cannot be served raises ``ValueError`` now) and then
+    polled in the background; ``app.extensions["tlkeras_manager"].close()`` stops that.
+    """
+    from flask import Flask, Response, g, request
     from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-    if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-        raise ValueError(
-            f"max_request_bytes: expected a positive int, received {max_request_bytes!r}"
-        )
-    repo = ModelRepository(model_base_path, model_name)
+    config = config or ServingConfig()
+    metrics = Metrics(
+        model_name, config.batching.max_batch_size if config.batching else config.max_instances
+    )
+    manager = ModelManager(
+        model_base_path,
+        model_name,
+        policy=VersionPolicy.parse(config.model_version_policy),
+        batching=config.batching,
+        poll_seconds=config.poll_seconds,
+        on_batch=metrics.observe_batch,
+    )
+    manager.start()
+    metrics.watch(manager)
     app = Flask("tlkeras.serving")
-    app.config["MAX_CONTENT_LENGTH"] = max_request_bytes
-    app.extensions["tlkeras_repository"] = repo
+    app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes
+    app.extensions["tlkeras_manager"] = manager
+    app.extensions["tlkeras_metrics"] = metrics
 
     def reply(obj: Any, status: int = 200) -> Response:
         return Response(json.dumps(obj), status=status, mimetype="application/json")
+
+    def servable(version: int | None) -> Servable:
+        try:
+            return manager.get(version)
+        except LookupError as e:
+            raise RequestError(str(e), 404) from None
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        path = request.path
+        endpoint = (
+            "metrics"
+            if path == METRICS_PATH
+            else "predict"
+            if path.endswith(":predict")
+            else "metadata"
+            if path.endswith("/metadata")
+            else "status"
+            if path.startswith("/v1/models/")
+            else "other"
+        )
+        metrics.requests.labels(model_name, endpoint, str(response.status_code)).inc()
+        if "started" in g:
+            metrics.latency.labels(model_name, endpoint).observe(time.perf_counter() - g.started)
+        return response
 
     @app.errorhandler(RequestError)
     def _request_error(e: RequestError):
@@ -361,8 +519,7 @@ def create_app(
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(e):
-        # TF Serving answers malformed/oversized requests with 400 and a JSON error.
-        return reply({"error": f"request body larger than the {max_request_bytes}-byte limit"}, 400)
+        return reply({"error": too_large_message(config.max_request_bytes)}, 413)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
@@ -372,6 +529,10 @@ def create_app(
     def _internal(e: Exception):  # the server stays up, and says what went wrong
         app.logger.exception("internal error")
         return reply({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+
+    @app.route(METRICS_PATH, methods=["GET"])
+    def prometheus_metrics():
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     @app.route("/v1/models/<path:rest>", methods=["GET", "POST"])
     def models(rest: str):
@@ -389,39 +550,21 @@ def create_app(
                 )
             if request.method != "POST":
                 raise RequestError("Malformed request: :predict expects POST", 405)
-            raw = request.get_data(cache=False)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(f"JSON Parse error: {e}") from None
-            return reply(predict(repo.get(version), body))
+            body = parse_body(request.get_data(cache=False))
+            return reply(predict(servable(version), body, config))
         if request.method != "GET":
             raise RequestError(f"Malformed request: POST /v1/models/{rest}", 405)
-        model = repo.get(version)
         if m["metadata"]:
-            return reply(signature_metadata(model, model_name))
-        return reply({"model_version_status": [version_status(model.version)]})
+            return reply(signature_metadata(servable(version), model_name))
+        states = manager.statuses()
+        if version is not None:
+            if version not in states:
+                raise RequestError(
+                    f"Servable not found for request: Specific({model_name}, {version})", 404
+                )
+            states = {version: states[version]}
+        return reply(
+            {"model_version_status": [version_status(v, s) for v, s in sorted(states.items())]}
+        )
 
     return app
-
-
-def make_server(
-    model_base_path: str | Path,
-    model_name: str,
-    *,
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    max_request_bytes: int = MAX_REQUEST_BYTES,
-):
-    """A threaded Werkzeug server for ``create_app``; call ``serve_forever()`` / ``shutdown()``.
-
-    The default version is loaded first, so a bad model path fails here rather than on a request.
-    """
-    from werkzeug.serving import make_server as _make_server
-
-    app = create_app(model_base_path, model_name, max_request_bytes=max_request_bytes)
-    try:
-        app.extensions["tlkeras_repository"].get()
-    except RequestError as e:
-        raise ValueError(f"--model_base_path: {e}") from None
-    return _make_server(host, port, app, threaded=True)
