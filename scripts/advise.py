@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
         min_probe_gain=FLAGS.min_probe_gain,
         max_images=FLAGS.max_images,
         seed=FLAGS.seed,
+        max_bad_fraction=FLAGS.max_bad_fraction,
     )
     advice = advisor.advise(
         FLAGS.data,

@@ -72,6 +72,7 @@ def main(argv: list[str]) -> None:
         validation_split=FLAGS.validation_split,
         test_split=FLAGS.test_split,
         seed=FLAGS.seed,
+        max_bad_fraction=FLAGS.max_bad_fraction,
     )
     print(data.summary(), flush=True)
     table = transfer.compare_strategies(

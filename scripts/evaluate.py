@@ -27,6 +27,8 @@ flags.DEFINE_string(
     "data", None, "Folder with one subfolder per class (or tfds:NAME:SPLIT).", required=True
 )
 flags.DEFINE_integer("batch_size", DataConfig().batch_size, "Batch size.")
+cli.define_max_bad_fraction()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_string(
     "output_dir",
     None,
@@ -45,7 +47,13 @@ def main(argv: list[str]) -> None:
             f"--model: expected a SavedModel directory, received {FLAGS.model!r} (not found)"
         )
     output_dir = FLAGS.output_dir or training.default_evaluate_dir(model)
-    training.evaluate_export(model, FLAGS.data, batch_size=FLAGS.batch_size, output_dir=output_dir)
+    training.evaluate_export(
+        model,
+        FLAGS.data,
+        batch_size=FLAGS.batch_size,
+        output_dir=output_dir,
+        max_bad_fraction=FLAGS.max_bad_fraction,
+    )
     print(f"Metrics written to {Path(output_dir) / 'metrics.json'}")
 
 

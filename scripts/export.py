@@ -64,6 +64,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "output_dir", None, "Edge formats: where to write (default under --base_dir, see above)."
 )
+tlkeras.cli.define_max_bad_fraction()  # of --calibration_data and --eval_data
+flags.adopt_module_key_flags(tlkeras.cli)
 flags.mark_flags_as_required(["model"])
 
 
@@ -114,6 +116,7 @@ def _export_edge() -> None:
         calibration_data=FLAGS.calibration_data,
         max_images=FLAGS.max_images,
         overwrite=FLAGS.overwrite,
+        max_bad_fraction=FLAGS.max_bad_fraction,
     )
     print(edge.summary(result))
 

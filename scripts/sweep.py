@@ -96,6 +96,7 @@ def main(argv: list[str]) -> None:
         validation_split=FLAGS.validation_split,
         test_split=FLAGS.test_split,
         seed=FLAGS.seed,
+        max_bad_fraction=FLAGS.max_bad_fraction,
         output_dir=FLAGS.output_dir,
         verbose=FLAGS.verbose,
     )

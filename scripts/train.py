@@ -45,6 +45,7 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "test_split", _D.test_split, "Fraction of --data held out for the final test score."
 )
+cli.define_max_bad_fraction()
 flags.DEFINE_string("backbone", training.DEFAULT_BACKBONE, "A keras.applications model name.")
 flags.DEFINE_string(
     "backbone_kwargs",
@@ -110,14 +111,18 @@ flags.DEFINE_string(
 flags.DEFINE_integer("seed", _C.seed, "Seeds Python, NumPy, TensorFlow and the data split.")
 flags.DEFINE_string("output_dir", None, "Run directory (default: runs/MODEL_NAME/STRATEGY).")
 flags.DEFINE_string(
-    "export_dir", training.DEFAULT_EXPORT_DIR, "SavedModel base directory; '' skips the export."
+    "base_dir",
+    training.DEFAULT_EXPORT_DIR,
+    "SavedModel base directory (BASE_DIR/MODEL_NAME/VERSION, as scripts/export.py); '' skips "
+    "the export.",
 )
+cli.define_deprecated_alias("export_dir", "base_dir")
 flags.DEFINE_string("model_name", None, "SavedModel name (default: from --data, e.g. digits_5_9).")
 flags.DEFINE_list(
     "export_formats",
     [edge.SAVED_MODEL],
-    f"What --export_dir receives, any of {', '.join([edge.SAVED_MODEL, *edge.EXPORT_FORMATS])}; "
-    "edge files go to EXPORT_DIR/MODEL_NAME/edge/VERSION/FORMAT/, verified on the test split.",
+    f"What --base_dir receives, any of {', '.join([edge.SAVED_MODEL, *edge.EXPORT_FORMATS])}; "
+    "edge files go to BASE_DIR/MODEL_NAME/edge/VERSION/FORMAT/, verified on the test split.",
 )
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
@@ -166,6 +171,8 @@ flags.DEFINE_string(
     "tpu", DistributeConfig().tpu, "tpu only: TPU name or grpc:// address, or 'local' (TPU VM)."
 )
 
+flags.adopt_module_key_flags(cli)
+
 FLAGS = flags.FLAGS
 
 
@@ -192,8 +199,9 @@ def main(argv: list[str]) -> None:
         validation_data=FLAGS.validation_data,
         validation_split=FLAGS.validation_split,
         test_split=FLAGS.test_split,
+        max_bad_fraction=FLAGS.max_bad_fraction,
         output_dir=FLAGS.output_dir,
-        export_dir=FLAGS.export_dir or None,
+        export_dir=FLAGS.base_dir or None,
         model_name=FLAGS.model_name,
         export_formats=FLAGS.export_formats,
         overwrite=FLAGS.overwrite,

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import badfiles
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,37 @@ def check_bad_flags_fail_in_one_line(
         assert "Traceback" not in err, (name, err)
         assert len(lines) == 1 and lines[0].startswith(f"{script.name}: error: "), (name, err)
         assert cases[name][1] in lines[0], (name, lines[0])
+
+
+def bad_input_cases(tmp_path: Path, weights: str = "none") -> dict[str, tuple[list[str], str]]:
+    """The bad inputs every script with --weights and --data must end in one line: a weights file
+    that is not what it claims (given, or in the Keras cache), a wrongly typed backbone argument,
+    and --max_bad_fraction reaching the loader (1 of 21 files is bad: 5 % passes the default).
+    ``weights``: of the last two (what the script accepts; the cache file is bad)."""
+    files = badfiles.write_bad_weights(tmp_path / "weights")
+    cases = {
+        name: ([f"--weights={path}"], f"weights: {str(path)!r} {expect}")
+        for name, path in files.items()
+        for expect in [badfiles.BAD_WEIGHTS[name]]
+    }
+    cases["imagenet_cache"] = (["--weights=imagenet"], "the Keras cache file ")
+    cases["backbone_kwargs"] = (
+        [f"--weights={weights}", "--backbone_kwargs=alpha=zero"],
+        "MobileNet expects alpha to be a number (default 1.0), received 'zero' (str)",
+    )
+    folder = badfiles.make_dataset(tmp_path / "folder", per_class=10)
+    badfiles.write_cases(folder / "cats", [badfiles.BAD_CASES[0]])
+    cases["max_bad_fraction"] = (
+        [f"--weights={weights}", f"--data={folder}", "--max_bad_fraction=0.01"],
+        "expected at most 1% unusable files, received 1 of 21",
+    )
+    return cases
+
+
+def bad_input_env(tmp_path: Path, env: Mapping[str, str]) -> dict[str, str]:
+    home = tmp_path / "bad_keras_home"
+    badfiles.truncated_keras_cache(home)
+    return {**env, "KERAS_HOME": str(home)}
 
 
 @pytest.fixture(scope="module")

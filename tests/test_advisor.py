@@ -11,6 +11,8 @@ from conftest import (
     HYMENOPTERA,
     MOBILENET_WEIGHTS,
     REPO,
+    bad_input_cases,
+    bad_input_env,
     check_bad_flags_fail_in_one_line,
     needs_hymenoptera,
     needs_shared_weights,
@@ -264,6 +266,15 @@ BAD_FLAGS = {
 
 def test_advise_script_bad_flags_exit_2_with_one_line(tmp_path):
     check_bad_flags_fail_in_one_line(ADVISE, BAD_FLAGS, _env(tmp_path))
+
+
+def test_advise_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
+    cases = bad_input_cases(tmp_path, weights="imagenet")
+
+    def extra(name: str) -> list[str]:
+        return [] if "--data=" in " ".join(cases[name][0]) else ["--data=digits:0-2"]
+
+    check_bad_flags_fail_in_one_line(ADVISE, cases, bad_input_env(tmp_path, _env(tmp_path)), extra)
 
 
 @needs_shared_weights

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_python
+from conftest import bad_input_cases, bad_input_env, check_bad_flags_fail_in_one_line, run_python
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
 
@@ -56,3 +56,15 @@ def test_bad_flags_one_line_exit_2(tmp_path, flag, match):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
+
+
+def test_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
+    cases = bad_input_cases(tmp_path)
+    env = bad_input_env(tmp_path, os.environ)
+
+    def extra(name: str) -> list[str]:
+        given = " ".join(cases[name][0])
+        data = [] if "--data=" in given else ["--data=digits:0-2"]
+        return [*data, "--strategies=feature_extraction", f"--output_dir={tmp_path / name}"]
+
+    check_bad_flags_fail_in_one_line(SCRIPT, cases, env, extra)

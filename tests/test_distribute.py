@@ -290,7 +290,7 @@ def test_a_killed_worker_is_reported_and_the_restarted_workers_resume(tmp_path):
         "--fine_tune_epochs=1",
         "--distribution=multi_worker",
         f"--output_dir={run}",
-        f"--export_dir={export}",
+        f"--base_dir={export}",
         "--model_name=restart",
     ]
     cmd = [sys.executable, str(TRAIN), *flags]

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import REPO, check_bad_flags_fail_in_one_line
+from conftest import REPO, bad_input_cases, bad_input_env, check_bad_flags_fail_in_one_line
 
 from tlkeras.sweep import FINE_TUNED, FROZEN, SCRATCH, SweepRow, binomial_noise, recommend, sweep
 
@@ -168,3 +168,14 @@ def test_sweep_script_bad_flags_exit_2_with_one_line(tmp_path):
     check_bad_flags_fail_in_one_line(
         SWEEP, BAD_FLAGS, env, lambda name: [f"--output_dir={tmp_path / name}"]
     )
+
+
+def test_sweep_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
+    cases = bad_input_cases(tmp_path, weights="imagenet")
+    env = bad_input_env(tmp_path, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+    def extra(name: str) -> list[str]:
+        data = [] if "--data=" in " ".join(cases[name][0]) else ["--data=digits:0-2"]
+        return [*data, "--ks=-1", "--epochs=1", f"--output_dir={tmp_path / name}"]
+
+    check_bad_flags_fail_in_one_line(SWEEP, cases, env, extra)

@@ -5,7 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import REPO, check_bad_flags_fail_in_one_line, run_python
+from conftest import (
+    REPO,
+    bad_input_cases,
+    bad_input_env,
+    check_bad_flags_fail_in_one_line,
+    run_python,
+)
 
 TRAIN = REPO / "scripts" / "train.py"
 EVALUATE = REPO / "scripts" / "evaluate.py"
@@ -50,7 +56,7 @@ def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
         "--epochs=1",
         "--fine_tune_epochs=1",
         f"--output_dir={run}",
-        f"--export_dir={export}",
+        f"--base_dir={export}",
         "--model_name=tiny",
         "--export_formats=saved_model,tflite_int8",
         "--nobaselines",  # tests/test_transfer.py covers them
@@ -105,3 +111,21 @@ def test_evaluate_missing_model_is_one_line(tmp_path):
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "--model" in out.stderr
+
+
+def test_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
+    cases = bad_input_cases(tmp_path)
+    cases["both_base_dir_spellings"] = (
+        ["--export_dir=a", "--base_dir=b"],
+        "--export_dir and --base_dir: expected one value",
+    )
+
+    def extra(name: str) -> list[str]:
+        given = " ".join(cases[name][0])
+        return [
+            f"--output_dir={tmp_path / name}",
+            *([] if "--data=" in given else ["--data=digits:0-2"]),
+            *([] if "--base_dir=" in given else ["--base_dir="]),  # '': no export
+        ]
+
+    check_bad_flags_fail_in_one_line(TRAIN, cases, bad_input_env(tmp_path, _env(tmp_path)), extra)

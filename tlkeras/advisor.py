@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from tlkeras.backbones import get_backbone
 from tlkeras.blocks import blocks
-from tlkeras.data import ImageData, load
+from tlkeras.data import DataConfig, ImageData, load
 from tlkeras.features import cache_features, split_at_block
 from tlkeras.model import build_model
 from tlkeras.weights import image_size_for, resolve
@@ -108,6 +108,8 @@ class AdvisorConfig:
         probe_folds: cross-validation folds of the linear probe (fewer if a class is smaller).
         probe_c: inverse L2 strength of the probe's ``LogisticRegression``.
         seed: seeds the sample, the folds and the random backbone.
+        max_bad_fraction: a data folder fails to load when more than this fraction of its files
+            are unusable (``tlkeras.data.DataConfig``).
     """
 
     small_max_images: int = DEFAULT_SMALL_MAX_IMAGES
@@ -121,6 +123,7 @@ class AdvisorConfig:
     probe_folds: int = DEFAULT_PROBE_FOLDS
     probe_c: float = 1.0
     seed: int = 0
+    max_bad_fraction: float = DataConfig.max_bad_fraction
 
     def __post_init__(self) -> None:
         _positive_int("AdvisorConfig.small_max_images", self.small_max_images)
@@ -274,7 +277,7 @@ class _Sample:
     source: str
 
 
-def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, batch_size: int):
+def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, config: AdvisorConfig):
     if isinstance(data, ImageData):
         if image_size is not None:
             raise ValueError(
@@ -284,7 +287,14 @@ def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, batch_size
         return data
     size = image_size_for(image_size, weights, backbone)
     # Advice looks at every labelled image: no split is held out (nothing is trained here).
-    return load(data, image_size=size, batch_size=batch_size, validation_split=0.0, test_split=0.0)
+    return load(
+        data,
+        image_size=size,
+        batch_size=DEFAULT_BATCH_SIZE,
+        validation_split=0.0,
+        test_split=0.0,
+        max_bad_fraction=config.max_bad_fraction,
+    )
 
 
 def _labelled_images(data: Any, config: AdvisorConfig) -> _Sample:
@@ -524,7 +534,7 @@ def advise(
             "weights file or 'source:TASK', received None"
         )
     backbone_kwargs = _check_kwargs(backbone_kwargs)
-    data = _as_data(data, image_size, spec.name, weights, DEFAULT_BATCH_SIZE)
+    data = _as_data(data, image_size, spec.name, weights, config)
     sample = _labelled_images(data, config)
     resolved = _resolve_weights(weights, spec.name, backbone_kwargs, sample.image_size)
 
@@ -634,7 +644,7 @@ def rank_backbones(
     parsed = [_check_candidate(c) for c in candidates]
     for name, _, _ in parsed:
         get_backbone(name)
-    data = _as_data(data, image_size, parsed[0][0], parsed[0][2], DEFAULT_BATCH_SIZE)
+    data = _as_data(data, image_size, parsed[0][0], parsed[0][2], config)
     sample = _labelled_images(data, config)
     rows = []
     for name, kwargs, weights in parsed:

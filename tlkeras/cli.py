@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tlkeras import weights as weights_lib
+from tlkeras.data import DataConfig
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -55,10 +56,14 @@ def run(main: Callable[[list[str]], Any], *, exit_now: bool = False) -> None:
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
         except flags.Error as e:
             fail(f"{e} (see --helpfull)")
-        return []  # unreachable
+        try:
+            apply_deprecated_aliases(flags.FLAGS)
+        except ValueError as e:
+            fail(str(e))
+        return rest
 
     def guarded_main(argv: list[str]) -> Any:
         try:
@@ -80,6 +85,58 @@ def run(main: Callable[[list[str]], Any], *, exit_now: bool = False) -> None:
         os._exit(code if isinstance(code, int) else 0)
 
     app.run(guarded_main, flags_parser=parse_flags)
+
+
+# Deprecated flag name -> the flag it forwards to (define_deprecated_alias).
+_DEPRECATED: dict[str, str] = {}
+
+
+def define_deprecated_alias(old: str, new: str, flag_values: Any = None) -> None:
+    """Define ``--old`` as a deprecated spelling of the already defined ``--new``: given, it warns
+    in one stderr line and sets ``--new`` (``apply_deprecated_aliases``, which ``run`` calls after
+    parsing). absl's ``DEFINE_alias`` would forward silently."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_string(old, None, f"Deprecated: use --{new} (same meaning).", flag_values=fv)
+    _DEPRECATED[old] = new
+
+
+def apply_deprecated_aliases(flag_values: Any = None) -> None:
+    """Forward each given deprecated flag to its new name with a warning on stderr; both given
+    with different values raise ``ValueError``."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    for old, new in _DEPRECATED.items():
+        if old not in fv or not fv[old].present:
+            continue
+        value = fv[new].parser.parse(fv[old].value)
+        if fv[new].present and fv[new].value != value:
+            raise ValueError(
+                f"--{old} and --{new}: expected one value for the same setting, received "
+                f"{fv[old].value!r} and {fv[new].value!r}; give --{new} only"
+            )
+        print(
+            f"{_prog()}: warning: --{old} is deprecated; use --{new} (same meaning)",
+            file=sys.stderr,
+            flush=True,
+        )
+        fv[new].value = value
+        fv[new].present = fv[new].present or 1
+
+
+def define_max_bad_fraction() -> None:
+    """Define ``--max_bad_fraction`` (``tlkeras.data.DataConfig``'s default) in this module; a
+    script adopts it with ``flags.adopt_module_key_flags(cli)``."""
+    from absl import flags
+
+    flags.DEFINE_float(
+        "max_bad_fraction",
+        DataConfig.max_bad_fraction,
+        "Fail when more than this fraction of a data folder's files are unusable (fewer are "
+        "skipped and listed).",
+    )
 
 
 def parse_kwargs(text: str | None, flag: str = "--backbone_kwargs") -> dict[str, Any]:
@@ -117,14 +174,16 @@ WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:T
 
 
 def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
-    """Define ``--data --backbone --backbone_kwargs --weights --image_size`` with the offline
-    transfer story's defaults (``tlkeras.weights``). Call at a script's module level, then
-    ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's own."""
+    """Define ``--data --max_bad_fraction --backbone --backbone_kwargs --weights --image_size``
+    with the offline transfer story's defaults (``tlkeras.weights``). Call at a script's module
+    level, then ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's
+    own."""
     from absl import flags
 
     flags.DEFINE_string(
         "data", weights_lib.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
     )
+    define_max_bad_fraction()
     flags.DEFINE_string(
         "backbone", weights_lib.DEFAULT_BACKBONE, "A keras.applications model name."
     )

@@ -36,7 +36,7 @@ import numpy as np
 from tlkeras import reports
 from tlkeras.backbones import get_backbone
 from tlkeras.blocks import BACKBONE_LAYER, blocks, resolve_block_index
-from tlkeras.data import ImageData, load
+from tlkeras.data import DataConfig, ImageData, load
 from tlkeras.features import MODE_FULL_MODEL
 from tlkeras.model import AugmentConfig, build_model
 from tlkeras.phase import FEATURE_EXTRACTION, FULL, PARTIAL, Phase, PhaseResult, run_phase
@@ -440,6 +440,7 @@ def sweep(
     validation_split: float = 0.2,
     test_split: float = 0.2,
     seed: int = 0,
+    max_bad_fraction: float = DataConfig.max_bad_fraction,
     output_dir: str | Path = DEFAULT_OUTPUT_DIR,
     verbose: int = 0,
 ) -> SweepResult:
@@ -452,7 +453,7 @@ def sweep(
     Args:
         data: a ``tlkeras.data.ImageData`` with a validation split, or anything
             ``tlkeras.data.load`` accepts (loaded at ``image_size`` with ``validation_split``,
-            ``test_split``, ``batch_size`` and ``seed``).
+            ``test_split``, ``batch_size``, ``seed`` and ``max_bad_fraction``).
         backbone, backbone_kwargs: as ``tlkeras.build_model``.
         ks: block indices (``tlkeras.blocks``); blocks < k are frozen. Negative counts from the
             end; ``len(blocks)`` freezes the whole backbone.
@@ -497,6 +498,7 @@ def sweep(
         validation_split=validation_split,
         test_split=test_split,
         seed=seed,
+        max_bad_fraction=max_bad_fraction,
     )
     rows, names, resolved_ks = _make_rows(
         spec.name, data, ks, weights, backbone_kwargs, augment, patience, seed, verbose

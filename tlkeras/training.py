@@ -651,6 +651,7 @@ def train(
     validation_data: Any = None,
     validation_split: float = 0.2,
     test_split: float = 0.2,
+    max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
     config: TrainConfig | None = None,
     output_dir: str | Path | None = None,
     export_dir: str | Path | None = DEFAULT_EXPORT_DIR,
@@ -679,7 +680,8 @@ def train(
         head: a ``HeadConfig``; or ``dropout`` alone to change the default head's dropout.
         augment: an ``AugmentConfig``, ``True`` (defaults), ``False``, or ``None``: on, except for
             the digits sources (a flipped digit is another digit).
-        validation_data, validation_split, test_split: as ``tlkeras.data.load``.
+        validation_data, validation_split, test_split, max_bad_fraction: as
+            ``tlkeras.data.load``.
         config: a ``TrainConfig``; ``config_overrides`` (``epochs=3``…) apply on top of it.
         output_dir: the run directory; default ``runs/<model_name>/<strategy>``.
         export_dir: SavedModel base directory (``<export_dir>/<model_name>/<version>``); ``None``
@@ -723,6 +725,7 @@ def train(
         validation_split=validation_split,
         test_split=test_split,
         seed=config.seed,
+        max_bad_fraction=max_bad_fraction,
     )
     if verbose:
         print(data.summary())
@@ -956,12 +959,14 @@ def evaluate_export(
     batch_size: int = 32,
     output_dir: str | Path | None = None,
     verbose: int = 1,
+    max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
 ) -> dict[str, Any]:
     """Score an exported SavedModel on every image of ``data_source`` (no split).
 
     The model runs through its float signature (``tf.saved_model.load``; no tlkeras model code).
     Folder classes are matched to the model's labels by name, so a folder may hold a subset of the
     classes. Writes ``metrics.json`` and ``confusion.png`` to ``output_dir`` when given.
+    ``max_bad_fraction``: as ``tlkeras.data.load``.
     """
     exported = load_exported(model_path)
     names = list(exported.class_names)
@@ -969,7 +974,13 @@ def evaluate_export(
         raise ValueError(
             f"model: expected a tlkeras export with assets.extra/labels.txt, received {model_path}"
         )
-    data, to_model = _load_labelled(data_source, names, exported.input_size, batch_size=batch_size)
+    data, to_model = _load_labelled(
+        data_source,
+        names,
+        exported.input_size,
+        batch_size=batch_size,
+        max_bad_fraction=max_bad_fraction,
+    )
     ys, probs = [], []
     for x, y in data.train:
         probs.append(exported.predict_pixels(x.numpy())["probabilities"])
@@ -998,11 +1009,18 @@ def evaluate_export(
 
 
 def labelled_pixels(
-    folder: Any, class_names: Sequence[str], image_size: tuple[int, int], limit: int | None = None
+    folder: Any,
+    class_names: Sequence[str],
+    image_size: tuple[int, int],
+    limit: int | None = None,
+    max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every image of a labelled folder (one subfolder per class, a subset of ``class_names``)
-    decoded as training decodes it, with its index in ``class_names``; bad files skipped."""
-    data, to_model = _load_labelled(folder, list(class_names), image_size)
+    decoded as training decodes it, with its index in ``class_names``; bad files skipped (up to
+    ``max_bad_fraction``, as ``tlkeras.data.load``)."""
+    data, to_model = _load_labelled(
+        folder, list(class_names), image_size, max_bad_fraction=max_bad_fraction
+    )
     pixels, labels = _pixels_and_labels(data.train, limit)
     return pixels, to_model[labels]
 
@@ -1037,11 +1055,12 @@ def export_edge_files(
     calibration_data: Any = None,
     max_images: int | None = None,
     overwrite: bool = False,
+    max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
 ) -> Any:
     """``scripts/export.py --format=tflite|onnx``: ``model`` is a SavedModel (version or base
     directory), a ``.keras`` file or a run directory; verified on ``eval_data`` (labelled folder:
     accuracy too; every image) or ``images`` (files/folders, at most ``max_images``),
-    int8-calibrated on ``calibration_data``. The
+    int8-calibrated on ``calibration_data`` (both folders loaded with ``max_bad_fraction``). The
     default ``out_dir`` is ``layout.edge_dir`` of the model's name and version."""
     path = Path(model)
     version = None
@@ -1058,13 +1077,17 @@ def export_edge_files(
         model_name = model_name or (path.parent.name if path.is_file() else path.name)
     pixels = labels = calibration = None
     if eval_data is not None:
-        pixels, labels = labelled_pixels(eval_data, names, size)
+        pixels, labels = labelled_pixels(eval_data, names, size, max_bad_fraction=max_bad_fraction)
     elif images:
         pixels = read_images(images, limit=max_images)
     if calibration_data is not None:
         calibration, _ = _pixels_and_labels(
             data_lib.load(
-                calibration_data, image_size=size, validation_split=0.0, test_split=0.0
+                calibration_data,
+                image_size=size,
+                validation_split=0.0,
+                test_split=0.0,
+                max_bad_fraction=max_bad_fraction,
             ).train,
             config.calibration_size,
         )

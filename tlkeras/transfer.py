@@ -346,6 +346,7 @@ def train_with_baselines(
             validation_split=args["validation_split"],
             test_split=args["test_split"],
             seed=config.seed,
+            max_bad_fraction=args["max_bad_fraction"],
         ),
     )
     if data.test is None:
