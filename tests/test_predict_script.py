@@ -183,3 +183,47 @@ def test_serve_script_answers_real_requests(exported, images, tmp_path):
         proc.wait(timeout=30)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_bad_model_files_and_max_bad_fraction_end_export_and_evaluate_in_one_line(
+    tmp_path, keras_file, exported
+):
+    not_zip = tmp_path / "broken.keras"
+    not_zip.write_text("not a model\n")
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(keras_file.read_bytes()[: keras_file.stat().st_size // 2])
+    folder = badfiles.make_dataset(tmp_path / "folder", NAMES, per_class=10)
+    badfiles.write_cases(folder / "ants", [badfiles.BAD_CASES[0]])  # 1 of 21 files
+    too_many = "expected at most 1% unusable files, received 1 of 21"
+    calls = {
+        "not_zip": ("export.py", [f"--model={not_zip}", "--model_name=m"], str(not_zip)),
+        "cut": ("export.py", [f"--model={cut}", "--format=tflite"], "is not a .keras archive"),
+        "eval_data": (
+            "export.py",
+            [f"--model={exported}", "--format=tflite", f"--eval_data={folder}"],
+            too_many,
+        ),
+        "evaluate": ("evaluate.py", [f"--model={exported}", f"--data={folder}"], too_many),
+    }
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = {  # concurrently: each pays TensorFlow's import time
+        key: subprocess.Popen(
+            [
+                sys.executable,
+                str(SCRIPTS / script),
+                *args,
+                "--max_bad_fraction=0.01",
+                f"--output_dir={tmp_path / key}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for key, (script, args, _) in calls.items()
+    }
+    for key, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and "Traceback" not in err, (key, err)
+        assert len(lines) == 1 and calls[key][2] in lines[0], (key, err)
