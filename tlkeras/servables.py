@@ -13,6 +13,7 @@ is available, is unpublished and its batch threads finish their queued work befo
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -29,10 +30,12 @@ import tensorflow as tf  # noqa: E402  isort: skip
 from tlkeras.batching import Batcher, BatcherClosedError, BatchingConfig  # noqa: E402
 from tlkeras.exported import ExportedModel, load_exported, tf_error_message  # noqa: E402
 from tlkeras.layout import ASSETS_EXTRA, VERSION_RE, WARMUP_FILE  # noqa: E402
+from tlkeras.savedmodel import read_warmup_requests  # noqa: E402
 
 DEFAULT_POLL_SECONDS = 1.0
 # TF Serving replays at most this many warmup records.
 MAX_WARMUP_RECORDS = 1000
+LOADER_NICENESS = 10
 LOADING, AVAILABLE, END = "LOADING", "AVAILABLE", "END"
 _POLICY_RE = re.compile(
     r"^(latest(?::(?P<n>[0-9]+))?|all|specific:(?P<versions>[0-9]+(?:,[0-9]+)*))$"
@@ -165,8 +168,6 @@ def replay_warmup(servable: Servable) -> int:
     if not path.is_file():
         return 0
     from tensorflow.core.framework import tensor_pb2
-
-    from tlkeras.savedmodel import read_warmup_requests
 
     n = 0
     for log in read_warmup_requests(path)[:MAX_WARMUP_RECORDS]:
@@ -350,6 +351,10 @@ class ModelManager:
         )
 
     def _poll_forever(self) -> None:
+        try:  # Linux: a thread's own nice value. Loading yields the CPU to answering requests.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
+        except (AttributeError, OSError):
+            pass
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.poll()

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkeras.serving import DEFAULT_HOST, DEFAULT_PORT, METRICS_PATH, ServingConfig, create_app
+from tlkeras.serving import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    METRICS_PATH,
+    ServingConfig,
+    create_app,
+    too_large_message,
+)
 
 DEFAULT_THREADS = 32
 DEFAULT_CONNECTION_LIMIT = 256
@@ -104,8 +111,6 @@ class _Closing:
 def _json_error_channel(max_request_bytes: int) -> type:
     from waitress.channel import HTTPChannel
     from waitress.task import ErrorTask
-
-    from tlkeras.serving import too_large_message
 
     class JsonErrorTask(ErrorTask):
         def execute(self) -> None:
