@@ -237,7 +237,7 @@ def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
         f"--image_size={config.image_size}",
         "--test_split=0",
         f"--output_dir={run_dir}",
-        f"--export_dir={work / tag}",
+        f"--base_dir={work / tag}",
         "--model_name=model",
         f"--fine_tune_epochs={config.fine_tune_epochs}",
         *job["tlkeras_flags"],

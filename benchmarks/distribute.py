@@ -69,7 +69,7 @@ def run_one(name: str, seed: int, preset: dict[str, Any], work: Path) -> dict[st
         f"--fine_tune_epochs={preset['fine_tune_epochs']}",
         f"--seed={seed}",
         f"--output_dir={run_dir}",
-        f"--export_dir={work / 'saved_models'}",
+        f"--base_dir={work / 'saved_models'}",
         f"--model_name={run_dir.name}",
         *config["flags"],
     ]

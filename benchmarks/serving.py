@@ -27,7 +27,6 @@ import json
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,7 +222,7 @@ def run(clients: int, requests: int, batches: int) -> dict[str, Any]:
 
                 staged = Path(tmp) / "staged"
 
-                def swap() -> None:
+                def swap(staged: Path = staged) -> None:
                     # A complete version folder appears at once, as tlkeras.export writes one.
                     staged.rename(model_dir / "2")
 
