@@ -12,10 +12,13 @@ default; batching off):
   ``tlkeras.export`` writes one): the server loads and warms it in the background and swaps.
 
 Reported: images/s, p50/p99 request latency, failed requests, and the ratios the targets are about.
-Bounded: a fixed number of requests, a 60 s timeout on each, the server stopped with SIGTERM at the
+Bounded: a fixed number of requests, a 30 s timeout on each, at most 120 s a run (requests not sent
+by then count as failed), the server stopped with SIGTERM at the
 end (killed if it has not left 30 s later). Not a test: it asserts nothing.
 
-    python benchmarks/serving.py [--clients=16] [--requests=25] [--output=BENCHMARKS.md]
+    python benchmarks/serving.py [--clients=16] [--requests=25] [--before=COMMIT] [--output=BENCHMARKS.md]
+
+``--before=COMMIT`` adds the server as it was at that commit (run from a temporary git worktree).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import base64
 import http.client
 import json
+import os
 import re
 import shutil
 import signal
@@ -40,8 +44,9 @@ from common import REPO, SHARED, machine, write_section
 PHOTOS = SHARED / "data" / "hymenoptera" / "train"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 SIZE = 224
-SERVE = REPO / "scripts" / "serve.py"
-REQUEST_TIMEOUT = 60
+REQUEST_TIMEOUT = 30
+# A run stops sending after this long: a server that stalls ends the run, counted as failures.
+RUN_SECONDS = 120
 
 
 def _photos() -> list[bytes]:
@@ -77,19 +82,20 @@ def export_model(base_dir: Path) -> Path:
 class ServerProcess:
     """``scripts/serve.py`` on a free loopback port; stopped with SIGTERM."""
 
-    def __init__(self, model_base_path: Path, flags: list[str]) -> None:
+    def __init__(self, model_base_path: Path, flags: list[str], repo: Path = REPO) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                str(SERVE),
+                str(repo / "scripts" / "serve.py"),
                 f"--model_base_path={model_base_path}",
                 "--port=0",
-                "--file_system_poll_wait_seconds=0.5",
                 *flags,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # Another checkout's tlkeras (``--before``) comes first on the path.
+            env={**os.environ, "PYTHONPATH": str(repo)},
         )
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:([0-9]+)/", line)
@@ -99,10 +105,13 @@ class ServerProcess:
         self.port = int(m[1])
 
     def get(self, path: str) -> Any:
+        """The JSON answer, or ``None`` when the server does not answer in time."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
         try:
             conn.request("GET", path)
             return json.loads(conn.getresponse().read())
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
         finally:
             conn.close()
 
@@ -123,6 +132,7 @@ def load(
     connection; ``during()`` runs once a third of the requests are answered."""
     latencies: list[float] = []
     failures: list[str] = []
+    stop_at = time.perf_counter() + RUN_SECONDS
     lock = threading.Lock()
     answered = [0]
     third = clients * requests // 3
@@ -132,6 +142,8 @@ def load(
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
         try:
             for j in range(requests):
+                if time.perf_counter() > stop_at:
+                    break
                 body = bodies[(i * requests + j) % len(bodies)]
                 t0 = time.perf_counter()
                 try:
@@ -165,9 +177,12 @@ def load(
         t.join()
     wall = time.perf_counter() - start
     latencies.sort()
+    unsent = clients * requests - len(latencies)
+    if unsent:
+        failures.append(f"{unsent} requests not sent: the run stopped after {RUN_SECONDS} s")
     return {
         "requests": len(latencies),
-        "failed": len(failures),
+        "failed": len(failures) - (1 if unsent else 0) + unsent,
         "failures": failures[:3],
         "wall_s": round(wall, 2),
         "requests_per_s": round(len(latencies) / wall, 1),
@@ -193,7 +208,7 @@ def in_process(version_dir: Path, photos: list[bytes], batches: int) -> dict[str
     return out
 
 
-def run(clients: int, requests: int, batches: int) -> dict[str, Any]:
+def run(clients: int, requests: int, batches: int, before: str | None = None) -> dict[str, Any]:
     photos = _photos()
     singles = [_body([p]) for p in photos]
     batch32 = [_body([photos[(i * 32 + k) % len(photos)] for k in range(32)]) for i in range(8)]
@@ -204,11 +219,25 @@ def run(clients: int, requests: int, batches: int) -> dict[str, Any]:
         model_dir = version1.parent
         results["in_process"] = in_process(version1, photos, batches)
         print("in-process SavedModel:", results["in_process"], flush=True)
-        for setting, flags in (("batching", []), ("no batching", ["--noenable_batching"])):
+        poll = "--file_system_poll_wait_seconds=0.5"
+        settings = [
+            ("batching", [poll], REPO),
+            ("no batching", [poll, "--noenable_batching"], REPO),
+        ]
+        if before:  # the server as it was at commit ``before``, from a temporary worktree
+            old = Path(tmp) / "before"
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), before],
+                check=True,
+                capture_output=True,
+            )
+            settings.append((f"before ({before})", [], old))
+        results["settings"] = [name for name, _, _ in settings]
+        for setting, flags, repo in settings:
             for v in model_dir.iterdir():  # each setting starts from version 1 alone
                 if v.name != "1":
                     shutil.rmtree(v)
-            server = ServerProcess(model_dir, flags)
+            server = ServerProcess(model_dir, flags, repo)
             try:
                 load(server.port, singles[:4], 2, 4)  # warm: connections, first batches
                 row: dict[str, Any] = {}
@@ -232,7 +261,11 @@ def run(clients: int, requests: int, batches: int) -> dict[str, Any]:
                 deadline = time.monotonic() + 60
                 status: list = []
                 while time.monotonic() < deadline:
-                    status = server.get("/v1/models/bench")["model_version_status"]
+                    answer = server.get("/v1/models/bench")
+                    if answer is None:
+                        status = [{"version": "?", "state": "no answer to GET status"}]
+                        break
+                    status = answer["model_version_status"]
                     if any(s["version"] == "2" and s["state"] == "AVAILABLE" for s in status):
                         break
                     time.sleep(0.2)
@@ -242,7 +275,15 @@ def run(clients: int, requests: int, batches: int) -> dict[str, Any]:
                 print(setting, json.dumps(row, indent=1), flush=True)
             finally:
                 server.stop()
+        if before:
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)], check=True
+            )
     return results
+
+
+def failed(results: dict[str, Any], settings: list[str]) -> int:
+    return sum(r["failed"] for s in settings for r in results[s].values())
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -250,7 +291,7 @@ def format_table(results: dict[str, Any]) -> str:
         "| server | requests | images/s | p50 ms | p99 ms | max ms | failed |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for setting in ("batching", "no batching"):
+    for setting in results["settings"]:
         for name, r in results[setting].items():
             lines.append(
                 f"| {setting} | {name} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | "
@@ -278,8 +319,18 @@ def format_table(results: dict[str, Any]) -> str:
         f"batching on vs off for single images: {single['images_per_s'] / off:.2f}×.",
         f"- p99/p50 across the version swap: **{swap_ratio:.2f}** (target ≤ 3: "
         f"{'met' if swap_ratio <= 3 else 'missed'}); versions after: {swap['versions_after']}.",
-        f"- Failed requests, all runs: **{sum(r['failed'] for s in ('batching', 'no batching') for r in results[s].values())}** (target 0).",
+        f"- Failed requests, all runs: **{failed(results, ['batching', 'no batching'])}** "
+        "(target 0).",
     ]
+    if len(results["settings"]) > 2:
+        name = results["settings"][2]
+        old = results[name]["single"]
+        lines.append(
+            f"- Against the server {name}: single-image throughput {single['images_per_s'] / old['images_per_s']:.2f}×, "
+            f"p99 {old['p99_ms']:.0f} → {single['p99_ms']:.0f} ms; across a swap p99 "
+            f"{results[name]['single + swap']['p99_ms']:.0f} → {swap['p99_ms']:.0f} ms; its failed requests: "
+            f"{failed(results, [name])}."
+        )
     return "\n".join(lines)
 
 
@@ -289,10 +340,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=25, help="per client thread")
     parser.add_argument("--batches", type=int, default=16, help="batch-32 requests per run")
     parser.add_argument(
+        "--before", default=None, help="also run the server of this git commit (a worktree)"
+    )
+    parser.add_argument(
         "--output", default=str(REPO / "BENCHMARKS.md"), help="'' prints only (no file written)"
     )
     args = parser.parse_args()
-    results = run(args.clients, args.requests, args.batches)
+    results = run(args.clients, args.requests, args.batches, args.before)
     info = machine()
     text = (
         "## Serving under load (`benchmarks/serving.py`)\n\n"

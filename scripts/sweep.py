@@ -34,6 +34,9 @@ _D = DataConfig()
 cli.define_model_flags()
 flags.adopt_module_key_flags(cli)
 flags.DEFINE_float("validation_split", _D.validation_split, "Fraction held out to choose k on.")
+flags.DEFINE_string(
+    "validation_data", None, "Validation folder or tfds split to choose k on (default: a split)."
+)
 flags.DEFINE_float("test_split", _D.test_split, "Fraction held out for the test accuracy.")
 flags.DEFINE_list(
     "ks",
@@ -97,6 +100,7 @@ def main(argv: list[str]) -> None:
         test_split=FLAGS.test_split,
         seed=FLAGS.seed,
         max_bad_fraction=FLAGS.max_bad_fraction,
+        validation_data=FLAGS.validation_data,
         output_dir=FLAGS.output_dir,
         verbose=FLAGS.verbose,
     )

@@ -111,7 +111,9 @@ def test_the_timeout_bounds_the_wait_for_company():
 def test_a_full_queue_sheds_load_and_a_slow_model_times_out():
     gate = threading.Event()
     fn = Recorder(gate)
-    config = BatchingConfig(max_batch_size=1, batch_timeout_micros=0, max_enqueued_batches=1)
+    config = BatchingConfig(
+        max_batch_size=1, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1
+    )
     batcher = Batcher(fn, config)
     try:
         first = threading.Thread(target=batcher, args=({"x": np.ones(1)}, 10))

@@ -128,6 +128,24 @@ def test_sweep_writes_table_plot_json_and_recommends_a_swept_k(tmp_path, tiny_pr
     assert "recommended" in result.summary()
 
 
+def test_sweep_chooses_k_on_given_validation_data(tmp_path, tiny_pretrained):
+    # The split error tells users to "pass validation data": sweep takes it (--validation_data).
+    result = sweep(
+        _stripes(40),
+        "MobileNet",
+        [14],
+        weights=tiny_pretrained,
+        backbone_kwargs={"alpha": 0.25},
+        image_size=32,
+        epochs=1,
+        baseline_scratch=False,
+        validation_data=_stripes(10, seed=1),
+        test_split=0.0,
+        output_dir=tmp_path,
+    )
+    assert result.num_validation == 10
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [

@@ -12,6 +12,7 @@ request of that batch is run alone, so the bad one fails and the others do not.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -26,7 +27,10 @@ DEFAULT_MAX_BATCH_SIZE = 32
 # Waiting for company costs latency; 2 ms is below the cost of one image on this class of model, and
 # while a batch runs the next one gathers anyway (the wait only matters on a quiet server).
 DEFAULT_BATCH_TIMEOUT_MICROS = 2000
-DEFAULT_NUM_BATCH_THREADS = 1
+# TF Serving's default is one batch thread per core; each call is already intra-op parallel, so
+# beyond a few they only add memory. Two in parallel overlap one call's serial parts (the per-image
+# JPEG decode) with the other's convolutions.
+DEFAULT_NUM_BATCH_THREADS = min(4, os.cpu_count() or 1)
 DEFAULT_MAX_ENQUEUED_BATCHES = 64
 
 

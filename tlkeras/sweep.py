@@ -441,6 +441,7 @@ def sweep(
     test_split: float = 0.2,
     seed: int = 0,
     max_bad_fraction: float = DataConfig.max_bad_fraction,
+    validation_data: Any = None,
     output_dir: str | Path = DEFAULT_OUTPUT_DIR,
     verbose: int = 0,
 ) -> SweepResult:
@@ -454,6 +455,8 @@ def sweep(
         data: a ``tlkeras.data.ImageData`` with a validation split, or anything
             ``tlkeras.data.load`` accepts (loaded at ``image_size`` with ``validation_split``,
             ``test_split``, ``batch_size``, ``seed`` and ``max_bad_fraction``).
+        validation_data: validation data in any form ``tlkeras.data.load`` accepts, instead of
+            a ``validation_split`` of ``data`` (which then gives only the test split).
         backbone, backbone_kwargs: as ``tlkeras.build_model``.
         ks: block indices (``tlkeras.blocks``); blocks < k are frozen. Negative counts from the
             end; ``len(blocks)`` freezes the whole backbone.
@@ -499,6 +502,7 @@ def sweep(
         test_split=test_split,
         seed=seed,
         max_bad_fraction=max_bad_fraction,
+        validation=validation_data,
     )
     rows, names, resolved_ks = _make_rows(
         spec.name, data, ks, weights, backbone_kwargs, augment, patience, seed, verbose
