@@ -123,7 +123,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, images):
     calls = {
         "export.py": ([f"--model={missing}.keras", "--model_name=m"], "--model"),
         "predict.py": ([f"--model={missing}", str(images)], "model path"),
-        "serve.py": ([f"--model_base_path={missing}"], "--model_base_path"),
+        "serve.py": ([f"--model_base_path={missing}"], "model_base_path: expected a directory"),
         "predict.py ": (["--model=x", "--top_k=0"], "--top_k"),
     }
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -153,11 +153,11 @@ def test_serve_script_answers_real_requests(exported, images, tmp_path):
         env=env,
     )
     try:
-        line = proc.stdout.readline()  # "serving ab from ... at http://127.0.0.1:PORT/v1/models/ab"
-        assert line.startswith("serving ab from"), (
+        line = proc.stdout.readline()  # "serving ab versions [1] from … at http://127.0.0.1:PORT/…"
+        assert line.startswith("serving ab versions [1] from"), (
             proc.stderr.read() if proc.poll() is not None else line
         )
-        url = line.split(" at ")[1].strip()
+        url = line.split(" at ")[1].split()[0]
         body = json.dumps(
             {
                 "instances": [

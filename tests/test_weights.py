@@ -57,8 +57,12 @@ def test_resolve_weights_forms(home, tmp_path):  # after the test above: the cac
     assert weights_lib.resolve("none") is None
     assert weights_lib.resolve("ImageNet") == "imagenet"
     file = tmp_path / "w.weights.h5"
-    file.write_bytes(b"")
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(file)
     assert weights_lib.resolve(str(file)) == str(file)
+    empty = tmp_path / "empty.weights.h5"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        weights_lib.resolve(str(empty))
     resolved = weights_lib.resolve("source:digits:0-4", "MobileNet", KWARGS, (32, 32, 3))
     assert resolved == str(weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS))
     assert resolved.startswith(str(home)) and resolved.endswith(".weights.h5")
