@@ -36,7 +36,9 @@ flags.DEFINE_float(
     "How often to look for new or removed versions.",
 )
 flags.DEFINE_bool(
-    "enable_batching", True, "Gather concurrent requests of one version into one model call."
+    "enable_batching",
+    _S.batching is not None,
+    "Gather concurrent requests of one version into one model call.",
 )
 flags.DEFINE_integer("max_batch_size", _B.max_batch_size, "Most rows in one model call.")
 flags.DEFINE_integer(
