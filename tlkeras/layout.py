@@ -32,7 +32,8 @@ VERSION_RE = re.compile(r"^[0-9]+$")
 EDGE_DIR = "edge"
 
 
-def _versions(model_dir: Path) -> list[int]:
+def complete_versions(model_dir: Path) -> list[int]:
+    """Version numbers under ``model_dir`` whose folder holds ``saved_model.pb``, ascending."""
     if not model_dir.is_dir():
         return []
     return sorted(
@@ -64,7 +65,7 @@ def resolve_version_dir(path_or_base: str | Path, version: int | None = None) ->
         raise NotADirectoryError(f"model path: expected a directory, received file {str(path)!r}")
     if version is None and (path / "saved_model.pb").is_file():
         return path
-    versions = _versions(path)
+    versions = complete_versions(path)
     if version is not None:
         if version not in versions:
             raise ValueError(

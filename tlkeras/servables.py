@@ -17,7 +17,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.batching import Batcher, BatcherClosedError, BatchingConfig  # noqa: E402
 from tlkeras.exported import ExportedModel, load_exported, tf_error_message  # noqa: E402
-from tlkeras.layout import ASSETS_EXTRA, VERSION_RE, WARMUP_FILE  # noqa: E402
+from tlkeras.layout import ASSETS_EXTRA, WARMUP_FILE, complete_versions  # noqa: E402
 from tlkeras.savedmodel import read_warmup_requests  # noqa: E402
 
 DEFAULT_POLL_SECONDS = 1.0
@@ -110,7 +110,7 @@ class Servable:
         self.signatures = {
             name: fn
             for name, fn in model.signatures.items()
-            if not name.startswith("__")  # __saved_model_init_op
+            if not name.startswith("__")  # e.g. __saved_model_init_op: not for clients
         }
         self.warmup_records = 0
         self._batchers: dict[str, Batcher] = {}
@@ -193,11 +193,6 @@ class VersionState:
     warmup_records: int = 0
 
 
-@dataclass
-class _Published:
-    servables: dict[int, Servable] = field(default_factory=dict)
-
-
 class ModelManager:
     """Loads, serves and unloads the versions of one model; see the module docstring."""
 
@@ -226,7 +221,7 @@ class ModelManager:
         self.poll_seconds = float(poll_seconds)
         self._on_batch = on_batch
         self._loader = loader
-        self._published = _Published()  # replaced whole, never mutated: readers need no lock
+        self._servables: dict[int, Servable] = {}  # replaced whole, never mutated: no lock
         self._states: dict[int, VersionState] = {}
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -236,7 +231,7 @@ class ModelManager:
 
     def get(self, version: int | None = None) -> Servable:
         """The servable for ``version``, or the highest available; ``LookupError`` saying why not."""
-        servables = self._published.servables
+        servables = self._servables
         if version is None:
             if servables:
                 return servables[max(servables)]
@@ -260,7 +255,7 @@ class ModelManager:
 
     @property
     def available(self) -> list[int]:
-        return sorted(self._published.servables)
+        return sorted(self._servables)
 
     # -- polling (one thread) ------------------------------------------------------------------
 
@@ -268,15 +263,14 @@ class ModelManager:
         """Complete versions and their ``saved_model.pb`` mtime (a rewritten version reloads)."""
         found = {}
         try:
-            entries = list(self.base.iterdir())
+            versions = complete_versions(self.base)
         except OSError:
             return {}
-        for p in entries:
-            if VERSION_RE.match(p.name):
-                try:
-                    found[int(p.name)] = (p / "saved_model.pb").stat().st_mtime
-                except OSError:
-                    continue  # not complete (yet)
+        for v in versions:
+            try:
+                found[v] = (self.base / str(v) / "saved_model.pb").stat().st_mtime
+            except OSError:
+                continue  # removed since the scan
         return found
 
     def poll(self) -> None:
@@ -290,7 +284,7 @@ class ModelManager:
                 if s.state == END and s.error and disk.get(v) == s.stamp
             }
             aspired = self.policy.choose([v for v in disk if v not in failed])
-            servables = self._published.servables
+            servables = self._servables
             for v in sorted(aspired, reverse=True):  # newest first: it answers default requests
                 current = servables.get(v)
                 if current is not None and self._states[v].stamp == disk[v]:
@@ -302,7 +296,7 @@ class ModelManager:
                     self._states[v] = VersionState(END, disk[v], f"failed to load version {v}: {e}")
                     continue
                 servables = {**servables, v: servable}
-                self._published = _Published(servables)
+                self._servables = servables
                 self._states[v] = VersionState(AVAILABLE, disk[v], "", servable.warmup_records)
                 if current is not None:
                     current.close()
@@ -312,12 +306,12 @@ class ModelManager:
                 v for v in servables if v not in disk or (v not in aspired and not keep_unaspired)
             ]
             if drop:
-                self._published = _Published({v: s for v, s in servables.items() if v not in drop})
+                self._servables = {v: s for v, s in servables.items() if v not in drop}
                 for v in drop:
                     servables[v].close()  # queued requests finish first
                     self._states[v] = VersionState(END, disk.get(v, 0.0))
             for v in list(self._states):
-                if v not in disk and v not in self._published.servables:
+                if v not in disk and v not in self._servables:
                     del self._states[v]
 
     def _load(self, version: int) -> Servable:
@@ -337,7 +331,7 @@ class ModelManager:
         """First poll here (a model that cannot be served fails now, not on a request), then poll
         in the background."""
         self.poll()
-        if not self._published.servables:
+        if not self._servables:
             raise ValueError(f"model_base_path: {self._unavailable_message()}")
         self._thread = threading.Thread(target=self._poll_forever, name="version-poll", daemon=True)
         self._thread.start()
@@ -367,7 +361,7 @@ class ModelManager:
         if self._thread is not None:
             self._thread.join()
         with self._poll_lock:
-            servables = self._published.servables
-            self._published = _Published()
+            servables = self._servables
+            self._servables = {}
             for s in servables.values():
                 s.close()

@@ -213,9 +213,6 @@ class Server:
         self.request_shutdown()
         self._stopped.wait(timeout)
 
-    def server_close(self) -> None:
-        """Kept for the ``socketserver``-style API; ``serve_forever`` already closed everything."""
-
 
 def make_server(
     model_base_path: str | Path,

@@ -56,7 +56,6 @@ _PATH_RE = re.compile(
     r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
 )
-_INTERNAL_SIGNATURES = ("__saved_model_init_op",)
 
 
 @dataclass(frozen=True)
@@ -372,7 +371,7 @@ def signature_metadata(servable: Servable, model_name: str) -> dict[str, Any]:
             always_print_fields_with_no_presence=True,
         )
         for name in sorted(defs)
-        if name not in _INTERNAL_SIGNATURES
+        if name in servable.signatures  # what clients may call
     }
     return {
         "model_spec": {"name": model_name, "signature_name": "", "version": str(servable.version)},
