@@ -99,6 +99,7 @@ def main(argv: list[str]) -> None:
         idle_timeout=FLAGS.idle_timeout,
         shutdown_timeout=FLAGS.shutdown_timeout,
     )
+    server.freeze_startup_objects()
     running = server.make_server(FLAGS.model_base_path, name, config, process)
     server.serve(running, on_ready=lambda s: print(server.ready_message(s, name), flush=True))
     print("stopped", flush=True)

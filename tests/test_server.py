@@ -4,6 +4,7 @@ swaps under load, graceful shutdown on SIGTERM, bad flags."""
 from __future__ import annotations
 
 import base64
+import gc
 import http.client
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -199,6 +201,25 @@ BAD_FLAGS = {
     "batch": (["--max_batch_size=0"], "max_batch_size: expected a positive int, received 0"),
     "missing": (["--model_base_path=/nonexistent/models"], "model_base_path: expected a directory"),
 }
+
+
+def test_freezing_startup_objects_keeps_later_ones_collectable():
+    """Versions load after the freeze: an unloaded one (a reference cycle) must still be freed."""
+
+    class Node:
+        pass
+
+    try:
+        server.freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+        node = Node()
+        node.cycle = node
+        ref = weakref.ref(node)
+        del node
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
 
 
 def test_bad_flags_fail_in_one_line(tmp_path):
