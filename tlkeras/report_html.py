@@ -1,0 +1,465 @@
+"""``report.html``: one self-contained page per run — what the model learned and where it fails.
+
+Sections (each an element with a stable ``id``, so tests and users can find them): ``summary`` (data,
+strategy, phases, times, trainable params), ``curves`` (loss/accuracy with the phase boundary),
+``confusion``, ``per-class`` (precision/recall/F1), ``most-confused`` (class pairs), ``top-losses``
+(the test images the model is most wrong about, with Grad-CAM overlays), ``skipped`` (files left out
+or converted, with reasons), ``calibration`` (ECE and reliability before/after temperature scaling),
+``tta`` (test-time augmentation's gain) and ``audit`` (near-duplicates, split leaks, suspected
+mislabels).
+
+Why one static file: it opens in any browser, offline, and can be mailed or attached to a ticket;
+every image is embedded as a ``data:`` PNG and there is no network request. Computing what goes in it
+is :mod:`tlkeras.training`'s (a run) and :func:`tlkeras.report_html.export_report`'s (an export
+scored on new images); this module only ranks, formats and renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPORT_HTML = "report.html"
+# Sections in page order: (id, heading).
+SECTIONS = (
+    ("summary", "Run"),
+    ("curves", "Training curves"),
+    ("confusion", "Confusion matrix"),
+    ("per-class", "Per-class precision, recall, F1"),
+    ("most-confused", "Most-confused classes"),
+    ("top-losses", "Top losses"),
+    ("skipped", "Skipped and converted files"),
+    ("calibration", "Calibration"),
+    ("tta", "Test-time augmentation"),
+    ("audit", "Data audit"),
+)
+_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One test image of the top-loss gallery."""
+
+    item: str  # file path (relative to the data source) or index
+    true: str
+    predicted: str
+    probability: float  # the model's probability of ``predicted``
+    true_probability: float
+    loss: float
+    thumbnail: np.ndarray  # uint8 [h, w, 3]
+    overlay: np.ndarray | None = None  # Grad-CAM over the thumbnail, uint8 [h, w, 3]
+
+
+@dataclass
+class ReportContent:
+    """Everything the page shows; ``None``/empty sections say why they are empty."""
+
+    title: str
+    metrics: Mapping[str, Any]  # metrics.json (or evaluate's metrics): accuracy, per_class, ...
+    task: str = "multiclass"
+    history_png: bytes | None = None
+    confusion_png: bytes | None = None
+    gallery: list[GalleryItem] = field(default_factory=list)
+    gallery_note: str = ""
+    calibration: Mapping[str, Any] | None = None
+    reliability_png: bytes | None = None
+    tta: Mapping[str, Any] | None = None
+    audit: Mapping[str, Any] | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # section id -> why it is empty
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranking: top losses and most-confused pairs.
+
+
+def per_example_loss(y_true: np.ndarray, y_prob: np.ndarray, task: str) -> np.ndarray:
+    """Cross-entropy of each example: ``-log p(true)`` for one label per image (``y_prob`` one
+    column per class), the summed binary cross-entropy over classes for multi-label."""
+    p = np.clip(np.asarray(y_prob, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(y_true)
+    if task == "multilabel":
+        t = (y >= 0.5).astype(np.float64)
+        return -(t * np.log(p) + (1 - t) * np.log(1 - p)).sum(axis=1)
+    return -np.log(p[np.arange(len(y)), y.astype(int)])
+
+
+def top_losses(y_true: np.ndarray, y_prob: np.ndarray, task: str, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest-loss examples, highest first (fastai's ``top_losses``)."""
+    loss = per_example_loss(y_true, y_prob, task)
+    return np.argsort(-loss, kind="stable")[: max(0, k)]
+
+
+def most_confused(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], k: int = 10
+) -> list[tuple[str, str, int]]:
+    """Off-diagonal ``(true, predicted, count)`` pairs, most frequent first (fastai's
+    ``most_confused``); pairs never confused are left out."""
+    m = np.asarray(confusion)
+    pairs = [
+        (class_names[i], class_names[j], int(m[i, j]))
+        for i in range(m.shape[0])
+        for j in range(m.shape[1])
+        if i != j and m[i, j] > 0
+    ]
+    return sorted(pairs, key=lambda t: -t[2])[:k]
+
+
+def label_text(y: np.ndarray | int, class_names: Sequence[str], task: str) -> str:
+    """A label (int, or multi-hot row for multi-label) as class names."""
+    if task == "multilabel":
+        names = [class_names[i] for i in np.flatnonzero(np.asarray(y) >= 0.5)]
+        return ", ".join(names) or "(none)"
+    return str(class_names[int(y)])
+
+
+def gallery_items(
+    indices: Sequence[int],
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    task: str,
+    class_names: Sequence[str],
+    items: Sequence[str],
+    images: np.ndarray,
+    overlays: np.ndarray | None = None,
+) -> list[GalleryItem]:
+    """The gallery rows for ``indices`` (images: the test images at those indices, in that order;
+    overlays likewise)."""
+    loss = per_example_loss(y_true, y_prob, task)
+    out = []
+    for n, i in enumerate(indices):
+        p = np.asarray(y_prob[i])
+        if task == "multilabel":
+            predicted = label_text(p, class_names, task)
+            prob = float(p.max())
+            true_p = float(np.mean(np.where(np.asarray(y_true[i]) >= 0.5, p, 1 - p)))
+        else:
+            j = int(np.argmax(p))
+            predicted, prob = str(class_names[j]), float(p[j])
+            true_p = float(p[int(y_true[i])])
+        out.append(
+            GalleryItem(
+                item=str(items[i]) if i < len(items) else f"index {i}",
+                true=label_text(y_true[i], class_names, task),
+                predicted=predicted,
+                probability=prob,
+                true_probability=true_p,
+                loss=float(loss[i]),
+                thumbnail=thumbnail(images[n]),
+                overlay=None if overlays is None else thumbnail(overlays[n]),
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Images.
+
+THUMBNAIL = 160  # longest side, pixels
+
+
+def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
+    """uint8 RGB with the longest side at most ``size`` (aspect kept)."""
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    im = Image.fromarray(a)
+    im.thumbnail((size, size))
+    return np.asarray(im)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _img(png: bytes | None, alt: str, css: str = "") -> str:
+    if not png:
+        return ""
+    data = base64.b64encode(png).decode("ascii")
+    cls = f' class="{css}"' if css else ""
+    return f'<img{cls} alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def read_png(path: str | Path) -> bytes | None:
+    path = Path(path)
+    return path.read_bytes() if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering.
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:1.5em;color:#222}
+h1{font-size:1.6em;margin:.2em 0}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:1.8em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+.muted{color:#777}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:6px;width:340px;font-size:12px}
+.card img{max-width:160px;vertical-align:top}.bad{color:#b00}.plot{max-width:100%}
+nav a{margin-right:.8em}code{background:#f3f3f3;padding:0 .2em}
+"""
+# Marks the page once loaded: how many images it has and how many failed to decode (a headless
+# browser test reads these attributes back).
+_SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any, spec: str = ".3f") -> str:
+    if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+        return format(value, spec)
+    return "–"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _empty(content: ReportContent, section: str, default: str) -> str:
+    return f'<p class="muted">{_e(content.notes.get(section, default))}</p>'
+
+
+def _summary(c: ReportContent) -> str:
+    m = c.metrics
+    run = m.get("run") or {}
+    data = m.get("data") or {}
+    rows = [
+        ("data", data.get("source") or m.get("evaluated_on") or "?"),
+        ("classes", ", ".join(m.get("class_names") or data.get("class_names") or [])),
+        ("task", c.task),
+    ]
+    counts = m.get("counts") or data.get("counts") or {}
+    if counts:
+        rows.append(("images", ", ".join(f"{s} {sum(v.values())}" for s, v in counts.items() if v)))
+    if run:
+        rows += [
+            ("backbone", run.get("backbone")),
+            ("strategy", f"{run.get('strategy')} (fine_tune_at={run.get('fine_tune_at')})"),
+        ]
+    if m.get("model"):
+        rows.append(("model", m["model"]))
+    if "accuracy" in m:
+        where = m.get("evaluated_on") or "test"
+        where = "the test split" if where == "test" else where
+        rows.append(
+            (
+                "accuracy",
+                f"{_num(m['accuracy'], '.4f')} on {m.get('num_examples', '?')} images of {where}",
+            )
+        )
+    out = _table(("", ""), [(k, v) for k, v in rows])
+    phases = m.get("phases") or []
+    if phases:
+        out += _table(
+            ("phase", "name", "epochs", "trainable params", "wall time s", "best"),
+            [
+                (
+                    p.get("phase"),
+                    p.get("name"),
+                    p.get("epochs_run"),
+                    f"{p.get('trainable_params', 0):,}",
+                    _num(p.get("wall_time_s"), ".1f"),
+                    " ".join(f"{k}={_num(v, '.4f')}" for k, v in (p.get("best") or {}).items()),
+                )
+                for p in phases
+            ],
+        )
+    return out
+
+
+def _confusion(c: ReportContent) -> str:
+    if c.confusion_png:
+        return _img(c.confusion_png, "confusion matrix", "plot")
+    matrix = c.metrics.get("confusion_matrix")
+    names = list(c.metrics.get("class_names") or [])
+    if matrix and c.task == "multilabel":  # one 2x2 matrix per class: [[TN, FP], [FN, TP]]
+        return _table(
+            ("class", "true negatives", "false positives", "false negatives", "true positives"),
+            [(n, m[0][0], m[0][1], m[1][0], m[1][1]) for n, m in zip(names, matrix, strict=False)],
+        )
+    if matrix:
+        return _table(
+            ("true \\ predicted", *names), [(n, *r) for n, r in zip(names, matrix, strict=False)]
+        )
+    return _empty(c, "confusion", "No labelled evaluation split.")
+
+
+def _per_class(c: ReportContent) -> str:
+    per_class = c.metrics.get("per_class") or {}
+    if not per_class:
+        return _empty(c, "per-class", "No labelled evaluation split.")
+    rows = [
+        (n, _num(r["precision"]), _num(r["recall"]), _num(r["f1"]), r.get("support", ""))
+        for n, r in per_class.items()
+    ]
+    for key, label in (("macro_avg", "macro average"), ("weighted_avg", "weighted average")):
+        avg = c.metrics.get(key)
+        if avg:
+            rows.append((label, _num(avg["precision"]), _num(avg["recall"]), _num(avg["f1"]), ""))
+    return _table(("class", "precision", "recall", "F1", "support"), rows)
+
+
+def _most_confused(c: ReportContent) -> str:
+    matrix = c.metrics.get("confusion_matrix")
+    names = list(c.metrics.get("class_names") or [])
+    if not matrix:
+        return _empty(c, "most-confused", "No labelled evaluation split.")
+    if c.task == "multilabel":
+        rows = sorted(
+            ((n, m[0][1], m[1][0]) for n, m in zip(names, matrix, strict=False)),
+            key=lambda r: -(r[1] + r[2]),
+        )
+        return _table(("class", "false positives", "false negatives"), rows[:10])
+    pairs = most_confused(matrix, names)
+    if not pairs:
+        return '<p class="muted">No class was mistaken for another.</p>'
+    return _table(("true class", "predicted as", "images"), pairs)
+
+
+def _gallery(c: ReportContent) -> str:
+    if not c.gallery:
+        return _empty(c, "top-losses", "No labelled evaluation split.")
+    cards = []
+    for g in c.gallery:
+        wrong = g.predicted != g.true
+        cards.append(
+            '<div class="card">'
+            + _img(png_bytes(g.thumbnail), g.item)
+            + (_img(png_bytes(g.overlay), f"Grad-CAM {g.item}") if g.overlay is not None else "")
+            + f"<div><b>{_e(g.item)}</b></div>"
+            + f"<div>true: {_e(g.true)} (p={g.true_probability:.3f})</div>"
+            + f'<div class="{"bad" if wrong else ""}">predicted: {_e(g.predicted)} '
+            + f"(p={g.probability:.3f})</div>"
+            + f'<div class="muted">loss {g.loss:.3f}</div></div>'
+        )
+    note = f'<p class="muted">{_e(c.gallery_note)}</p>' if c.gallery_note else ""
+    return note + '<div class="gallery">' + "".join(cards) + "</div>"
+
+
+def _skipped(c: ReportContent) -> str:
+    data = c.metrics.get("data") or {}
+    skipped = data.get("skipped", c.metrics.get("skipped")) or []
+    notes = data.get("notes") or []
+    out = ""
+    if skipped:
+        out += "<h3>Skipped</h3>" + _table(
+            ("file", "reason"), [(s["path"], s["reason"]) for s in skipped]
+        )
+    if notes:
+        out += "<h3>Used after a conversion</h3>" + _table(
+            ("file", "conversion"), [(s["path"], s["reason"]) for s in notes]
+        )
+    for w in data.get("warnings") or []:
+        out += f'<p class="bad">warning: {_e(w)}</p>'
+    return out or '<p class="muted">Every file was used as it was.</p>'
+
+
+def _calibration(c: ReportContent) -> str:
+    cal = c.calibration
+    if not cal:
+        return _empty(c, "calibration", "Not measured.")
+    rows = [
+        (k.replace("_", " "), _num(v, ".4f") if isinstance(v, float) else v) for k, v in cal.items()
+    ]
+    text = (
+        "<p>Expected calibration error (ECE): the gap between the model's confidence and its "
+        "accuracy, averaged over confidence bins (0 is perfect). Temperature scaling divides the "
+        "logits by one number fit on the validation split; predictions do not change, only how "
+        "sure the probabilities are.</p>"
+    )
+    return text + _table(("", ""), rows) + _img(c.reliability_png, "reliability diagram", "plot")
+
+
+def _tta(c: ReportContent) -> str:
+    if not c.tta:
+        return _empty(c, "tta", "Not measured.")
+    rows = [
+        (k.replace("_", " "), _num(v, ".4f") if isinstance(v, float) else v)
+        for k, v in c.tta.items()
+    ]
+    return _table(("", ""), rows)
+
+
+def _audit(c: ReportContent) -> str:
+    a = c.audit
+    if not a:
+        return _empty(c, "audit", "Not run.")
+    out = ""
+    summary = a.get("summary")
+    if summary:
+        out += f"<pre>{_e(summary)}</pre>"
+    for key, title in (
+        ("cross_split_duplicates", "Duplicates across splits (leaks)"),
+        ("near_duplicates", "Near-duplicates"),
+        ("suspected_mislabels", "Suspected mislabels"),
+    ):
+        rows = a.get(key) or []
+        out += f"<h3>{_e(title)}: {len(rows)}</h3>"
+        if rows:
+            header = list(rows[0])
+            out += _table(header, [[_fmt_cell(r.get(h)) for h in header] for r in rows[:50]])
+    return out
+
+
+def _fmt_cell(v: Any) -> str:
+    return _num(v, ".3f") if isinstance(v, float) else str(v)
+
+
+def render(content: ReportContent) -> str:
+    """The whole page as one HTML string."""
+    parts = {
+        "summary": _summary(content),
+        "curves": _img(content.history_png, "training curves", "plot")
+        or _empty(content, "curves", "No history."),
+        "confusion": _confusion(content),
+        "per-class": _per_class(content),
+        "most-confused": _most_confused(content),
+        "top-losses": _gallery(content),
+        "skipped": _skipped(content),
+        "calibration": _calibration(content),
+        "tta": _tta(content),
+        "audit": _audit(content),
+    }
+    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
+    body = "".join(
+        f'<section id="{sid}"><h2>{_e(title)}</h2>{parts[sid]}</section>' for sid, title in SECTIONS
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(content.title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(content.title)}</h1><nav>{nav}</nav>{body}<script>{_SCRIPT}</script>"
+        "</body></html>"
+    )
+
+
+def write(content: ReportContent, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(render(content), encoding="utf-8")
+    return path
