@@ -10,6 +10,7 @@ signatures it writes are defined in ``tlkeras.signatures``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import importlib.metadata
@@ -30,7 +31,9 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import tta as tta_lib  # noqa: E402
 from tlkeras.backbones import get_backbone  # noqa: E402
+from tlkeras.calibration import check_temperature  # noqa: E402
 from tlkeras.layout import (  # noqa: E402
     ASSETS_EXTRA,
     DEFAULT_BASE_DIR,
@@ -248,6 +251,8 @@ def export(
     top_k: int = DEFAULT_TOP_K,
     verify: bool = True,
     warmup_images: Sequence[bytes] | None = None,
+    temperature: float = 1.0,
+    tta: tta_lib.TTAConfig | str | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``base_dir/model_name/version/`` for TF Serving (see ``tlkeras.layout``,
     and ``tlkeras.signatures`` for what it serves).
@@ -255,10 +260,26 @@ def export(
     ``task``/``from_logits`` default to the model's tlkeras spec, else to what the output layer's
     activation says. ``warmup_images`` (encoded bytes) become the warmup requests and, with the
     in-memory model, the verification set; synthetic images are used when none are given.
+    ``temperature``: the signatures serve the probabilities with their logits divided by it
+    (``tlkeras.calibration.fit_temperature`` on the validation split finds it; 1: unchanged);
+    ``tta``: they average over these test-time views (``tlkeras.tta``; a ``TTAConfig`` or a string
+    such as ``"flip"``). Both go into ``metadata.json`` (``calibration.temperature``, ``tta``) with
+    whatever the caller's ``metadata["calibration"]`` holds (its ECE numbers, say).
     """
     class_names, head, images = _check_export_args(
         model, model_name, class_names, version, task, from_logits, top_k, warmup_images
     )
+    head = dataclasses.replace(
+        head, temperature=check_temperature(temperature), tta=tta_lib.check(tta)
+    )
+    calibration = (metadata or {}).get("calibration", {})
+    if not isinstance(calibration, dict) or calibration.get("temperature", head.temperature) != (
+        head.temperature
+    ):
+        raise ValueError(
+            f"metadata['calibration']: expected a dict whose temperature (if any) is the "
+            f"temperature exported ({head.temperature}), received {calibration!r}"
+        )
     model_dir = Path(base_dir) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(model_dir)
@@ -280,6 +301,8 @@ def export(
         (extra / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names), encoding="utf-8")
         write_warmup_requests(extra / WARMUP_FILE, model_name, images)
         doc = _metadata(model, model_name, version, head, class_names, top_k, metadata)
+        doc["calibration"] = {**calibration, "temperature": head.temperature}
+        doc["tta"] = head.tta.to_dict() if head.tta is not None else None
         report = (
             verify_export(tmp, model, images, head=head, class_names=class_names, process=verifier)
             if verify

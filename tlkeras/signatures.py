@@ -9,7 +9,9 @@ Owns what a served request means, not where it is written (``tlkeras.savedmodel`
 
 Both return ``probabilities`` float32 [None, C], ``classes`` string [None, k] and ``scores``
 float32 [None, k] (top-k by score). How the model's output becomes probabilities (task inference
-from ``tlkeras.task``: ``_Head``/``_resolve_head``) lives here too, in one section.
+from ``tlkeras.task``: ``_Head``/``_resolve_head``) lives here too, in one section, with what an
+export may add on top: a calibration temperature (``tlkeras.calibration``) and the mean over
+test-time augmentation views (``tlkeras.tta``), both in the graph (``_Head.served``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras.calibration import EPSILON, TINY  # noqa: E402
 from tlkeras.data import decode_image  # noqa: E402
 from tlkeras.task import check_task, infer, infer_from_layer, probabilities  # noqa: E402
 
@@ -150,6 +153,11 @@ class _Head:
     task: str
     from_logits: bool
     units: int
+    # What the export serves on top of the model (``tlkeras.export(temperature=, tta=)``): each
+    # view's probabilities with their logits divided by ``temperature`` (``tlkeras.calibration``),
+    # averaged over ``tta``'s views (a ``tlkeras.tta.TTAConfig``; None: the image only).
+    temperature: float = 1.0
+    tta: Any = None
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -167,6 +175,28 @@ class _Head:
         p = probabilities(y, self.task, from_logits=self.from_logits)
         # A binary head's one unit becomes two columns: [P(class 0), P(class 1)].
         return tf.concat([1.0 - p, p], axis=-1) if self.task == "binary" else p
+
+    def served(self, model: Any, images: Any) -> tf.Tensor:
+        """The served probabilities of ``images``: ``probabilities`` of each view (one model call
+        for all views), with the temperature applied, averaged over the views. The serving graph
+        and the export's verification (``tlkeras.verify``) both compute it here."""
+        views = 1 if self.tta is None else self.tta.num_views
+        x = images if views == 1 else tf.concat(self.tta.views(images), axis=0)
+        p = self.probabilities(model(x, training=False))
+        if self.temperature != 1.0:
+            p = _with_temperature(p, self.temperature, self.task)
+        if views > 1:
+            p = tf.reduce_mean(tf.reshape(p, [views, -1, p.shape[-1]]), axis=0)
+        return p
+
+
+def _with_temperature(p: tf.Tensor, temperature: float, task: str) -> tf.Tensor:
+    """``tlkeras.calibration.apply_temperature`` in the graph: ``softmax(log p / T)`` (a binary
+    head's two columns included), ``sigmoid(logit(p) / T)`` per label for a multi-label head."""
+    if task == "multilabel":
+        q = tf.clip_by_value(p, TINY, 1.0 - EPSILON)
+        return tf.sigmoid((tf.math.log(q) - tf.math.log1p(-q)) / temperature)
+    return tf.nn.softmax(tf.math.log(tf.maximum(p, TINY)) / temperature, axis=-1)
 
 
 def _resolve_head(model: Any, task: str | None, from_logits: bool | None) -> _Head:
@@ -219,7 +249,7 @@ def write_serving_model(
     names = list(class_names)
 
     def serving_float(images):
-        probabilities = head.probabilities(model(images, training=False))
+        probabilities = head.served(model, images)  # temperature and TTA views, if any
         scores, indices = tf.math.top_k(probabilities, k=k)
         return {
             "probabilities": probabilities,

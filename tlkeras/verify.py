@@ -136,8 +136,8 @@ def verify_export(
     size = input_size(model)
     pixels = reference_decode(images, size)
     # A plain call, not model.predict: under a multi-worker strategy predict gathers from every
-    # worker, and only the chief exports.
-    expected = head.probabilities(model(pixels, training=False)).numpy()
+    # worker, and only the chief exports. ``served``: with the export's temperature and TTA views.
+    expected = head.served(model, pixels).numpy()
     if class_names is None:
         labels = path / ASSETS_EXTRA / LABELS_FILE
         class_names = labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else []
