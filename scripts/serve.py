@@ -6,7 +6,8 @@
 
 New versions are loaded and warmed up in the background and swapped in without a stall; concurrent
 requests are batched; SIGTERM finishes the requests in flight before exiting. Flag names follow
-TF Serving's model server where it has one.
+TF Serving's model server where it has one. ``--min_score`` (or a request's ``"min_score"``) answers
+"unknown" for images whose top score is below it (``tlkeras.serving``).
 """
 
 from absl import flags
@@ -58,6 +59,12 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "request_timeout", _S.request_timeout, "Seconds a prediction may wait for the model: then 503."
 )
+flags.DEFINE_float(
+    "min_score",
+    _S.min_score,
+    'Rows whose top score is below it answer classes "unknown" (scores kept); a request\'s own '
+    '"min_score" overrides it. 0: off.',
+)
 flags.DEFINE_integer("threads", _P.threads, "Request threads (bounded pool).")
 flags.DEFINE_integer("connection_limit", _P.connection_limit, "Most open connections.")
 flags.DEFINE_integer(
@@ -90,6 +97,7 @@ def main(argv: list[str]) -> None:
         max_instances=FLAGS.max_instances,
         max_request_pixels=FLAGS.max_request_pixels,
         request_timeout=FLAGS.request_timeout,
+        min_score=FLAGS.min_score,
     )
     process = server.ServerConfig(
         host=FLAGS.host,

@@ -74,14 +74,22 @@ def check_temperature(temperature: Any, name: str = "temperature") -> float:
     ):
         raise ValueError(
             f"{name}: expected a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (1 = unchanged), "
-            f"received {temperature!r}"
+            f"received {_short(temperature)}"
         )
     return float(temperature)
 
 
-def _probabilities(y_prob: Any, task: str) -> np.ndarray:
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (values can come from a request body)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _probabilities(y_prob: Any, task: str, *, sums: bool = True) -> np.ndarray:
     """``y_prob`` as float64 ``[N, C]`` (a binary ``[N]``/``[N, 1]`` P(class 1) becomes
-    ``[1 - p, p]``), checked: finite, in [0, 1], rows summing to 1 for a softmax."""
+    ``[1 - p, p]``), checked: finite, in [0, 1], and (``sums``) rows summing to 1 for a softmax:
+    temperature scaling reads them as a softmax; calibration error needs only the top one (an int8
+    edge model's dequantized rows are a little off)."""
     p = np.asarray(y_prob, dtype=np.float64)
     if task == "binary" and (p.ndim == 1 or (p.ndim == 2 and p.shape[1] == 1)):
         p = p.reshape(-1, 1)
@@ -101,13 +109,13 @@ def _probabilities(y_prob: Any, task: str) -> np.ndarray:
             f"y_prob: expected finite probabilities in [0, 1], received values from {np.nanmin(p)} "
             f"to {np.nanmax(p)}{' and NaN/Inf' if not np.isfinite(p).all() else ''}"
         )
-    if task != "multilabel":
-        sums = p.sum(axis=1)
-        worst = int(np.argmax(np.abs(sums - 1.0)))
-        if abs(sums[worst] - 1.0) > 1e-3:
+    if sums and task != "multilabel":
+        totals = p.sum(axis=1)
+        worst = int(np.argmax(np.abs(totals - 1.0)))
+        if abs(totals[worst] - 1.0) > 1e-3:
             raise ValueError(
                 f"y_prob: task {task!r} expected rows summing to 1 (softmax probabilities), "
-                f"received row {worst} summing to {sums[worst]:.4g}"
+                f"received row {worst} summing to {totals[worst]:.4g}"
             )
     return p
 
@@ -139,8 +147,10 @@ def _labels(y_true: Any, n: int, num_classes: int, task: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _inputs(y_true: Any, y_prob: Any, task: str) -> tuple[np.ndarray, np.ndarray]:
-    p = _probabilities(y_prob, _check_task(task))
+def _inputs(
+    y_true: Any, y_prob: Any, task: str, *, sums: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    p = _probabilities(y_prob, _check_task(task), sums=sums)
     return _labels(y_true, p.shape[0], p.shape[1], task), p
 
 
@@ -201,7 +211,7 @@ def reliability_curve(
     ``[N, 1]`` P(class 1) with ``task="binary"``).
     """
     n_bins = _check_bins(n_bins)
-    y, p = _inputs(y_true, y_prob, task)
+    y, p = _inputs(y_true, y_prob, task, sums=False)
     confidence, correct = _confidence_and_correct(y, p, task)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Bins are (lo, hi]: a confidence of exactly 1 is in the last bin, 0 in the first.
@@ -424,7 +434,7 @@ def check_min_score(value: Any, name: str = "min_score") -> float:
         or not isinstance(value, (int, float, np.integer, np.floating))
         or not 0.0 <= float(value) <= 1.0
     ):
-        raise ValueError(f"{name}: expected a number in [0, 1] (0 = off), received {value!r}")
+        raise ValueError(f"{name}: expected a number in [0, 1] (0 = off), received {_short(value)}")
     return float(value)
 
 

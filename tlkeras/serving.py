@@ -13,6 +13,17 @@ requests is ``tlkeras.batching``; the process (a production WSGI server, gracefu
 ``tlkeras.server``. Every bad request gets ``{"error": "..."}`` with a 4xx status as TF Serving answers
 (400; 404 for an unknown model or version; 503 when overloaded or timed out), never a 500 for
 anything a client can send.
+
+``min_score`` (a tlkeras extension): "unknown" rather than a guess. A predict request body may hold
+a top-level ``"min_score"``, a number in [0, 1] (anything else is a 400); without one,
+``ServingConfig.min_score`` applies (``scripts/serve.py --min_score``; 0, the default, is off). In
+each row whose top score (``scores[0]``, the highest probability) is below it, every rank of
+``classes`` becomes ``"unknown"``: the model's best guess is not good enough, and its runners-up
+are worse. ``scores`` and ``probabilities`` stay as the model gave them, so a client still sees
+how sure it was and what it would have said; rows at or above ``min_score`` are unchanged. The
+response keeps TF Serving's format and shapes. It applies after the model call (batching is not
+involved) to signatures with ``classes`` and ``scores`` outputs; a request's ``min_score`` on a
+signature without them is a 400. A class really named "unknown" is indistinguishable: rename it.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.batching import BatchingConfig, QueueFullError  # noqa: E402
+from tlkeras.calibration import check_min_score, withhold_low_scores  # noqa: E402
 from tlkeras.data import declared_dimensions  # noqa: E402
 from tlkeras.exported import tf_error_message  # noqa: E402
 from tlkeras.servables import (  # noqa: E402
@@ -70,9 +82,12 @@ class ServingConfig:
     max_instances: int = MAX_INSTANCES
     max_request_pixels: int = MAX_REQUEST_PIXELS
     request_timeout: float = REQUEST_TIMEOUT
+    # Rows whose top score is below it answer "unknown" (the module docstring); 0: off.
+    min_score: float = 0.0
 
     def __post_init__(self) -> None:
         VersionPolicy.parse(self.model_version_policy)
+        check_min_score(self.min_score)
         for name in ("max_request_bytes", "max_instances", "max_request_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -309,6 +324,7 @@ def predict(servable: Servable, body: Any, config: ServingConfig | None = None) 
             f'Serving signature name: "{signature_name}" not found in signature def; expected one '
             f"of {sorted(servable.signatures)}"
         )
+    min_score = _min_score(body, config)
     specs = servable.input_specs(signature_name)
     try:
         arrays, row_format = _parse_inputs(body, specs, config.max_instances)
@@ -325,6 +341,17 @@ def predict(servable: Servable, body: Any, config: ServingConfig | None = None) 
         raise RequestError(f"server overloaded: {e}; retry later", 503) from None
     except TimeoutError as e:
         raise RequestError(f"request timed out: {e} (request_timeout)", 503) from None
+    if min_score > 0:
+        if {"classes", "scores"} <= set(outputs):
+            outputs = {
+                **outputs,
+                "classes": withhold_low_scores(outputs["classes"], outputs["scores"], min_score),
+            }
+        elif "min_score" in body:
+            raise RequestError(
+                f'"min_score": signature "{signature_name}" has no classes and scores outputs to '
+                f"apply it to (outputs: {sorted(outputs)})"
+            )
     if row_format:
         if len(outputs) == 1:
             ((name, value),) = outputs.items()
@@ -336,6 +363,16 @@ def predict(servable: Servable, body: Any, config: ServingConfig | None = None) 
         ((name, value),) = outputs.items()
         return {"outputs": _jsonable(value, name)}
     return {"outputs": {k: _jsonable(v, k) for k, v in sorted(outputs.items())}}
+
+
+def _min_score(body: dict, config: ServingConfig) -> float:
+    """The request's ``"min_score"`` (validated: a number in [0, 1]), else the server's."""
+    if "min_score" not in body:
+        return config.min_score
+    try:
+        return check_min_score(body["min_score"], '"min_score"')
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 def model_name_from_base_path(model_base_path: str | Path) -> str:
