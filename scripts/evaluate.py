@@ -5,6 +5,8 @@
 ``--model`` may also be the model's base directory (``saved_models/NAME``: the highest version), or an
 edge export (a ``.tflite``/``.onnx`` file or its folder, ``scripts/export.py --format``).
 Prints the per-class report and writes ``metrics.json`` and ``confusion.png`` to ``--output_dir``.
+``--tta=flip`` (or ``flip,crops``; ``tlkeras.tta``) scores the mean over test-time views and reports
+the accuracy without and with them (``metrics.json``: ``tta``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, training
+from tlkeras import cli, training, tta
 from tlkeras.data import DataConfig
 
 flags.DEFINE_string(
@@ -27,6 +29,12 @@ flags.DEFINE_string(
     "data", None, "Folder with one subfolder per class (or tfds:NAME:SPLIT).", required=True
 )
 flags.DEFINE_integer("batch_size", DataConfig().batch_size, "Batch size.")
+flags.DEFINE_string(
+    "tta",
+    "none",
+    "Test-time augmentation: none, flip, crops or flip,crops (crops=5, crop_fraction=F); reports "
+    "the accuracy with and without it.",
+)
 cli.define_max_bad_fraction()
 flags.adopt_module_key_flags(cli)
 flags.DEFINE_string(
@@ -41,6 +49,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
+    config = tta.parse(FLAGS.tta)
     model = Path(FLAGS.model)
     if not model.exists():
         raise FileNotFoundError(
@@ -53,6 +62,7 @@ def main(argv: list[str]) -> None:
         batch_size=FLAGS.batch_size,
         output_dir=output_dir,
         max_bad_fraction=FLAGS.max_bad_fraction,
+        tta=config,
     )
     print(f"Metrics written to {Path(output_dir) / 'metrics.json'}")
 

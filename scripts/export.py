@@ -14,13 +14,15 @@ with the model is refused.
 ``--model`` is a ``.keras`` file (loaded with Keras ``safe_mode``) or a training run directory holding
 ``model.keras``; for the edge formats also a SavedModel (version or base directory). Class names come
 from ``--class_names``, the run's ``metrics.json`` or the SavedModel's labels. The SavedModel export
-is verified in a fresh process before its version directory appears.
+is verified in a fresh process before its version directory appears. ``--temperature`` (a
+calibration temperature) and ``--tta`` (test-time views averaged) go into the SavedModel's graph
+and its ``metadata.json`` (``calibration``, ``tta``).
 """
 
 from absl import flags, logging
 
 import tlkeras.cli
-from tlkeras import edge, exported, layout, savedmodel, signatures, training
+from tlkeras import calibration, edge, exported, layout, savedmodel, signatures, training, tta
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -44,6 +46,18 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_integer("max_images", 8, "At most this many --images are used.", lower_bound=1)
 flags.DEFINE_bool("verify", True, "Verify the export in a fresh process.")
+flags.DEFINE_float(
+    "temperature",
+    1.0,
+    "Calibration temperature the signatures apply to the probabilities (logits / T; fit it on "
+    "validation data with tlkeras.calibration.fit_temperature); 1: unchanged.",
+)
+flags.DEFINE_string(
+    "tta",
+    "none",
+    "Test-time augmentation in the graph: none, flip, crops or flip,crops (crops=5, "
+    "crop_fraction=F); the signatures average over the views.",
+)
 flags.DEFINE_enum("format", "saved_model", ["saved_model", *edge.FORMATS], "What to write.")
 flags.DEFINE_enum(
     "quantization",
@@ -74,7 +88,14 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"expected no positional arguments, received {argv[1:]}")
     if not FLAGS["verbosity"].present:  # tf.saved_model.save logs every asset at INFO
         logging.set_verbosity(logging.WARNING)
+    config = tta.parse(FLAGS.tta)
+    temperature = calibration.check_temperature(FLAGS.temperature, "--temperature")
     if FLAGS.format != "saved_model":
+        if config is not None or temperature != 1.0:
+            raise ValueError(
+                f"--tta/--temperature: expected only with --format=saved_model, received "
+                f"--format={FLAGS.format}; export a SavedModel with them, then convert that"
+            )
         _export_edge()
         return
     if not FLAGS.model_name:
@@ -91,6 +112,8 @@ def main(argv: list[str]) -> None:
         top_k=FLAGS.top_k,
         verify=FLAGS.verify,
         warmup_images=images,
+        temperature=temperature,
+        tta=config,
     )
     print(f"exported {result.model_name} version {result.version} to {result.path}")
     if result.verification:

@@ -7,6 +7,8 @@ export (``.tflite`` in LiteRT, ``.onnx`` in onnxruntime).
 ``--model`` is a model base directory (highest version), one version directory, or an edge export
 (its model file or folder; images are decoded as the SavedModel's serving graph decodes them). Prints the top-k
 classes per image; files that cannot be decoded are reported per file and make the exit code 1.
+``--tta=flip`` averages over test-time views (``tlkeras.tta``); ``--min_score=0.6`` shows "unknown"
+for an image whose top score is below 0.6 (as ``scripts/serve.py``'s ``min_score``).
 """
 
 import json
@@ -14,7 +16,7 @@ import json
 from absl import flags
 
 import tlkeras.cli
-from tlkeras import exported
+from tlkeras import calibration, exported, tta
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -27,16 +29,36 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool("json", False, "Print one JSON document instead of a table.")
 flags.DEFINE_integer("batch_size", 16, "Images per call to the model.", lower_bound=1)
+flags.DEFINE_string(
+    "tta",
+    "none",
+    "Test-time augmentation: none, flip, crops or flip,crops; the mean over the views is shown.",
+)
+flags.DEFINE_float(
+    "min_score",
+    0.0,
+    'An image whose top score is below it is shown as "unknown" at every rank (scores kept). '
+    "0: off.",
+)
 flags.mark_flag_as_required("model")
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise ValueError("expected at least one IMAGE_OR_FOLDER argument, received none")
+    config = tta.parse(FLAGS.tta)
+    min_score = calibration.check_min_score(FLAGS.min_score, "--min_score")
     model = exported.load_exported(FLAGS.model)
+    if config is not None:
+        model = tta.TTAModel(model, config)
     results = exported.predict_files(
         model, argv[1:], top_k=FLAGS.top_k, batch_size=FLAGS.batch_size
     )
+    for r in results:
+        if min_score and "classes" in r:
+            r["classes"] = list(
+                calibration.withhold_low_scores([r["classes"]], [r["scores"]], min_score)[0]
+            )
     if FLAGS.json:
         print(
             json.dumps({"model": str(model.path), "results": results}, indent=2, ensure_ascii=False)

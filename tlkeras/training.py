@@ -33,8 +33,10 @@ import tensorflow as tf
 
 from tlkeras import data as data_lib
 from tlkeras import distribute, edge, features, layout, reports, savedmodel, verify
+from tlkeras import tta as tta_lib
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
+from tlkeras.calibration import expected_calibration_error
 from tlkeras.exported import load_exported, load_keras_model, read_images
 from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
 from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is where users look)
@@ -960,15 +962,23 @@ def evaluate_export(
     output_dir: str | Path | None = None,
     verbose: int = 1,
     max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
+    tta: tta_lib.TTAConfig | str | None = None,
 ) -> dict[str, Any]:
     """Score an exported SavedModel on every image of ``data_source`` (no split).
 
     The model runs through its float signature (``tf.saved_model.load``; no tlkeras model code).
     Folder classes are matched to the model's labels by name, so a folder may hold a subset of the
     classes. Writes ``metrics.json`` and ``confusion.png`` to ``output_dir`` when given.
-    ``max_bad_fraction``: as ``tlkeras.data.load``.
+    ``max_bad_fraction``: as ``tlkeras.data.load``. ``tta``: score the mean over these test-time
+    views (``tlkeras.tta``; client side, on the float signature); ``metrics["tta"]`` then holds the
+    accuracy without and with it (one pass: the first view is the image itself).
+    ``metrics["expected_calibration_error"]``: top-label ECE of the scored probabilities
+    (``tlkeras.calibration``; not for multi-label exports).
     """
+    tta = tta_lib.check(tta)
     exported = load_exported(model_path)
+    if tta is not None:
+        tta_lib.refuse_baked_in(exported)
     names = list(exported.class_names)
     if not names:
         raise ValueError(
@@ -981,11 +991,26 @@ def evaluate_export(
         batch_size=batch_size,
         max_bad_fraction=max_bad_fraction,
     )
-    ys, probs = [], []
+    ys, probs, plain = [], [], []
     for x, y in data.train:
-        probs.append(exported.predict_pixels(x.numpy())["probabilities"])
+        per_view = tta_lib.view_probabilities(
+            lambda v: exported.predict_pixels(v)["probabilities"], x.numpy(), tta
+        )
+        plain.append(per_view[0])
+        probs.append(tta_lib.average(per_view))
         ys.append(to_model[np.asarray(y)])
-    metrics = reports.classification_metrics(np.concatenate(ys), np.concatenate(probs), names)
+    y_true, y_prob = np.concatenate(ys), np.concatenate(probs)
+    metrics = reports.classification_metrics(y_true, y_prob, names)
+    if exported.metadata.get("task") != "multilabel":
+        metrics["expected_calibration_error"] = expected_calibration_error(y_true, y_prob)
+    if tta is not None:
+        without = reports.classification_metrics(y_true, np.concatenate(plain), names)["accuracy"]
+        metrics["tta"] = {
+            **tta.to_dict(),
+            "accuracy_without": without,
+            "accuracy_with": metrics["accuracy"],
+            "gain": metrics["accuracy"] - without,
+        }
     data_dict = data.to_dict()
     metrics.update(
         {
@@ -1005,6 +1030,13 @@ def evaluate_export(
         )
     if verbose:
         print(reports.summary_text(metrics))
+        if tta is not None:
+            t = metrics["tta"]
+            print(
+                f"test-time augmentation ({t['spec']}, {len(t['views'])} views): accuracy "
+                f"{t['accuracy_without']:.4f} without, {t['accuracy_with']:.4f} with "
+                f"({100 * t['gain']:+.1f} points)"
+            )
     return metrics
 
 

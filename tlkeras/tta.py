@@ -192,13 +192,36 @@ def average_probabilities(
         raise ValueError(
             f"model_or_fn: expected a Keras model or a callable, received {type(model_or_fn)}"
         )
+    return average(view_probabilities(predict, pixels, config))
+
+
+def view_probabilities(predict: Any, pixels: Any, config: TTAConfig | None) -> list[np.ndarray]:
+    """``predict``'s probabilities for each view of ``pixels``, the image itself first (so a caller
+    gets the plain answer and the TTA one from one pass: ``out[0]``, ``average(out)``)."""
     pixels = np.asarray(pixels, np.float32)
     views = [pixels] if config is None else [v.numpy() for v in config.views(pixels)]
-    return np.mean([np.asarray(predict(v), np.float64) for v in views], axis=0).astype(np.float32)
+    return [np.asarray(predict(v)) for v in views]
+
+
+def average(per_view: list[np.ndarray]) -> np.ndarray:
+    """The mean of per-view probabilities (float32)."""
+    return np.mean(np.asarray(per_view, np.float64), axis=0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # Client side: an export (``tlkeras.exported``'s ExportedModel or EdgeExportedModel).
+
+
+def refuse_baked_in(model: Any) -> None:
+    """A ``ValueError`` if the export ``model`` already averages over views in its graph."""
+    baked = (getattr(model, "metadata", None) or {}).get("tta")
+    if baked:
+        spec = baked.get("spec", baked) if isinstance(baked, dict) else baked
+        raise ValueError(
+            f"tta: the export at {str(model.path)!r} already averages over test-time views in its "
+            f"graph (metadata.json tta: {spec!r}); expected client-side TTA only for an export "
+            "without it: leave --tta at none"
+        )
 
 
 class TTAModel:
@@ -210,13 +233,7 @@ class TTAModel:
         config = check(config)
         if config is None:
             raise ValueError("tta: expected a TTAConfig for TTAModel, received none")
-        baked = (getattr(model, "metadata", None) or {}).get("tta")
-        if baked:
-            raise ValueError(
-                f"tta: the export at {str(model.path)!r} already averages over test-time views in "
-                f"its graph (metadata.json tta: {baked.get('spec', baked)!r}); expected client-side "
-                "TTA only for an export without it: leave --tta at none"
-            )
+        refuse_baked_in(model)
         self.model = model
         self.config = config
 
