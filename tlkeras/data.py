@@ -136,6 +136,11 @@ class ImageData:
     knowing about (format not matching the extension, animated GIF → first frame, alpha dropped,
     CMYK/16-bit/grayscale → 8-bit RGB); ``ignored`` counts hidden and system files; ``warnings`` holds
     dataset-level problems (e.g. an empty class folder that was left out).
+
+    ``items`` maps split -> an identifier of each example, in the split's unshuffled order (the order
+    of ``ordered(split)``): the file path relative to the source folder (as ``skipped`` shows paths),
+    ``"index 17"`` for arrays and digits (the row of the arrays given; of scikit-learn's digits), the
+    TFDS id (``"mnist-train.tfrecord-00000-of-00001__17"``) for TFDS.
     """
 
     train: tf.data.Dataset
@@ -150,10 +155,29 @@ class ImageData:
     ignored: int = 0
     warnings: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (224, 224)
+    items: dict[str, list[str]] = field(default_factory=dict)
+    # The training split before its shuffle (batched, sharing the split's cache); see ordered().
+    _train_ordered: tf.data.Dataset | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def ordered(self, split: str) -> tf.data.Dataset | None:
+        """``split`` batched without shuffling: element ``i`` is ``items[split][i]``. Same decoding,
+        resizing and cache as the split (the training split's own dataset stays shuffled); ``None``
+        for a split the data does not have. A folder file changed since the scan so that it no
+        longer decodes is dropped with a warning, which shifts the order: compare the count."""
+        if split not in SPLITS:
+            raise ValueError(f"split: expected one of {list(SPLITS)}, received {split!r}")
+        if split != "train":
+            return getattr(self, split)  # evaluation splits are never shuffled
+        if self._train_ordered is None:
+            raise ValueError(
+                "ordered('train'): expected an ImageData from tlkeras.data.load, received one "
+                "built without the unshuffled training split"
+            )
+        return self._train_ordered
 
     def class_weight(self) -> dict[int, float]:
         """Balanced class weights (``sklearn.utils.class_weight.compute_class_weight``) from train
@@ -447,6 +471,7 @@ class _Pool:
     labels: np.ndarray  # int [N], or float32 multi-hot [N, C]
     make: Callable[[np.ndarray], tf.data.Dataset]  # indices -> (uint8 [H, W, 3], label) elements
     source: str
+    names: list[str] = field(default_factory=list)  # one identifier per example (ImageData.items)
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[Skipped] = field(default_factory=list)
     ignored: int = 0
@@ -584,6 +609,7 @@ def _folder_pool(
         labels=labels,
         make=make,
         source=str(root),
+        names=[os.path.relpath(p, display) for p in paths],
         skipped=skipped,
         notes=notes,
         ignored=ignored,
@@ -681,7 +707,7 @@ def _array_pool(
         return ds.map(prepare, num_parallel_calls=AUTOTUNE)
 
     src = f"arrays x{list(x.shape)}"
-    return _Pool(class_names, y, make, source=src)
+    return _Pool(class_names, y, make, source=src, names=[f"index {i}" for i in range(len(y))])
 
 
 def _digits_pool(spec: str, config: DataConfig) -> _Pool:
@@ -700,6 +726,7 @@ def _digits_pool(spec: str, config: DataConfig) -> _Pool:
     y = digits.target[keep] - first
     pool = _array_pool((x, y), config, [str(d) for d in range(first, last + 1)], what=spec)
     pool.source = f"{spec} (scikit-learn digits, {len(y)} 8x8 scans)"
+    pool.names = [f"index {i}" for i in np.flatnonzero(keep)]  # rows of load_digits()
     return pool
 
 
@@ -744,12 +771,12 @@ def _tfds_pool(spec: str, config: DataConfig, class_names: list[str] | None = No
     image_key, label_key = keys
     names = list(features[label_key].names)
     try:
-        raw = tfds.load(
+        examples = tfds.load(
             name,
             split=split,
-            as_supervised=True,
             decoders={image_key: tfds.decode.SkipDecoding()},
             shuffle_files=False,
+            read_config=tfds.ReadConfig(add_tfds_id=True),
         )
     except Exception as e:  # unknown split, no network to download, …: one line, not a traceback
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -760,7 +787,14 @@ def _tfds_pool(spec: str, config: DataConfig, class_names: list[str] | None = No
                 "there is network, or set TFDS_DATA_DIR"
             ) from None
         raise ValueError(f"TFDS dataset {name!r} split {split!r}: {reason}") from None
-    labels = np.fromiter(raw.map(lambda _, y: y).as_numpy_iterator(), np.int64)
+    raw = examples.map(lambda ex: (ex[image_key], ex[label_key]))
+    if "tfds_id" in examples.element_spec:  # one pass: labels and each example's TFDS id
+        rows = list(examples.map(lambda ex: (ex[label_key], ex["tfds_id"])).as_numpy_iterator())
+        labels = np.array([y for y, _ in rows], np.int64)
+        ids = [i.decode() for _, i in rows]
+    else:
+        labels = np.fromiter(raw.map(lambda _, y: y).as_numpy_iterator(), np.int64)
+        ids = [f"{split} index {i}" for i in range(len(labels))]
     if class_names is not None:
         if not set(names) <= set(class_names):
             raise ValueError(
@@ -784,7 +818,7 @@ def _tfds_pool(spec: str, config: DataConfig, class_names: list[str] | None = No
             num_parallel_calls=AUTOTUNE,
         )
 
-    return _Pool(class_names or names, labels, make, source=f"tfds:{name}:{split}")
+    return _Pool(class_names or names, labels, make, source=f"tfds:{name}:{split}", names=ids)
 
 
 def _pool(source: Any, config: DataConfig, class_names=None, given_names=None) -> _Pool:
@@ -869,16 +903,22 @@ def _split(pool: _Pool, fractions: dict[str, float], seed: int) -> dict[str, np.
 
 def _pipeline(
     ds: tf.data.Dataset, config: DataConfig, training: bool, size: int
-) -> tf.data.Dataset:
-    """decoded uint8 elements → cache → (shuffle) → batch → float32 → prefetch."""
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """decoded uint8 elements → cache → (shuffle) → batch → float32 → prefetch; also the same
+    without the shuffle (for training: ``ImageData.ordered``), reading the same cache."""
     if config.cache:
         ds = ds.cache()
-    if training:
-        buffer = max(1, min(config.shuffle_buffer, size))
-        ds = ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
-    ds = ds.batch(config.batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+
+    def batched(ds: tf.data.Dataset) -> tf.data.Dataset:
+        ds = ds.batch(config.batch_size)
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
+
+    ordered = batched(ds)
+    if not training:
+        return ordered, ordered
+    buffer = max(1, min(config.shuffle_buffer, size))
+    return batched(ds.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)), ordered
 
 
 def _counts(pool: _Pool, idx: np.ndarray) -> dict[str, int]:
@@ -939,6 +979,7 @@ def load(
     indices = _split(pool, fractions, config.seed)
     datasets: dict[str, tf.data.Dataset | None] = {}
     counts: dict[str, dict[str, int]] = {}
+    items: dict[str, list[str]] = {}
     for split in SPLITS:
         if split in given:
             p, idx = given[split], np.arange(len(given[split]))
@@ -947,8 +988,11 @@ def load(
         else:
             datasets[split] = None
             continue
-        datasets[split] = _pipeline(p.make(idx), config, split == "train", len(idx))
+        datasets[split], ordered = _pipeline(p.make(idx), config, split == "train", len(idx))
+        if split == "train":
+            train_ordered = ordered
         counts[split] = _counts(p, idx)
+        items[split] = [p.names[i] for i in idx] if p.names else [f"index {i}" for i in idx]
     return ImageData(
         train=datasets["train"],
         validation=datasets["validation"],
@@ -962,6 +1006,8 @@ def load(
         ignored=sum(p.ignored for p in all_pools),
         warnings=[w for p in all_pools for w in p.warnings],
         image_size=config.image_size,
+        items=items,
+        _train_ordered=train_ordered,
     )
 
 
