@@ -22,8 +22,8 @@ from conftest import (
 from tensorflow.core.framework import tensor_pb2
 
 import tlkeras
+from tlkeras import calibration, exported, layout, savedmodel, signatures, verify
 from tlkeras import data as data_lib
-from tlkeras import exported, layout, savedmodel, signatures, verify
 
 SIZE = (32, 32)
 
@@ -358,6 +358,72 @@ def test_declared_pixels_read_from_every_supported_header(fmt, kwargs, mode):
 
 
 # --------------------------------------------------------------------------------------------------
+# A calibration temperature in the signatures (tlkeras.calibration).
+
+
+def test_temperature_is_applied_in_the_signatures_and_recorded(tmp_path):
+    model, images = tiny_model(), jpegs(3)
+    x = pixels_of(images)
+    validation = {"temperature": 0.5, "ece_before": 0.2, "ece_after": 0.05}
+    result = savedmodel.export(
+        model,
+        "m",
+        base_dir=tmp_path,
+        class_names=["a", "b", "c"],
+        temperature=0.5,
+        metadata={"calibration": {"validation": validation}},
+        verify=False,
+    )
+    loaded = exported.load_exported(result.path)
+    assert loaded.metadata["calibration"] == {"validation": validation, "temperature": 0.5}
+    assert loaded.metadata["tta"] is None
+    plain = model.predict(x, verbose=0)
+    want = calibration.apply_temperature(plain, 0.5, "multiclass")
+    assert np.abs(want - plain).max() > 1e-3  # the temperature really changes them
+    for out in (loaded.predict_pixels(x), loaded.predict_bytes(images)):
+        np.testing.assert_allclose(out["probabilities"], want, atol=1e-5)
+        np.testing.assert_allclose(out["scores"][:, 0], want.max(axis=1), atol=1e-5)
+        top = [c.decode() for c in out["classes"][:, 0]]
+        assert top == ["abc"[i] for i in plain.argmax(axis=1)]  # argmax unchanged
+
+    # A binary head: its sigmoid unit, served as [1 - p, p], scaled as calibration does it.
+    binary = tiny_model(units=1, activation="sigmoid")
+    result = savedmodel.export(
+        binary, "b", base_dir=tmp_path, class_names=["x", "y"], temperature=3.0, verify=False
+    )
+    p = binary.predict(x, verbose=0)
+    got = exported.load_exported(result.path).predict_pixels(x)["probabilities"]
+    np.testing.assert_allclose(got[:, 1:], calibration.apply_temperature(p, 3.0, "binary"), 1e-5)
+
+
+def test_temperature_and_tta_pass_the_fresh_process_verification(tmp_path):
+    """The verifier's in-memory side serves the same way (``_Head.served``): one verified export
+    with both; the mean over the image and its mirror of each view's scaled probabilities."""
+    model, images = tiny_model(), jpegs(3)
+    result = savedmodel.export(
+        model,
+        "m",
+        base_dir=tmp_path,
+        class_names=["a", "b", "c"],
+        temperature=0.5,
+        tta="flip",
+        warmup_images=images,
+    )
+    assert result.verification["ok"]
+    assert result.verification["serving_float_max_abs_diff"] <= verify.FLOAT_TOLERANCE
+    x = pixels_of(images)
+    views = [x, x[:, :, ::-1, :]]
+    scaled = [
+        calibration.apply_temperature(model.predict(v, verbose=0), 0.5, "multiclass") for v in views
+    ]
+    loaded = exported.load_exported(result.path)
+    assert loaded.metadata["tta"]["spec"] == "flip"
+    np.testing.assert_allclose(
+        loaded.predict_bytes(images)["probabilities"], np.mean(scaled, axis=0), atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Bad arguments.
 
 
@@ -375,6 +441,9 @@ def test_declared_pixels_read_from_every_supported_header(fmt, kwargs, mode):
         ({"task": "binary"}, ValueError, "one sigmoid output unit"),
         ({"task": "regression"}, ValueError, "task"),
         ({"warmup_images": []}, ValueError, "warmup_images"),
+        ({"temperature": 0}, ValueError, "temperature: expected a number in"),
+        ({"tta": "flop"}, ValueError, "tta: expected 'none' or"),
+        ({"metadata": {"calibration": {"temperature": 2.0}}}, ValueError, "temperature exported"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(tmp_path, kwargs, error, match):

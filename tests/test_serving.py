@@ -307,6 +307,27 @@ BAD = {
         400,
         "out of range",
     ),
+    "min_score_string": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"instances": [b64(JPEGS[0])], "min_score": "high"},
+        400,
+        "\"min_score\": expected a number in [0, 1] (0 = off), received 'high'",
+    ),
+    "min_score_out_of_range": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"instances": [b64(JPEGS[0])], "min_score": 1.5},
+        400,
+        "received 1.5",
+    ),
+    "min_score_bool": (
+        "POST",
+        "/v1/models/tiny:predict",
+        {"instances": [b64(JPEGS[0])], "min_score": True},
+        400,
+        "received True",
+    ),
 }
 
 
@@ -324,6 +345,44 @@ def test_bad_requests_get_json_errors_and_the_server_stays_up(client, case):
     assert "node" not in r.json["error"] and "Traceback" not in r.json["error"]
     ok = client.post("/v1/models/tiny:predict", json={"instances": [b64(JPEGS[0])]})
     assert ok.status_code == 200
+
+
+def test_min_score_answers_unknown_below_it_and_keeps_the_scores(client, base):
+    probabilities = expected_probabilities(base)
+    tops = probabilities.max(axis=1)
+    assert tops.max() - tops.min() > 1e-4  # one row surer than another
+    threshold = float((tops.min() + tops.max()) / 2)
+    body = {"instances": [b64(b) for b in JPEGS], "min_score": threshold}
+    r = client.post("/v1/models/tiny:predict", json=body)  # through the batcher
+    assert r.status_code == 200, r.json
+    plain = client.post("/v1/models/tiny:predict", json={"instances": body["instances"]}).json
+    for row, before, top in zip(r.json["predictions"], plain["predictions"], tops, strict=True):
+        assert row["scores"] == before["scores"]
+        assert row["probabilities"] == before["probabilities"]
+        if top < threshold:
+            assert row["classes"] == ["unknown", "unknown"]
+        else:
+            assert row["classes"] == before["classes"] and row["classes"][0] in NAMES
+    # Columnar, on the float signature, and 0 (off) for this request.
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).tolist()
+    r = client.post(
+        "/v1/models/tiny:predict",
+        json={"signature_name": "serving_float", "inputs": pixels, "min_score": 1},
+    )
+    assert r.status_code == 200 and r.json["outputs"]["classes"] == [["unknown"] * 2] * 2
+    r = client.post(
+        "/v1/models/tiny:predict", json={"instances": body["instances"], "min_score": 0}
+    )
+    assert r.json == plain
+    # The server's default (scripts/serve.py --min_score); a request's own value overrides it.
+    servable = client.application.extensions["tlkeras_manager"].get(None)
+    strict = serving.ServingConfig(min_score=1.0, batching=None)
+    out = serving.predict(servable, {"instances": body["instances"]}, strict)
+    assert all(row["classes"] == ["unknown", "unknown"] for row in out["predictions"])
+    out = serving.predict(servable, {"instances": body["instances"], "min_score": 0}, strict)
+    assert out == plain
+    with pytest.raises(ValueError, match="min_score: expected a number in"):
+        serving.ServingConfig(min_score=2)
 
 
 def test_request_pixel_limit(base):
