@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import badfiles
 import keras
 import numpy as np
 import pytest
+from conftest import REPO, run_python
 
 from tlkeras import exported, savedmodel, tta
 
@@ -145,3 +150,27 @@ def test_tta_in_the_export_graph_and_client_side(tmp_path):
     np.testing.assert_allclose(
         exported.load_exported(in_graph.path).predict_pixels(x)["probabilities"], want, atol=1e-5
     )
+
+
+def test_evaluate_script_reports_the_tta_gain(tmp_path):
+    model = mirror_aware_model()
+    result = savedmodel.export(model, "aware", base_dir=tmp_path, class_names=NAMES, verify=False)
+    folder = badfiles.make_dataset(tmp_path / "data", classes=("ants", "bees"), per_class=4)
+    out = tmp_path / "eval"
+    proc = run_python(
+        REPO / "scripts" / "evaluate.py",
+        f"--model={result.path}",
+        f"--data={folder}",
+        "--tta=flip",
+        f"--output_dir={out}",
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test-time augmentation (flip, 2 views): accuracy" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    t = metrics["tta"]
+    assert t["spec"] == "flip" and t["views"] == ["image", "flip"]
+    assert t["accuracy_with"] == metrics["accuracy"] and metrics["num_examples"] == 8
+    assert t["gain"] == pytest.approx(t["accuracy_with"] - t["accuracy_without"])
+    assert 0 <= metrics["expected_calibration_error"] <= 1
