@@ -216,7 +216,7 @@ def _cut(graph: keras.Model, tensor: Any) -> list[Any]:
 def _split(model: keras.Model, tensor: Any, end: Any) -> tuple[keras.Model, keras.Model]:
     """``(prefix, suffix)`` of ``model``'s own graph cut after ``tensor``, sharing its layers."""
     crossing = _cut(model, tensor)
-    prefix = keras.Model(model.inputs, crossing, name="gradcam_prefix")
+    prefix = keras.Model(model.inputs[0], crossing, name="gradcam_prefix")
     suffix = keras.Model(crossing if len(crossing) > 1 else tensor, end, name="gradcam_suffix")
     return prefix, suffix
 
@@ -231,11 +231,11 @@ def _split_in_backbone(
     (backbone_in,) = node.input_tensors
     (backbone_out,) = node.output_tensors
     crossing = _cut(backbone, tensor)
-    inner_prefix = keras.Model(backbone.inputs, crossing, name="backbone_prefix")
+    inner_prefix = keras.Model(backbone.inputs[0], crossing, name="backbone_prefix")
     inner_suffix = keras.Model(
         crossing if len(crossing) > 1 else tensor, backbone.outputs, name="backbone_suffix"
     )
-    before = keras.Model(model.inputs, backbone_in, name="before_backbone")
+    before = keras.Model(model.inputs[0], backbone_in, name="before_backbone")
     after = keras.Model(backbone_out, end, name="after_backbone")
     (image,) = model.inputs
     image = keras.Input(shape=tuple(image.shape[1:]), dtype=image.dtype, name="image")

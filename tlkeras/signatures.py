@@ -26,6 +26,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import gradcam  # noqa: E402
 from tlkeras.calibration import EPSILON, TINY  # noqa: E402
 from tlkeras.data import decode_image  # noqa: E402
 from tlkeras.task import check_task, infer, infer_from_layer, probabilities  # noqa: E402
@@ -33,6 +34,9 @@ from tlkeras.task import check_task, infer, infer_from_layer, probabilities  # n
 BYTES_SIGNATURE = "serving_default"
 FLOAT_SIGNATURE = "serving_float"
 SIGNATURES = (BYTES_SIGNATURE, FLOAT_SIGNATURE)
+# Optional (``write_serving_model(explain=True)``): Grad-CAM heat maps of the top class, bytes in.
+EXPLAIN_SIGNATURE = "explain"
+EXPLAIN_OUTPUTS = ("heatmaps", "classes", "scores")
 BYTES_INPUT = "image_bytes"
 FLOAT_INPUT = "images"
 OUTPUTS = ("probabilities", "classes", "scores")
@@ -231,7 +235,13 @@ def input_size(model: Any) -> tuple[int, int]:
 
 
 def write_serving_model(
-    model: Any, class_names: Sequence[str], head: _Head, top_k: int, path: str
+    model: Any,
+    class_names: Sequence[str],
+    head: _Head,
+    top_k: int,
+    path: str,
+    *,
+    explain: bool = False,
 ) -> None:
     """Save ``model`` at ``path`` as a SavedModel whose root holds its variables and the
     ``SIGNATURES`` for TF Serving, nothing else.
@@ -243,6 +253,7 @@ def write_serving_model(
     control flow on tensors (Keras 3 layers use ``ops.cond``), and converting every call costs
     seconds. Measured, MobileNet(0.25) at 224 px: 5.4 s with the functions as attributes and
     autograph, 2.5 s like this. ``serving_default`` calls ``serving_float``: one trace of the model.
+    ``explain`` adds ``EXPLAIN_SIGNATURE`` (``_explain_function``).
     """
     size = input_size(model)
     k = min(top_k, head.num_classes)
@@ -275,4 +286,34 @@ def write_serving_model(
         BYTES_SIGNATURE: bytes_fn.get_concrete_function(),
         FLOAT_SIGNATURE: float_fn.get_concrete_function(),
     }
+    if explain:
+        signatures[EXPLAIN_SIGNATURE] = _explain_function(model, names, head, size)
     tf.saved_model.save(root, path, signatures=signatures)
+
+
+def _explain_function(model: Any, names: list[str], head: _Head, size: tuple[int, int]) -> Any:
+    """``EXPLAIN_SIGNATURE``: ``image_bytes`` as ``serving_default`` takes them →
+    ``heatmaps`` float32 [None, H, W] (``tlkeras.gradcam``, in [0, 1]) for each image's top class,
+    that class's name ``classes`` string [None] and probability ``scores`` float32 [None].
+
+    The class explained is the model's own top class on the image (at the export's temperature,
+    without TTA views: a heat map belongs to one image, so with TTA the served top class may
+    differ). One more trace of the model, with the gradient of its last blocks."""
+    explain = gradcam.explain_function(model)  # ValueError: no spatial feature map
+
+    def explain_bytes(image_bytes):
+        out = explain(_decode_batch(image_bytes, size))
+        p = head.probabilities(out["outputs"])
+        if head.temperature != 1.0:
+            p = _with_temperature(p, head.temperature, head.task)
+        return {
+            "heatmaps": out["heatmaps"],
+            "classes": tf.gather(tf.constant(names, dtype=tf.string), out["classes"]),
+            "scores": tf.gather(p, out["classes"], axis=1, batch_dims=1),
+        }
+
+    return tf.function(
+        explain_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)],
+        autograph=False,
+    ).get_concrete_function()
