@@ -40,11 +40,17 @@ from tlkeras.signatures import (  # noqa: E402
     BYTES_INPUT,
     BYTES_SIGNATURE,
     DEFAULT_TOP_K,
+    EXPLAIN_SIGNATURE,
     FLOAT_INPUT,
     FLOAT_SIGNATURE,
     MAX_IMAGE_BYTES,
     reference_decode,
 )
+
+# Overlays (``explain_files``) keep the photo's own size up to this longest side: a 12-megapixel
+# photo would make a ~20 MB PNG.
+OVERLAY_MAX_SIDE = 1024
+GRADCAM_SUFFIX = ".gradcam.png"
 
 
 @dataclass
@@ -76,6 +82,15 @@ class ExportedModel:
         out = self.signatures[FLOAT_SIGNATURE](**{FLOAT_INPUT: tf.constant(pixels, tf.float32)})
         return {k: v.numpy() for k, v in out.items()}
 
+    def explain_bytes(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
+        """Grad-CAM of each image's top class through the ``explain`` signature: ``heatmaps``
+        float32 [N, H, W] in [0, 1] at the model's input size, ``classes`` (bytes) and ``scores``
+        [N]. Exports have it only when written with ``explain=True``."""
+        require_explain(self)
+        signature = self.signatures[EXPLAIN_SIGNATURE]
+        out = signature(**{BYTES_INPUT: tf.constant(list(images), tf.string)})
+        return {k: v.numpy() for k, v in out.items()}
+
 
 @dataclass
 class EdgeExportedModel:
@@ -105,6 +120,30 @@ class EdgeExportedModel:
 
     def predict_bytes(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
         return self.predict_pixels(reference_decode(list(images), self.input_size))
+
+    def explain_bytes(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
+        raise _edge_cannot_explain(self.path)
+
+
+def _edge_cannot_explain(path: Path) -> ValueError:
+    return ValueError(
+        f"explain: expected a SavedModel exported with explain=True, received the edge export "
+        f"{str(path)!r} (TFLite/ONNX files carry no gradients)"
+    )
+
+
+def require_explain(model: Any) -> None:
+    """A one-line ``ValueError`` unless ``model`` (an export, or a wrapper forwarding to one) has
+    the ``explain`` signature, which ``tlkeras.export(explain=True)`` adds."""
+    signatures = getattr(model, "signatures", None)
+    if signatures is None:
+        raise _edge_cannot_explain(model.path)
+    if EXPLAIN_SIGNATURE not in signatures:
+        raise ValueError(
+            f"explain: expected an export with an {EXPLAIN_SIGNATURE!r} signature, received "
+            f"{str(model.path)!r} without one; re-export with explain=True "
+            "(scripts/export.py --explain)"
+        )
 
 
 def _load_edge(path: Path) -> EdgeExportedModel:
@@ -225,6 +264,79 @@ def predict_files(
     return [results[i] for i in range(len(files))]
 
 
+def _overlay_paths(files: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``out_dir/<stem>.gradcam.png`` per file; ``<stem>-2``, ``-3``… where stems repeat
+    (``a/photo.jpg`` and ``b/photo.png``), so no overlay overwrites another of the same run."""
+    seen: dict[str, int] = {}
+    out = []
+    for f in files:
+        n = seen[f.stem] = seen.get(f.stem, 0) + 1
+        out.append(out_dir / f"{f.stem if n == 1 else f'{f.stem}-{n}'}{GRADCAM_SUFFIX}")
+    return out
+
+
+def _original_pixels(data: bytes) -> np.ndarray:
+    """The photo as decoded for the model (first GIF frame, RGB), at its own size capped at
+    ``OVERLAY_MAX_SIDE``."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    h, w = int(image.shape[0]), int(image.shape[1])
+    scale = OVERLAY_MAX_SIDE / max(h, w)
+    if scale < 1:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image = tf.image.resize(image, size, "bilinear", antialias=True)
+    return np.asarray(image, dtype=np.float32)
+
+
+def explain_files(
+    model: ExportedModel,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+) -> dict[str, dict[str, Any]]:
+    """Grad-CAM overlays of image files through the ``explain`` signature, one PNG each.
+
+    Each heat map is stretched back over the photo at its own size (capped at
+    ``OVERLAY_MAX_SIDE``), as the serving graph stretched the photo to the input size, and
+    written to ``out_dir/<stem>.gradcam.png`` (``_overlay_paths``). Returns, by file path as
+    given, ``{"png", "class", "score"}`` (the class explained, its probability) or ``{"error"}``.
+    """
+    from PIL import Image
+
+    from tlkeras.gradcam import overlay
+
+    require_explain(model)
+    files = [Path(p) for p in paths]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = _overlay_paths(files, out_dir)
+    results: dict[str, dict[str, Any]] = {}
+
+    def run(batch: list[int]) -> None:
+        data = [files[i].read_bytes() for i in batch]
+        try:
+            out = model.explain_bytes(data)
+        except tf.errors.InvalidArgumentError as e:
+            if len(batch) > 1:  # find the bad file(s): one at a time
+                for i in batch:
+                    run([i])
+                return
+            results[str(files[batch[0]])] = {"error": tf_error_message(e)}
+            return
+        for row, i in enumerate(batch):
+            pixels = _original_pixels(data[row])
+            Image.fromarray(overlay(pixels, out["heatmaps"][row])).save(targets[i])
+            results[str(files[i])] = {
+                "png": str(targets[i]),
+                "class": out["classes"][row].decode("utf-8"),
+                "score": float(out["scores"][row]),
+            }
+
+    for start in range(0, len(files), batch_size):
+        run(list(range(start, min(start + batch_size, len(files)))))
+    return results
+
+
 def tf_error_message(error: Exception) -> str:
     """The user-facing line of a TensorFlow runtime error, without graph node names and traces."""
     message = getattr(error, "message", None) or str(error)
@@ -251,6 +363,13 @@ def format_predictions(results: Sequence[dict[str, Any]]) -> str:
         lines.extend(
             f"  {c:<{width}}  {s:.4f}" for c, s in zip(r["classes"], r["scores"], strict=True)
         )
+        if "gradcam" in r:  # scripts/predict.py --explain
+            g = r["gradcam"]
+            lines.append(
+                f"  gradcam: {g['png']} ({g['class']})"
+                if "png" in g
+                else f"  gradcam error: {g['error']}"
+            )
     return "\n".join(lines)
 
 
