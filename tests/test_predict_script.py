@@ -15,6 +15,7 @@ import badfiles
 import keras
 import pytest
 from conftest import REPO, run_python
+from PIL import Image
 
 from tlkeras import exported as exported_lib
 from tlkeras import layout, savedmodel
@@ -84,6 +85,9 @@ def test_export_script_writes_a_loadable_version(exported):
     assert (
         len(savedmodel.read_warmup_requests(model.path / "assets.extra" / layout.WARMUP_FILE)) == 2
     )
+    # Written without --explain: predict.py --explain ends in this line before predicting.
+    with pytest.raises(ValueError, match=r"without one; re-export with explain=True \(scripts/"):
+        exported_lib.require_explain(model)
 
 
 def test_predict_table_and_bad_file(exported, images, tmp_path):
@@ -141,6 +145,48 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, images):
         stdout, stderr = proc.communicate(timeout=300)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert_one_line_error(done, calls[key][1])
+
+
+def test_predict_explain_writes_one_overlay_per_image(keras_file, images, tmp_path):
+    model, names = exported_lib.load_keras_model(keras_file)
+    export = savedmodel.export(
+        model, "abx", base_dir=tmp_path / "models", class_names=names, verify=False, explain=True
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    picture = badfiles.picture((30, 70), badfiles.COLOURS[3], seed=3)
+    (other / "photo_0.png").write_bytes(badfiles.encode(picture, "PNG"))  # a stem seen twice
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = run_python(
+        SCRIPTS / "predict.py",
+        f"--model={export.path}",
+        "--explain",
+        "--json",
+        str(images),
+        str(other),
+        env=env,
+        cwd=work,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = {r["path"]: r for r in json.loads(proc.stdout)["results"]}
+    # Default --explain_dir: ./explain/ in the current directory; repeated stems get -2.
+    want = {
+        str(images / "photo_0.jpg"): ("photo_0.gradcam.png", (40, 48)),
+        str(images / "photo_1.jpg"): ("photo_1.gradcam.png", (40, 48)),
+        str(other / "photo_0.png"): ("photo_0-2.gradcam.png", (70, 30)),
+    }
+    assert set(results) == set(want)
+    for path, (name, size) in want.items():
+        gradcam = results[path]["gradcam"]
+        assert gradcam["png"] == str(Path("explain") / name)
+        assert gradcam["class"] == results[path]["classes"][0] and 0 <= gradcam["score"] <= 1
+        with Image.open(work / "explain" / name) as png:  # over the photo at its own size
+            assert png.format == "PNG" and png.size == size and png.mode == "RGB"
+    assert sorted(p.name for p in (work / "explain").iterdir()) == sorted(
+        n for n, _ in want.values()
+    )
 
 
 def test_serve_script_answers_real_requests(exported, images, tmp_path):

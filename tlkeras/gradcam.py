@@ -16,8 +16,8 @@ to keep some resolution.
 
 What is differentiated: the class's **pre-activation logit** when the output layer is a ``Dense``
 (or ``Activation``) with a softmax, sigmoid or linear activation, as tlkeras heads are. The softmax
-probability would mix in every other class (its gradient is p·(1 − p)·∇z_c − Σ p_c p_j ∇z_j) and
-vanishes for confident predictions. Any other output layer: the model's output itself.
+probability would mix in every other class (its gradient is p_c (∇z_c − Σ_j p_j ∇z_j)) and vanishes
+for confident predictions. Any other output layer: the model's output itself.
 
 Heads: multiclass explains the logit of the class; **binary** (one sigmoid unit z) explains class 1
 by z and class 0 by −z (evidence against class 1), so the two classes are the ``[1 − p, p]`` columns
@@ -175,7 +175,7 @@ def _choose(candidates: list[tuple[Any, Any]]) -> tuple[Any, Any] | None:
 
 def _block_maps(backbone: keras.Model, all_blocks: list[Block]) -> list[tuple[Block, Any]]:
     """The 4-D tensors each block hands on to a later block (or that are the backbone's output),
-    latest first, with the block that makes them. An operation that is not a layer (in no block)
+    with the block that makes them, the last block's first. An operation that is not a layer (in no block)
     belongs with its latest input."""
     block_of = {id(layer): b.index for b in all_blocks for layer in b.layers}
     made_in: dict[int, int] = {}
@@ -192,11 +192,12 @@ def _block_maps(backbone: keras.Model, all_blocks: list[Block]) -> list[tuple[Bl
             made_in[id(t)] = index
             if not isinstance(op, keras.layers.InputLayer):
                 made.append(t)
-    return [
+    maps = [
         (all_blocks[made_in[id(t)]], t)
         for t in reversed(made)
         if id(t) in handed_on and _is_spatial(t.shape, strict=False)
     ]
+    return sorted(maps, key=lambda m: -m[0].index)  # stable: latest made first within a block
 
 
 def _cut(graph: keras.Model, tensor: Any) -> list[Any]:
