@@ -125,6 +125,12 @@ flags.DEFINE_list(
     "edge files go to BASE_DIR/MODEL_NAME/edge/VERSION/FORMAT/, verified on the test split.",
 )
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
+flags.DEFINE_boolean(
+    "report",
+    True,
+    "Write report.html (top losses with Grad-CAM, calibration, TTA gain, data audit) and "
+    "audit.json in the run directory.",
+)
 flags.DEFINE_boolean("fast", _C.fast, "Train the frozen phase on cached backbone features.")
 flags.DEFINE_boolean(
     "baselines",
@@ -205,6 +211,7 @@ def main(argv: list[str]) -> None:
         model_name=FLAGS.model_name,
         export_formats=FLAGS.export_formats,
         overwrite=FLAGS.overwrite,
+        report=FLAGS.report,
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,
         learning_rate=FLAGS.learning_rate,

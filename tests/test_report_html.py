@@ -111,9 +111,24 @@ def _content(task: str, rng: np.random.Generator) -> report_html.ReportContent:
         tta={"views": "flip", "accuracy": 0.5, "accuracy_with_tta": 0.55},
         audit={
             "summary": "1 leak",
-            "cross_split_duplicates": [{"a": "f1.jpg", "b": "f2.jpg", "similarity": 0.99}],
-            "near_duplicates": [],
-            "suspected_mislabels": [],
+            "leaks": [
+                {
+                    "similarity": 0.99,
+                    "a": {"split": "train", "item": "f1.jpg", "label": "ants"},
+                    "b": {"split": "test", "item": "f2.jpg", "label": "ants"},
+                }
+            ],
+            "leak_count": 1,
+            "duplicates": [],
+            "mislabels": [
+                {
+                    "split": "train",
+                    "item": "f3.jpg",
+                    "label": "ants",
+                    "predicted": "bees",
+                    "confidence": 0.97,
+                }
+            ],
         },
     )
 
@@ -122,7 +137,8 @@ def _content(task: str, rng: np.random.Generator) -> report_html.ReportContent:
 def test_every_section_renders(task):
     page = Page(report_html.render(_content(task, np.random.default_rng(0))))
     assert list(page.sections) == [sid for sid, _ in report_html.SECTIONS]
-    assert "f1.jpg" in page.sections["audit"]
+    assert "f1.jpg" in page.sections["audit"] and "f2.jpg" in page.sections["audit"]
+    assert "f3.jpg" in page.sections["audit"] and "0.970" in page.sections["audit"]
     assert "ants/empty.jpg" in page.sections["skipped"] and "GIF" in page.sections["skipped"]
     assert "1.7" in page.sections["calibration"]
     assert page.sections["top-losses"].count("loss ") == 4

@@ -223,3 +223,77 @@ def test_resolve_augment_digits_get_shifts_and_turns_without_flips():
     assert augment.flip == "none" and augment.translation > 0 and augment.seed == 4
     assert training.resolve_augment(None, "some/folder").flip != "none"
     assert training.resolve_augment(False, "digits:5-9") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# report.html: every run writes one (tlkeras.report_html)
+
+
+def _head_data(task: str) -> data_lib.ImageData:
+    """60 tiny images whose colour channels carry the labels (learnable in one epoch)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    if task == "multilabel":
+        y = rng.integers(0, 2, (n, 3)).astype("float32")
+        y[y.sum(axis=1) == 0, 0] = 1
+        colour = y * 200
+    else:
+        y = np.arange(n) % 2
+        colour = np.eye(3)[y] * 200
+    x = (rng.integers(0, 55, (n, 32, 32, 3)) + colour[:, None, None, :]).astype("uint8")
+    return data_lib.load((x, y), image_size=(32, 32), seed=0)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+def test_every_run_writes_a_report_with_every_section(task, digits, tmp_path):
+    from test_report_html import CHROMIUM, REQUIRE_BROWSER, Page, open_in_browser
+
+    from tlkeras import report_html
+    from tlkeras.model import AugmentConfig, HeadConfig
+
+    data = digits if task == "multiclass" else _head_data(task)
+    units = {"multiclass": 3, "binary": 2, "multilabel": 3}[task]
+    model = tlkeras.build_model(
+        "MobileNet",
+        units,
+        strategy="feature_extraction",
+        head=HeadConfig(task=task),
+        augment=AugmentConfig(rotation=0, zoom=0, contrast=0),  # flips: TTA is measured
+        **SMALL,
+    )
+    run_dir = tmp_path / "run"
+    result = training.fit(
+        model, data, TrainConfig(epochs=2, fast=False), run_dir=run_dir, verbose=0
+    )
+    page = Page((run_dir / report_html.REPORT_HTML).read_text(encoding="utf-8"))
+    assert list(page.sections) == [sid for sid, _ in report_html.SECTIONS]
+    n_test = sum(data.counts["test"].values()) if task != "multilabel" else len(data.items["test"])
+    assert page.sections["top-losses"].count("loss ") == min(report_html.GALLERY_SIZE, n_test)
+    assert "Test accuracy" in page.sections["tta"] or "test accuracy" in page.sections["tta"]
+    audit = json.loads((run_dir / report_html.AUDIT_JSON).read_text())
+    assert set(result.metrics["audit"]) == {"leak_count", "duplicate_count", "mislabel_count"}
+    assert audit["splits"] == {s: len(v) for s, v in data.items.items() if v}
+    assert result.metrics["report"] == str(run_dir / report_html.REPORT_HTML)
+    cal = result.metrics["calibration"]
+    assert cal is None and result.metrics["calibration_note"] or cal["temperature"] > 0
+    if task != "multiclass":
+        with pytest.raises(ValueError, match="in-memory arrays"):
+            training.report_run(run_dir)
+        return
+    # The real page in a real browser: loads without console errors, every image decodes.
+    if CHROMIUM or REQUIRE_BROWSER:
+        dom, log = open_in_browser(run_dir / report_html.REPORT_HTML)
+        assert 'data-broken="0"' in dom and "CONSOLE" not in log, log
+    # scripts/report.py rebuilds it from the run directory alone (the data loaded again).
+    (run_dir / report_html.REPORT_HTML).unlink()
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "report.py"), f"--run_dir={run_dir}", "--noaudit"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        Page((run_dir / report_html.REPORT_HTML).read_text()).sections.keys()
+        == page.sections.keys()
+    )

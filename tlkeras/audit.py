@@ -37,7 +37,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import head_solver
+from tlkeras import weights as weights_lib
+from tlkeras.backbones import get_backbone
 from tlkeras.data import SPLITS, DataConfig, ImageData, load
+from tlkeras.model import build_model
 
 DEFAULT_BACKBONE = "MobileNet"
 DEFAULT_WEIGHTS = "imagenet"
@@ -430,8 +434,6 @@ def _duplicates(x, split_of, local, labels, items, splits, class_names, config):
 def _choose_c(x: np.ndarray, y: np.ndarray, cv: Any) -> float:
     from sklearn.linear_model import LogisticRegressionCV
 
-    from tlkeras import head_solver
-
     search = LogisticRegressionCV(
         Cs=list(head_solver.CS),
         cv=cv,
@@ -457,8 +459,6 @@ def _mislabels(x, y, split_of, local, items, splits, class_names, config):
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
-
-    from tlkeras import head_solver
 
     counts = np.bincount(y, minlength=len(class_names))
     judged_classes = np.flatnonzero(counts >= config.folds)
@@ -647,7 +647,6 @@ def embedding_model(
     """Raw 0–255 pixels → the pooled backbone features a tlkeras head sees: ``tlkeras.build_model``
     (its preprocessing, the ``include_top=False`` backbone, average pooling, everything frozen) cut
     at the ``pool`` layer. ``weights`` as ``build_model`` takes them (resolved)."""
-    from tlkeras.model import build_model
 
     model = build_model(
         backbone,
@@ -683,8 +682,6 @@ def audit_data(
     nothing else). ``backbone``, ``weights`` (``"imagenet"``, a file, ``None``, ``"source:TASK"``),
     ``image_size`` and ``backbone_kwargs`` mean what they mean to ``tlkeras.train``.
     """
-    from tlkeras import weights as weights_lib
-    from tlkeras.backbones import get_backbone
 
     started = time.perf_counter()
     config = _check_config(config)

@@ -156,6 +156,8 @@ class ImageData:
     warnings: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (224, 224)
     items: dict[str, list[str]] = field(default_factory=dict)
+    # How to load the same data again (``load(**origin)``): text sources only, else None.
+    origin: dict[str, Any] | None = None
     # The training split before its shuffle (batched, sharing the split's cache); see ordered().
     _train_ordered: tf.data.Dataset | None = field(default=None, repr=False)
 
@@ -238,6 +240,7 @@ class ImageData:
             "notes": [dataclasses.asdict(s) for s in self.notes],
             "ignored": self.ignored,
             "warnings": list(self.warnings),
+            "origin": self.origin,
         }
 
 
@@ -407,6 +410,7 @@ _MODE_NOTES = {
     "LA": "grayscale+alpha → RGB (alpha dropped)",
     "RGBA": "RGBA → RGB (alpha dropped)",
     "PA": "palette+alpha → RGB (alpha dropped)",
+    "P": "palette (indexed colours) → RGB",
     "CMYK": "CMYK → RGB",
     "I;16": "16-bit → 8-bit RGB",
     "I;16B": "16-bit → 8-bit RGB",
@@ -1007,8 +1011,29 @@ def load(
         warnings=[w for p in all_pools for w in p.warnings],
         image_size=config.image_size,
         items=items,
+        origin=_origin(source, validation, config),
         _train_ordered=train_ordered,
     )
+
+
+def _origin(source: Any, validation: Any, config: DataConfig) -> dict[str, Any] | None:
+    """``load``'s arguments as JSON, when the sources are text (folders, ``tfds:``, ``digits``):
+    a run's report can then be rebuilt from ``metrics.json`` alone."""
+    texts = (str, os.PathLike)
+    if not isinstance(source, texts) or not (validation is None or isinstance(validation, texts)):
+        return None
+
+    def text(value: Any) -> str | None:  # folders absolute: a report may be rebuilt elsewhere
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else str(value)
+
+    return {
+        "source": text(source),
+        "validation": text(validation),
+        "config": {**dataclasses.asdict(config), "image_size": list(config.image_size)},
+    }
 
 
 def _pools(

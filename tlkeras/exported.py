@@ -29,6 +29,7 @@ from tlkeras import model as _model  # noqa: E402, F401  (registers tlkeras laye
 from tlkeras.backbones import check_file  # noqa: E402
 from tlkeras.edge import is_edge_path, load_edge_model  # noqa: E402
 from tlkeras.edge_runtime import EdgeRunner  # noqa: E402
+from tlkeras.gradcam import overlay  # noqa: E402
 from tlkeras.layout import (  # noqa: E402
     ASSETS_EXTRA,
     LABELS_FILE,
@@ -302,8 +303,6 @@ def explain_files(
     given, ``{"png", "class", "score"}`` (the class explained, its probability) or ``{"error"}``.
     """
     from PIL import Image
-
-    from tlkeras.gradcam import overlay
 
     require_explain(model)
     files = [Path(p) for p in paths]

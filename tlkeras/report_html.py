@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from tlkeras import audit as audit_lib
+from tlkeras import calibration, gradcam, tta
+from tlkeras.rundir import CONFUSION_PNG, HISTORY_PNG
+from tlkeras.signatures import EXPLAIN_SIGNATURE
+from tlkeras.spec import get_spec
+from tlkeras.task import infer, probabilities
 
 REPORT_HTML = "report.html"
 # Sections in page order: (id, heading).
@@ -167,7 +177,6 @@ THUMBNAIL = 160  # longest side, pixels
 
 def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
     """uint8 RGB with the longest side at most ``size`` (aspect kept)."""
-    from PIL import Image
 
     a = np.asarray(image)
     if a.dtype != np.uint8:
@@ -180,7 +189,6 @@ def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)
@@ -408,28 +416,37 @@ def _tta(c: ReportContent) -> str:
 
 
 def _audit(c: ReportContent) -> str:
+    """``tlkeras.audit``'s result: leaks and duplicates as image pairs, then suspected mislabels."""
     a = c.audit
     if not a:
         return _empty(c, "audit", "Not run.")
-    out = ""
-    summary = a.get("summary")
-    if summary:
-        out += f"<pre>{_e(summary)}</pre>"
-    for key, title in (
-        ("cross_split_duplicates", "Duplicates across splits (leaks)"),
-        ("near_duplicates", "Near-duplicates"),
-        ("suspected_mislabels", "Suspected mislabels"),
+    out = f"<pre>{_e(a['summary'])}</pre>" if a.get("summary") else ""
+
+    def side(x: Mapping[str, Any]) -> str:
+        return f"{x.get('split')}: {x.get('item')} ({x.get('label')})"
+
+    for key, count, title in (
+        ("leaks", "leak_count", "Near-duplicates across splits (leaks)"),
+        ("duplicates", "duplicate_count", "Near-duplicates within a split"),
     ):
         rows = a.get(key) or []
-        out += f"<h3>{_e(title)}: {len(rows)}</h3>"
+        out += f"<h3>{_e(title)}: {a.get(count, len(rows))}</h3>"
         if rows:
-            header = list(rows[0])
-            out += _table(header, [[_fmt_cell(r.get(h)) for h in header] for r in rows[:50]])
+            out += _table(
+                ("cosine similarity", "image", "its near-duplicate"),
+                [(_num(r.get("similarity"), ".4f"), side(r["a"]), side(r["b"])) for r in rows],
+            )
+    rows = a.get("mislabels") or []
+    out += f"<h3>Suspected mislabels: {a.get('mislabel_count', len(rows))}</h3>"
+    if rows:
+        out += _table(
+            ("split", "image", "folder label", "probe says", "probability"),
+            [
+                (r["split"], r["item"], r["label"], r["predicted"], _num(r["confidence"]))
+                for r in rows
+            ],
+        )
     return out
-
-
-def _fmt_cell(v: Any) -> str:
-    return _num(v, ".3f") if isinstance(v, float) else str(v)
 
 
 def render(content: ReportContent) -> str:
@@ -463,3 +480,223 @@ def write(content: ReportContent, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(render(content), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# A training run's report: computed from the trained model, its data and metrics.json.
+
+GALLERY_SIZE = 12
+RELIABILITY_PNG = "reliability.png"
+AUDIT_JSON = "audit.json"
+
+
+def _images_at(dataset: Any, indices: Sequence[int]) -> np.ndarray:
+    """The images of an unshuffled batched dataset at ``indices`` (in that order)."""
+    wanted = {int(i): n for n, i in enumerate(indices)}
+    out: list[Any] = [None] * len(indices)
+    start = 0
+    for x, _ in dataset:
+        x = np.asarray(x)
+        for i in range(start, start + len(x)):
+            if i in wanted:
+                out[wanted[i]] = x[i - start]
+        start += len(x)
+        if all(o is not None for o in out):
+            break
+    return np.stack(out)
+
+
+def _tta_gain(model: Any, data: Any, y_true: np.ndarray, y_prob: np.ndarray, task: str) -> dict:
+    """Test accuracy without and with a mirrored view averaged in (``tlkeras.tta``)."""
+
+    config = tta.TTAConfig(flip=True)
+    predict = keras_predict(model)
+    averaged = np.concatenate(
+        [tta.average(tta.view_probabilities(predict, x, config)) for x, _ in data.ordered("test")]
+    )
+    averaged = as_columns(averaged, task)
+
+    def accuracy(p: np.ndarray) -> float:
+        if task == "multilabel":
+            return float(np.mean(np.all((p >= 0.5) == (y_true >= 0.5), axis=1)))
+        return float(np.mean(np.argmax(p, axis=1) == y_true))
+
+    plain, with_tta = accuracy(y_prob), accuracy(averaged)
+    return {
+        "views": "image + horizontal mirror",
+        "test_accuracy": plain,
+        "test_accuracy_with_tta": with_tta,
+        "gain": with_tta - plain,
+        "use_it": "scripts/evaluate.py / predict.py --tta=flip, or bake it into an export: "
+        "scripts/export.py --tta=flip",
+    }
+
+
+def keras_predict(model: Any):
+    """A batch of pixels -> the model's probabilities (a plain call: no ``predict`` loop)."""
+
+    task, from_logits = infer(model)
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return lambda x: np.asarray(probabilities(fn(x), task, from_logits=from_logits))
+
+
+def as_columns(y_prob: np.ndarray, task: str) -> np.ndarray:
+    """One column per class: a binary model's single unit becomes ``[1 - p, p]``."""
+    p = np.asarray(y_prob, dtype=np.float32)
+    if task == "binary":
+        p = p.reshape(len(p), -1)[:, -1:]
+        return np.concatenate([1.0 - p, p], axis=1)
+    return p
+
+
+def run_content(
+    model: Any,
+    data: Any,
+    metrics: Mapping[str, Any],
+    run_dir: str | Path,
+    *,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    gallery_size: int = GALLERY_SIZE,
+    audit: bool = True,
+) -> ReportContent:
+    """Everything ``report.html`` shows for a run: the test predictions (``(y_true, y_prob)``,
+    probabilities, ``data.test``'s order), the top-loss gallery with Grad-CAM, TTA's gain, the data
+    audit (written to ``audit.json`` too) and the files the run already wrote (curves, confusion,
+    reliability diagram)."""
+
+    run_dir = Path(run_dir)
+    task = infer(model)[0]
+    names = list(data.class_names)
+    content = ReportContent(
+        title=f"{run_dir.name}: {(metrics.get('run') or {}).get('backbone', model.name)}",
+        metrics=metrics,
+        task=task,
+        history_png=read_png(run_dir / HISTORY_PNG),
+        confusion_png=read_png(run_dir / CONFUSION_PNG),
+        calibration=metrics.get("calibration"),
+        reliability_png=read_png(run_dir / RELIABILITY_PNG),
+    )
+    if not metrics.get("calibration"):
+        content.notes["calibration"] = metrics.get(
+            "calibration_note", "Not measured (no validation split to fit a temperature on)."
+        )
+    if test is None or data.ordered("test") is None:
+        for section in ("top-losses", "tta"):
+            content.notes[section] = "No test split: nothing was held out to show."
+    else:
+        y_true, y_prob = test
+        y_prob = as_columns(y_prob, task)
+        indices = top_losses(y_true, y_prob, task, gallery_size)
+        images = _images_at(data.ordered("test"), indices)
+        try:
+            heat = gradcam.gradcam(model, images)
+            overlays = np.stack([gradcam.overlay(i, h) for i, h in zip(images, heat, strict=True)])
+        except ValueError as e:  # e.g. no spatial block to explain
+            overlays = None
+            content.gallery_note = f"No Grad-CAM: {e}"
+        items = data.items.get("test", [])
+        content.gallery = gallery_items(
+            indices, y_true, y_prob, task, names, items, images, overlays
+        )
+        if content.gallery_note == "":
+            content.gallery_note = (
+                f"The {len(indices)} test images with the highest loss, each beside its Grad-CAM "
+                "heat map (where the model looked for the class it predicted)."
+            )
+        augment = getattr(get_spec(model), "augment", None) if _has_spec(model) else None
+        if augment is not None and "horizontal" in getattr(augment, "flip", ""):
+            content.tta = _tta_gain(model, data, y_true, y_prob, task)
+        else:
+            content.notes["tta"] = (
+                "Not measured: the model was not trained with horizontal flips, so a mirrored "
+                "image need not be the same class (digits, text)."
+            )
+    if audit:
+        try:
+            embed = model.get_layer("pool")
+        except ValueError:
+            content.notes["audit"] = "Not run: the model has no 'pool' layer to take features from."
+        else:
+            extractor = keras.Model(model.inputs, embed.output)
+            result = audit_lib.audit(data, extractor)
+            result.write_json(run_dir / AUDIT_JSON)
+            content.audit = {**result.to_dict(), "summary": result.summary()}
+    else:
+        content.notes["audit"] = "Not run (turned off)."
+    return content
+
+
+def _has_spec(model: Any) -> bool:
+
+    try:
+        get_spec(model)
+    except (ValueError, AttributeError, KeyError):
+        return False
+    return True
+
+
+def export_content(
+    exported: Any,
+    data: Any,
+    metrics: Mapping[str, Any],
+    scored: tuple[np.ndarray, np.ndarray],
+    output_dir: str | Path,
+    *,
+    gallery_size: int = GALLERY_SIZE,
+) -> ReportContent:
+    """The page for an export scored on new images (``tlkeras.training.evaluate_export``):
+    ``scored`` is ``(labels, probabilities)`` over ``data.ordered("train")`` (the whole folder).
+    Grad-CAM comes from the export's ``explain`` signature when it has one; no training curves and
+    no audit (``scripts/audit.py`` audits a folder)."""
+
+    output_dir = Path(output_dir)
+    task = exported.metadata.get("task", "multiclass")
+    names = list(exported.class_names)
+    y_true, y_prob = scored
+    content = ReportContent(
+        title=f"{exported.path} on {data.source}",
+        metrics=metrics,
+        task=task,
+        confusion_png=read_png(output_dir / CONFUSION_PNG),
+    )
+    content.notes["curves"] = (
+        "An export scored on new images: its training curves are in its run's report."
+    )
+    content.notes["audit"] = f"Not run here: python scripts/audit.py --data={data.source}"
+    indices = top_losses(y_true, y_prob, task, gallery_size)
+    images = _images_at(data.ordered("train"), indices)
+    items = data.items.get("train", [])
+    overlays = None
+    if EXPLAIN_SIGNATURE not in getattr(exported, "signatures", {}):
+        content.gallery_note = (
+            "No Grad-CAM: the export has no 'explain' signature (scripts/export.py --explain)."
+        )
+    else:
+        files = [Path(data.source) / items[i] for i in indices]
+        heat = exported.explain_bytes([f.read_bytes() for f in files])["heatmaps"]
+        overlays = np.stack([gradcam.overlay(i, h) for i, h in zip(images, heat, strict=True)])
+    content.gallery = gallery_items(indices, y_true, y_prob, task, names, items, images, overlays)
+    if task != "multilabel":
+        curve = calibration.reliability_curve(y_true, y_prob, task=task)
+        path = calibration.plot_reliability(
+            curve, None, output_dir / RELIABILITY_PNG, labels=("this data", "")
+        )
+        temperature = (exported.metadata.get("calibration") or {}).get("temperature", 1.0)
+        content.calibration = {
+            "expected_calibration_error": curve.ece,
+            "export_temperature": temperature,
+        }
+        content.reliability_png = read_png(path)
+    else:
+        content.notes["calibration"] = "Not measured for multi-label exports."
+    if metrics.get("tta"):
+        t = metrics["tta"]
+        content.tta = {
+            "views": t.get("spec"),
+            "accuracy": t["accuracy_without"],
+            "accuracy_with_tta": t["accuracy_with"],
+            "gain": t["gain"],
+        }
+    else:
+        content.notes["tta"] = "Not measured: score with --tta=flip to see its gain."
+    return content

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -31,8 +32,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import (
+    calibration,
+    distribute,
+    edge,
+    features,
+    layout,
+    report_html,
+    reports,
+    savedmodel,
+    verify,
+)
 from tlkeras import data as data_lib
-from tlkeras import distribute, edge, features, layout, reports, savedmodel, verify
 from tlkeras import tta as tta_lib
 from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
@@ -440,18 +451,27 @@ def _load_best(run: _Run) -> None:
     apply_strategy(run.model, last.strategy, last.fine_tune_at, train_bn=run.train_bn)
 
 
-def _test_metrics(run: _Run) -> dict[str, Any]:
+def _predictions(run: _Run, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(labels, probabilities)`` of a split in its (unshuffled) order; ``None`` without it."""
+    dataset = getattr(run.data, split)
+    if dataset is None:
+        return None
+    task, from_logits = infer(run.model)
+    y_true, outputs = _evaluate(run.model, dataset)
+    return y_true, np.asarray(probabilities(outputs, task, from_logits=from_logits))
+
+
+def _test_metrics(run: _Run, test: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
     """Metrics on ``data.test`` (never trained or early-stopped on), plus the confusion plot."""
-    if run.data.test is None:
+    if test is None:
         logger.warning("No test split: no held-out metrics in metrics.json.")
         return {"evaluated_on": None}
-    task, from_logits = infer(run.model)
+    task = infer(run.model)[0]
     class_names = list(run.data.class_names)
-    y_true, outputs = _evaluate(run.model, run.data.test)
+    y_true, y_prob = test
     if task == "multilabel":
-        metrics = reports.multilabel_metrics(y_true, outputs, class_names, from_logits)
+        metrics = reports.multilabel_metrics(y_true, y_prob, class_names)
     else:
-        y_prob = np.asarray(probabilities(outputs, task, from_logits=from_logits))
         metrics = reports.classification_metrics(y_true, y_prob, class_names)
         reports.plot_confusion(
             metrics["confusion_matrix"], class_names, run.run_dir / reports.CONFUSION_PNG
@@ -459,12 +479,52 @@ def _test_metrics(run: _Run) -> dict[str, Any]:
     return {**metrics, "evaluated_on": "test"}
 
 
-def _run_metrics(run: _Run, records: list[dict[str, Any]]) -> dict[str, Any]:
+def _calibration(
+    run: _Run, test: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[dict[str, Any] | None, str]:
+    """A temperature fit on the validation split (``tlkeras.calibration``), its ECE before/after
+    there and on the test split, and the test split's reliability diagram; or why there is none."""
+    task = infer(run.model)[0]
+    validation = _predictions(run, "validation")
+    if validation is None:
+        return None, "Not measured: no validation split to fit a temperature on."
+    try:
+        fitted = calibration.calibrate(*validation, task, split="validation")
+    except ValueError as e:  # e.g. every validation prediction right: no finite optimum
+        return None, f"Not fitted: {e}"
+    out: dict[str, Any] = {
+        "temperature": fitted.temperature,
+        "fit_on": f"validation ({fitted.num_examples} images)",
+        "validation_ece_before": fitted.ece_before,
+        "validation_ece_after": fitted.ece_after,
+    }
+    if test is not None:
+        on_test = calibration.evaluate_temperature(*test, fitted.temperature, task, split="test")
+        out.update({"test_ece_before": on_test.ece_before, "test_ece_after": on_test.ece_after})
+        y, p = test
+        calibration.plot_reliability(
+            calibration.reliability_curve(y, p, task=task),
+            calibration.reliability_curve(
+                y, calibration.apply_temperature(p, fitted.temperature, task), task=task
+            ),
+            run.run_dir / report_html.RELIABILITY_PNG,
+            labels=("test, as trained", f"test, temperature {fitted.temperature:.2f}"),
+        )
+    out["exported"] = "the SavedModel's probabilities are divided by this temperature (logits)"
+    return out, ""
+
+
+def _run_metrics(
+    run: _Run, records: list[dict[str, Any]], test: tuple[np.ndarray, np.ndarray] | None
+) -> dict[str, Any]:
     """``metrics.json``: held-out metrics, the data, each phase's record and the run's settings."""
     data_dict = run.data.to_dict() if hasattr(run.data, "to_dict") else {}
     scope = run.model.distribute_strategy
+    fitted, why = _calibration(run, test)
     return {
-        **_test_metrics(run),
+        **_test_metrics(run, test),
+        "calibration": fitted,
+        **({"calibration_note": why} if why else {}),
         "class_names": list(run.data.class_names),
         "counts": data_dict.get("counts"),
         "skipped": data_dict.get("skipped", []),
@@ -496,6 +556,7 @@ def fit(
     fine_tune_at: int | None = None,
     overwrite: bool = False,
     verbose: int = 1,
+    report: bool = True,
     _before_done=None,
 ) -> RunResult:
     """Train ``model`` on ``data`` in two phases; write reports and the best model to ``run_dir``.
@@ -519,6 +580,9 @@ def fit(
         fine_tune_at: first trainable block for ``partial``; defaults to the model's own.
         overwrite: replace a finished run in ``run_dir`` instead of refusing.
         verbose: Keras verbosity (0 silent, 1 progress bars, 2 one line per epoch).
+        report: write ``report.html`` (``tlkeras.report_html``: top losses with Grad-CAM, TTA's
+            gain, the data audit, also as ``audit.json``). The temperature (``calibration`` in
+            metrics.json, fit on the validation split) is measured either way.
 
     Raises:
         ValueError: the loss became NaN (names the epoch and learning rate), bad settings.
@@ -568,9 +632,19 @@ def fit(
         return RunResult(model, history_out, {"chief": False}, shared_run_dir)
     reports.write_history(history, run_dir, boundary)
     reports.plot_history(history, run_dir / reports.HISTORY_PNG, boundary, title=run_dir.name)
-    result = RunResult(model, history_out, _run_metrics(run, records), run_dir)
+    test = _predictions(run, "test")
+    result = RunResult(model, history_out, _run_metrics(run, records, test), run_dir)
     if _before_done is not None:
         _before_done(result)  # e.g. export: a kill before this line resumes instead of refusing
+    if report:
+        content = report_html.run_content(model, data, result.metrics, run_dir, test=test)
+        if content.audit:
+            result.metrics["audit"] = {
+                k: content.audit[k] for k in ("leak_count", "duplicate_count", "mislabel_count")
+            }
+        result.metrics["report"] = str(
+            report_html.write(content, run_dir / report_html.REPORT_HTML)
+        )
     reports.write_json(result.metrics, run_dir / reports.METRICS_JSON)
     state["status"] = "done"
     write_state(run_dir, state)
@@ -662,6 +736,7 @@ def train(
     overwrite: bool = False,
     distribution: Any = None,
     verbose: int = 1,
+    report: bool = True,
     **config_overrides: Any,
 ) -> RunResult:
     """Data in, trained and exported classifier out: ``load`` → ``build_model`` → :func:`fit` →
@@ -697,6 +772,7 @@ def train(
         distribution: ``tlkeras.distribute`` — a ``DistributeConfig``, its name (``default``,
             ``mirrored``, ``multi_worker``, ``tpu``) or a ``tf.distribute.Strategy``; ``None``:
             one device. ``batch_size`` is then per replica. Only the chief writes and exports.
+        report: write ``report.html`` and ``audit.json`` in the run directory (:func:`fit`).
     """
     config = resolve_config(config, weights, **config_overrides)
     if isinstance(export_formats, str):
@@ -763,6 +839,7 @@ def train(
         fine_tune_at=fine_tune_at,
         overwrite=overwrite,
         verbose=verbose,
+        report=report,
         _before_done=_exporter(export_dir, model_name, data, export_formats, verbose),
     )
 
@@ -869,13 +946,18 @@ def _exporter(
         if export_dir is None:
             return
         source, version = result.model, None
+        calibrated = result.metrics.get("calibration")
         if write_saved_model:
             exported = savedmodel.export(
                 result.model,
                 model_name,
                 base_dir=export_dir,
                 class_names=data.class_names,
-                metadata={"metrics": {"test_accuracy": result.metrics.get("accuracy")}},
+                metadata={
+                    "metrics": {"test_accuracy": result.metrics.get("accuracy")},
+                    "calibration": calibrated or {},
+                },
+                temperature=calibrated["temperature"] if calibrated else 1.0,
             )
             result.export = exported
             result.metrics["export"] = str(exported.path)
@@ -963,6 +1045,7 @@ def evaluate_export(
     verbose: int = 1,
     max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
     tta: tta_lib.TTAConfig | str | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
     """Score an exported SavedModel on every image of ``data_source`` (no split).
 
@@ -972,6 +1055,8 @@ def evaluate_export(
     ``max_bad_fraction``: as ``tlkeras.data.load``. ``tta``: score the mean over these test-time
     views (``tlkeras.tta``; client side, on the float signature); ``metrics["tta"]`` then holds the
     accuracy without and with it (one pass: the first view is the image itself).
+    ``report``: with ``output_dir``, also ``report.html`` there (``tlkeras.report_html``: top
+    losses with the export's Grad-CAM, calibration, TTA).
     ``metrics["expected_calibration_error"]``: top-label ECE of the scored probabilities
     (``tlkeras.calibration``; not for multi-label exports).
     """
@@ -992,7 +1077,7 @@ def evaluate_export(
         max_bad_fraction=max_bad_fraction,
     )
     ys, probs, plain = [], [], []
-    for x, y in data.train:
+    for x, y in data.ordered("train"):  # in ``data.items`` order, for the report
         per_view = tta_lib.view_probabilities(
             lambda v: exported.predict_pixels(v)["probabilities"], x.numpy(), tta
         )
@@ -1028,6 +1113,13 @@ def evaluate_export(
         reports.plot_confusion(
             metrics["confusion_matrix"], names, output_dir / reports.CONFUSION_PNG
         )
+        if report:
+            content = report_html.export_content(
+                exported, data, metrics, (y_true, y_prob), output_dir
+            )
+            metrics["report"] = str(
+                report_html.write(content, output_dir / report_html.REPORT_HTML)
+            )
     if verbose:
         print(reports.summary_text(metrics))
         if tta is not None:
@@ -1038,6 +1130,40 @@ def evaluate_export(
                 f"({100 * t['gain']:+.1f} points)"
             )
     return metrics
+
+
+def report_run(run_dir: str | Path, data_source: Any = None, *, audit: bool = True) -> Path:
+    """Rebuild ``report.html`` of a finished run from its directory: ``model.keras``,
+    ``metrics.json``, and the data loaded again as the run loaded it (``ImageData.origin``, so the
+    same split) — or from ``data_source`` with the same split settings. Returns the page's path."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / reports.METRICS_JSON
+    if not metrics_path.is_file() or not (run_dir / BEST_MODEL).is_file():
+        raise FileNotFoundError(
+            f"run_dir: expected a finished run directory with {reports.METRICS_JSON} and "
+            f"{BEST_MODEL}, received {str(run_dir)!r}"
+        )
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    origin = (metrics.get("data") or {}).get("origin")
+    if origin is None and data_source is None:
+        raise ValueError(
+            f"data: the run in {str(run_dir)!r} was trained on in-memory arrays (or before data "
+            "origins were recorded); expected the data given again (--data)"
+        )
+    origin = origin or {"validation": None, "config": {}}
+    data = data_lib.load(
+        data_source if data_source is not None else origin["source"],
+        validation=origin["validation"],
+        config=data_lib.DataConfig(**origin["config"]),
+    )
+    model = keras.saving.load_model(run_dir / BEST_MODEL)
+    task, from_logits = infer(model)
+    test = None
+    if data.test is not None:
+        y_true, outputs = _evaluate(model, data.test)
+        test = y_true, np.asarray(probabilities(outputs, task, from_logits=from_logits))
+    content = report_html.run_content(model, data, metrics, run_dir, test=test, audit=audit)
+    return report_html.write(content, run_dir / report_html.REPORT_HTML)
 
 
 def labelled_pixels(
