@@ -45,6 +45,7 @@ flags.DEFINE_boolean("fast", _C.fast, "Use the fast frozen path for phase 1 when
 flags.DEFINE_integer("seed", _C.seed, "Seeds Python, NumPy, TensorFlow and the split.")
 flags.DEFINE_string("output_dir", "runs/compare", "Where the table, plot and runs go.")
 flags.DEFINE_integer("verbose", 0, "Keras verbosity of each run (0, 1, 2).")
+flags.DEFINE_boolean("report", True, "Each strategy's run writes its report.html.")
 
 FLAGS = flags.FLAGS
 
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> None:
         augment=AugmentConfig() if FLAGS.augment else None,
         output_dir=FLAGS.output_dir,
         verbose=FLAGS.verbose,
+        report=FLAGS.report,
     )
     paths = table.save(FLAGS.output_dir)
     print(table)

@@ -126,6 +126,11 @@ flags.DEFINE_list(
 )
 flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --output_dir.")
 flags.DEFINE_boolean(
+    "export_explain",
+    False,
+    "Add the Grad-CAM 'explain' signature to the SavedModel (scripts/predict.py --explain).",
+)
+flags.DEFINE_boolean(
     "report",
     True,
     "Write report.html (top losses with Grad-CAM, calibration, TTA gain, data audit) and "
@@ -212,6 +217,7 @@ def main(argv: list[str]) -> None:
         export_formats=FLAGS.export_formats,
         overwrite=FLAGS.overwrite,
         report=FLAGS.report,
+        export_explain=FLAGS.export_explain,
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,
         learning_rate=FLAGS.learning_rate,

@@ -33,7 +33,7 @@ def main(report_dir: str, distribution: str, kwargs_json: str = "{}") -> None:
 
     task_type, task_id = distribute.worker_id(strategy)
     name = f"{task_type}{task_id}" if task_type else "local"
-    result = tlkeras.train(distribution=strategy, verbose=2, **kwargs)
+    result = tlkeras.train(distribution=strategy, verbose=2, report=False, **kwargs)
 
     # The validation split again, batched by one replica's batch, scored outside the strategy.
     data = load(

@@ -29,6 +29,7 @@ def test_compare_feature_extraction_and_partial(tmp_path):
             "--fine_tune_at=-3",
             "--epochs=1",
             "--fine_tune_epochs=1",
+            "--noreport",  # the report's own tests cover it
             f"--output_dir={out}",
         ],
         tmp_path,

@@ -289,6 +289,7 @@ def test_a_killed_worker_is_reported_and_the_restarted_workers_resume(tmp_path):
         "--epochs=6",
         "--fine_tune_epochs=1",
         "--distribution=multi_worker",
+        "--noreport",
         f"--output_dir={run}",
         f"--base_dir={export}",
         "--model_name=restart",

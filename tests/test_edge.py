@@ -467,6 +467,7 @@ def test_train_writes_edge_formats_without_a_savedmodel(tmp_path):
         export_dir=tmp_path / "models",
         model_name="tiny",
         export_formats=["tflite"],
+        report=False,
         verbose=0,
     )
     assert result.export is None

@@ -76,6 +76,11 @@ def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["edge_exports"]["tflite_int8"]["path"] == str(tflite / "model.tflite")
     assert metrics["export"] == str(version)
+    # The default run writes its report, and the export carries the run's temperature.
+    assert metrics["report"] == str(run / "report.html") and (run / "audit.json").is_file()
+    exported = json.loads((version / "assets.extra" / "metadata.json").read_text())
+    if metrics["calibration"]:
+        assert exported["calibration"]["temperature"] == metrics["calibration"]["temperature"]
     assert metrics["class_names"] == ["0", "1", "2"]
     assert [p["phase"] for p in metrics["phases"]] == [1, 2]
     cm = metrics["confusion_matrix"]  # the reported accuracy is the test split's, recomputed

@@ -52,7 +52,7 @@ def test_class_weight_auto_is_balanced_from_train_counts():
 def test_phase_switch_flags_learning_rate_and_reports(digits, tmp_path):
     model = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, **SMALL)
     config = TrainConfig(epochs=1, fine_tune_epochs=1, learning_rate=2e-3, fast=False)
-    result = training.fit(model, digits, config, run_dir=tmp_path / "run", verbose=0)
+    result = training.fit(model, digits, config, run_dir=tmp_path / "run", verbose=0, report=False)
 
     # Phase 2 recompiled the model with the reduced learning rate.
     assert float(model.optimizer.learning_rate) == pytest.approx(2e-4)
@@ -95,7 +95,7 @@ def test_partial_fine_tuning_trains_on_the_cached_block_boundary(digits, tmp_pat
     )
     frozen = tlkeras.blocks(model)[:-2]
     before = [np.array(w) for b in frozen for w in b.trainable_weights + b.non_trainable_weights]
-    result = training.fit(model, digits, config, run_dir=tmp_path / "run", verbose=0)
+    result = training.fit(model, digits, config, run_dir=tmp_path / "run", verbose=0, report=False)
     p1, p2 = result.metrics["phases"]
     assert p1["fast_path"] == "cached" and p2["fast_path"] == "cached"
     assert p2["trainable_params"] > p1["trainable_params"]
@@ -119,7 +119,7 @@ def test_nan_loss_raises_a_clear_error_and_frees_the_run_dir(digits, tmp_path):
     # Gradient epochs: a solved head has no learning rate to diverge with.
     config = TrainConfig(epochs=2, fine_tune_epochs=0, learning_rate=1e30, head_solver="gradient")
     with pytest.raises(ValueError, match=r"loss became NaN at epoch 1 .*learning_rate=1e\+30"):
-        training.fit(model, digits, config, run_dir=tmp_path, verbose=0)
+        training.fit(model, digits, config, run_dir=tmp_path, verbose=0, report=False)
     assert json.loads((tmp_path / "run_state.json").read_text())["status"] == "failed"
     # A failed run is no finished run: the same directory can be reused with a fixed setting.
     state = training.prepare_run_dir(tmp_path, {"other": 1})
@@ -142,7 +142,7 @@ m = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-1, wei
                         input_shape=(32, 32, 3), backbone_kwargs={"alpha": 0.25})
 c = training.TrainConfig(epochs=2, fine_tune_epochs=EPOCHS2, early_stopping_patience=0,
                         converge_head=False, head_solver="gradient")
-r = training.fit(m, d, c, run_dir=sys.argv[1], verbose=0)
+r = training.fit(m, d, c, run_dir=sys.argv[1], verbose=0, report=False)
 print("FINISHED", r.metrics["accuracy"])
 """
 

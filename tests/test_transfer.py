@@ -18,7 +18,7 @@ def test_transfer_story_table(home, tmp_path):
     # Two strategies keep the test short; scripts/compare.py's test runs the other two.
     strategies = ("scratch", "feature_extraction")
     table = transfer.transfer_story(
-        strategies=strategies, config=config, output_dir=tmp_path / "story"
+        strategies=strategies, config=config, output_dir=tmp_path / "story", report=False
     )
     assert [r.strategy for r in table.rows] == list(strategies)
     params = {r.strategy: r.trainable_params for r in table.rows}
@@ -67,6 +67,7 @@ TINY_RUN = {
     "epochs": 1,
     "fine_tune_epochs": 0,
     "export_dir": None,
+    "report": False,
 }
 
 

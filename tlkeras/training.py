@@ -737,6 +737,7 @@ def train(
     distribution: Any = None,
     verbose: int = 1,
     report: bool = True,
+    export_explain: bool = False,
     **config_overrides: Any,
 ) -> RunResult:
     """Data in, trained and exported classifier out: ``load`` → ``build_model`` → :func:`fit` →
@@ -773,6 +774,9 @@ def train(
             ``mirrored``, ``multi_worker``, ``tpu``) or a ``tf.distribute.Strategy``; ``None``:
             one device. ``batch_size`` is then per replica. Only the chief writes and exports.
         report: write ``report.html`` and ``audit.json`` in the run directory (:func:`fit`).
+        export_explain: add the Grad-CAM ``explain`` signature to the SavedModel
+            (``tlkeras.export(explain=True)``; off by default: it makes exporting and loading
+            slower).
     """
     config = resolve_config(config, weights, **config_overrides)
     if isinstance(export_formats, str):
@@ -840,7 +844,9 @@ def train(
         overwrite=overwrite,
         verbose=verbose,
         report=report,
-        _before_done=_exporter(export_dir, model_name, data, export_formats, verbose),
+        _before_done=_exporter(
+            export_dir, model_name, data, export_formats, verbose, explain=export_explain
+        ),
     )
 
 
@@ -938,6 +944,7 @@ def _exporter(
     data: Any,
     export_formats: Sequence[str],
     verbose: int = 1,
+    explain: bool = False,
 ):
     """What :func:`fit` calls before it marks the run done: the exports (or nothing)."""
     write_saved_model, edge_configs = edge.parse_export_formats(export_formats)
@@ -958,6 +965,7 @@ def _exporter(
                     "calibration": calibrated or {},
                 },
                 temperature=calibrated["temperature"] if calibrated else 1.0,
+                explain=explain,
             )
             result.export = exported
             result.metrics["export"] = str(exported.path)

@@ -158,6 +158,7 @@ def compare_strategies(
     augment: Any = None,
     output_dir: str | Path | None = None,
     verbose: int = 0,
+    report: bool = True,
 ) -> Comparison:
     """Train each strategy on the same ``data`` (one ``tlkeras.data.ImageData``, so one split).
 
@@ -171,6 +172,7 @@ def compare_strategies(
         fine_tune_at: the ``partial`` boundary (default: half the backbone's blocks).
         config: a ``tlkeras.training.TrainConfig`` shared by every strategy.
         augment: an ``AugmentConfig`` or ``None``.
+        report: each run writes its ``report.html`` (``tlkeras.training.fit``).
 
     Returns:
         A ``Comparison``; ``.save(dir)`` writes the JSON and the plot.
@@ -212,6 +214,7 @@ def compare_strategies(
             fine_tune_at=k,
             overwrite=True,
             verbose=verbose,
+            report=report,
         )
         seconds = time.perf_counter() - started
         rows.append(
@@ -250,6 +253,7 @@ def transfer_story(
     fine_tune_at: int | None = None,
     output_dir: str | Path | None = None,
     verbose: int = 0,
+    report: bool = True,
 ) -> Comparison:
     """Pre-train on ``source``, then train ``target`` with every strategy: what did transfer buy?
 
@@ -274,6 +278,7 @@ def transfer_story(
         config=config,
         output_dir=output_dir,
         verbose=verbose,
+        report=report,
     )
     return dataclasses.replace(table, extra={**table.extra, "target": target})
 
@@ -371,6 +376,7 @@ def train_with_baselines(
         augment=training.resolve_augment(args["augment"], data_source, config.seed),
         output_dir=result.run_dir / "baseline",
         verbose=0,
+        report=False,  # a score beside the run, not a run to inspect
     ).rows[0]
     pixels = pixel_baseline(data)
     record = {
