@@ -286,7 +286,7 @@ def _summary(c: ReportContent) -> str:
     phases = m.get("phases") or []
     if phases:
         out += _table(
-            ("phase", "name", "epochs", "trainable params", "wall time s", "best"),
+            ("phase", "name", "epochs", "trainable params", "wall time s"),
             [
                 (
                     p.get("phase"),
@@ -294,7 +294,6 @@ def _summary(c: ReportContent) -> str:
                     p.get("epochs_run"),
                     f"{p.get('trainable_params', 0):,}",
                     _num(p.get("wall_time_s"), ".1f"),
-                    " ".join(f"{k}={_num(v, '.4f')}" for k, v in (p.get("best") or {}).items()),
                 )
                 for p in phases
             ],
