@@ -122,6 +122,7 @@ def _run_tlkeras(job: dict[str, Any], strategy: str, augment: bool) -> dict[str,
         ),
         output_dir=Path(job["work_dir"]) / "run",
         export_dir=None,
+        report=False,  # like the export, a step after training (benchmarks/report_page.py)
         verbose=0,
     )
     end_to_end = time.perf_counter() - started

@@ -491,6 +491,8 @@ def test_real_hymenoptera_folder():
     assert sum(sum(c.values()) for c in d.counts.values()) == 245
     assert d.counts["test"] == {"ants": 25, "bees": 24}
     gif = HYMENOPTERA / "ants" / "imageNotFound.gif"
-    assert data.check_image_file(gif) == (None, None)
+    # The one GIF (honestly named): used, and listed as converted (palette -> RGB).
+    assert data.check_image_file(gif) == (None, "decoded as GIF: palette (indexed colours) → RGB")
+    assert [n.path for n in d.notes] == ["ants/imageNotFound.gif"]
     x, _ = take_all(d.test)
     assert x.shape == (49, 32, 32, 3)
