@@ -269,7 +269,7 @@ def test_advise_script_bad_flags_exit_2_with_one_line(tmp_path):
 
 
 def test_advise_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
-    cases = bad_input_cases(tmp_path, weights="imagenet")
+    cases = bad_input_cases(tmp_path, weights="imagenet", every_kind=False)
 
     def extra(name: str) -> list[str]:
         return [] if "--data=" in " ".join(cases[name][0]) else ["--data=digits:0-2"]

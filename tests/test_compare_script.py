@@ -60,7 +60,7 @@ def test_bad_flags_one_line_exit_2(tmp_path, flag, match):
 
 
 def test_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
-    cases = bad_input_cases(tmp_path)
+    cases = bad_input_cases(tmp_path, every_kind=False)
     env = bad_input_env(tmp_path, os.environ)
 
     def extra(name: str) -> list[str]:

@@ -286,7 +286,7 @@ def test_a_killed_worker_is_reported_and_the_restarted_workers_resume(tmp_path):
         f"--weights={MOBILENET_WEIGHTS}",
         "--image_size=96",
         "--strategy=full",
-        "--epochs=6",
+        "--epochs=3",
         "--fine_tune_epochs=1",
         "--distribution=multi_worker",
         "--noreport",
@@ -314,7 +314,7 @@ def test_a_killed_worker_is_reported_and_the_restarted_workers_resume(tmp_path):
     results = _finish(_start_workers(tmp_path, cmd))
     for rc, out, err in results:
         assert rc == 0, out[-3000:] + err[-3000:]
-        assert "Epoch 1/6" not in out  # neither worker repeats the backed-up epoch
+        assert "Epoch 1/3" not in out  # neither worker repeats the backed-up epoch
     assert "Resuming the unfinished run" in results[0][1]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run"]["resumes"] == 1
