@@ -451,13 +451,13 @@ def _load_best(run: _Run) -> None:
     apply_strategy(run.model, last.strategy, last.fine_tune_at, train_bn=run.train_bn)
 
 
-def _predictions(run: _Run, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _predictions(model: keras.Model, data: Any, split: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(labels, probabilities)`` of a split in its (unshuffled) order; ``None`` without it."""
-    dataset = getattr(run.data, split)
+    dataset = getattr(data, split)
     if dataset is None:
         return None
-    task, from_logits = infer(run.model)
-    y_true, outputs = _evaluate(run.model, dataset)
+    task, from_logits = infer(model)
+    y_true, outputs = _evaluate(model, dataset)
     return y_true, np.asarray(probabilities(outputs, task, from_logits=from_logits))
 
 
@@ -485,7 +485,7 @@ def _calibration(
     """A temperature fit on the validation split (``tlkeras.calibration``), its ECE before/after
     there and on the test split, and the test split's reliability diagram; or why there is none."""
     task = infer(run.model)[0]
-    validation = _predictions(run, "validation")
+    validation = _predictions(run.model, run.data, "validation")
     if validation is None:
         return None, "Not measured: no validation split to fit a temperature on."
     try:
@@ -632,7 +632,7 @@ def fit(
         return RunResult(model, history_out, {"chief": False}, shared_run_dir)
     reports.write_history(history, run_dir, boundary)
     reports.plot_history(history, run_dir / reports.HISTORY_PNG, boundary, title=run_dir.name)
-    test = _predictions(run, "test")
+    test = _predictions(model, data, "test")
     result = RunResult(model, history_out, _run_metrics(run, records, test), run_dir)
     if _before_done is not None:
         _before_done(result)  # e.g. export: a kill before this line resumes instead of refusing
@@ -1165,11 +1165,7 @@ def report_run(run_dir: str | Path, data_source: Any = None, *, audit: bool = Tr
         config=data_lib.DataConfig(**origin["config"]),
     )
     model = keras.saving.load_model(run_dir / BEST_MODEL)
-    task, from_logits = infer(model)
-    test = None
-    if data.test is not None:
-        y_true, outputs = _evaluate(model, data.test)
-        test = y_true, np.asarray(probabilities(outputs, task, from_logits=from_logits))
+    test = _predictions(model, data, "test")
     content = report_html.run_content(model, data, metrics, run_dir, test=test, audit=audit)
     return report_html.write(content, run_dir / report_html.REPORT_HTML)
 
