@@ -506,14 +506,14 @@ def _images_at(dataset: Any, indices: Sequence[int]) -> np.ndarray:
 
 
 def _tta_gain(model: Any, data: Any, y_true: np.ndarray, y_prob: np.ndarray, task: str) -> dict:
-    """Test accuracy without and with a mirrored view averaged in (``tlkeras.tta``)."""
-
+    """Test accuracy without and with a mirrored view averaged in (``tlkeras.tta``). ``y_prob``
+    (the plain view, one column per class) is already known: only the other views are run."""
     config = tta.TTAConfig(flip=True)
     predict = keras_predict(model)
-    averaged = np.concatenate(
-        [tta.average(tta.view_probabilities(predict, x, config)) for x, _ in data.ordered("test")]
-    )
-    averaged = as_columns(averaged, task)
+    batches = [
+        [as_columns(predict(v), task) for v in config.views(x)[1:]] for x, _ in data.ordered("test")
+    ]
+    averaged = tta.average([y_prob, *(np.concatenate(v) for v in zip(*batches, strict=True))])
 
     def accuracy(p: np.ndarray) -> float:
         if task == "multilabel":
