@@ -12,7 +12,9 @@ import json
 import platform
 import resource
 import shutil
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,3 +245,57 @@ def kept_sections(path: str | Path) -> str:
         out.append(text[i : j + len(end)] + "\n")
         start = j + len(end)
     return "\n".join(out)
+
+
+def timed(command: list[str], log: Path) -> float:
+    """Run ``command`` from the repository root, output to ``log``; its wall seconds (exits on failure)."""
+    started = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"{command[:3]} failed ({done.returncode}):\n" + "\n".join(tail))
+    return seconds
+
+
+def load_test_images(test_dir: str, size: int) -> tuple[Any, Any, list[str]]:
+    import keras
+    import numpy as np
+
+    ds = keras.utils.image_dataset_from_directory(
+        test_dir, image_size=(size, size), batch_size=64, shuffle=False, verbose=False
+    )
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
+    return np.concatenate(xs), np.concatenate(ys), list(ds.class_names)
+
+
+def score_exports(job: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy of each export's float signature (raw 0-255 pixels) on ``job["test"]``.
+
+    ``job``: ``test`` (a class-folder tree), ``image_size``, ``exports`` (name -> SavedModel dir).
+    tlkeras exports are read in their own class order (``labels.txt``); others as one logit.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    x, y, classes = load_test_images(job["test"], job["image_size"])
+    out = {}
+    for name, path in job["exports"].items():
+        loaded = tf.saved_model.load(path)
+        if "serving_float" in loaded.signatures:  # tlkeras: probabilities, its own class order
+            outputs = loaded.signatures["serving_float"](images=tf.constant(x))
+            probs = np.asarray(outputs["probabilities"])
+            labels_file = Path(path) / "assets.extra" / "labels.txt"
+            names = labels_file.read_text().splitlines() if labels_file.is_file() else classes
+            index = [names.index(c) for c in classes]  # test class i -> export column
+            if probs.shape[1] == 1:
+                predicted = (probs[:, 0] > 0.5).astype(int)
+                predicted = np.array([classes.index(names[p]) for p in predicted])
+            else:
+                predicted = np.argmax(probs[:, index], axis=1)
+        else:  # the recipe: one logit, classes in folder order
+            logits = np.asarray(loaded.serve(tf.constant(x)))[:, 0]
+            predicted = (logits > 0).astype(int)
+        out[name] = float(np.mean(predicted == y))
+    return {"accuracy": out, "test_images": int(len(y))}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from absl import app, flags
-from common import REPO, BenchConfig, machine, make_holdout, write_result, write_section
+from common import (
+    REPO,
+    BenchConfig,
+    load_test_images,
+    machine,
+    make_holdout,
+    score_exports,
+    timed,
+    write_result,
+    write_section,
+)
 
 HERE = Path(__file__).resolve().parent
 CONTENDERS = ("recipe", "tlkeras")
@@ -125,44 +134,6 @@ def _recipe(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _test_images(test_dir: str, size: int) -> tuple[Any, Any, list[str]]:
-    import keras
-    import numpy as np
-
-    ds = keras.utils.image_dataset_from_directory(
-        test_dir, image_size=(size, size), batch_size=64, shuffle=False, verbose=False
-    )
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
-    return np.concatenate(xs), np.concatenate(ys), list(ds.class_names)
-
-
-def _score(job: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy of each export's float signature (raw 0-255 pixels)."""
-    import numpy as np
-    import tensorflow as tf
-
-    x, y, classes = _test_images(job["test"], job["image_size"])
-    out = {}
-    for name, path in job["exports"].items():
-        loaded = tf.saved_model.load(path)
-        if "serving_float" in loaded.signatures:  # tlkeras: probabilities, its own class order
-            outputs = loaded.signatures["serving_float"](images=tf.constant(x))
-            probs = np.asarray(outputs["probabilities"])
-            labels_file = Path(path) / "assets.extra" / "labels.txt"
-            names = labels_file.read_text().splitlines() if labels_file.is_file() else classes
-            index = [names.index(c) for c in classes]  # test class i -> export column
-            if probs.shape[1] == 1:
-                predicted = (probs[:, 0] > 0.5).astype(int)
-                predicted = np.array([classes.index(names[p]) for p in predicted])
-            else:
-                predicted = np.argmax(probs[:, index], axis=1)
-        else:  # the recipe: one logit, classes in folder order
-            logits = np.asarray(loaded.serve(tf.constant(x)))[:, 0]
-            predicted = (logits > 0).astype(int)
-        out[name] = float(np.mean(predicted == y))
-    return {"accuracy": out, "test_images": int(len(y))}
-
-
 def _probe(job: dict[str, Any]) -> dict[str, Any]:
     """A logistic regression fit to convergence on frozen MobileNet features of the pool."""
     import keras
@@ -182,7 +153,7 @@ def _probe(job: dict[str, Any]) -> dict[str, Any]:
     )
 
     def features(folder: str) -> tuple[Any, Any]:
-        x, y, _ = _test_images(folder, size)
+        x, y, _ = load_test_images(folder, size)
         pre = keras.applications.mobilenet.preprocess_input(x)
         return base.predict(pre, batch_size=64, verbose=0), y
 
@@ -195,7 +166,7 @@ def _probe(job: dict[str, Any]) -> dict[str, Any]:
 
 def _worker(name: str, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    result = {"recipe": _recipe, "score": _score, "probe": _probe}[name](job)
+    result = {"recipe": _recipe, "score": score_exports, "probe": _probe}[name](job)
     write_result(job["result"], result)
 
 
@@ -203,22 +174,11 @@ def _worker(name: str, job_path: str) -> None:
 # The parent: spawn, time, score, report
 
 
-def _timed(command: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"{command[:3]} failed ({done.returncode}):\n" + "\n".join(tail))
-    return seconds
-
-
 def _spawn_worker(name: str, job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
     job = {**job, "result": str(work / f"{tag}.json")}
     (work / f"{tag}.job.json").write_text(json.dumps(job))
     command = [sys.executable, str(HERE / "defaults.py"), f"--worker={name}"]
-    seconds = _timed(command + [f"--job={work / f'{tag}.job.json'}"], work / f"{tag}.log")
+    seconds = timed(command + [f"--job={work / f'{tag}.job.json'}"], work / f"{tag}.log")
     return seconds, json.loads((work / f"{tag}.json").read_text())
 
 
@@ -242,7 +202,7 @@ def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
         f"--fine_tune_epochs={config.fine_tune_epochs}",
         *job["tlkeras_flags"],
     ]
-    seconds = _timed(command, work / f"{tag}.log")
+    seconds = timed(command, work / f"{tag}.log")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     phases = metrics["phases"]
     return seconds, {
