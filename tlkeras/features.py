@@ -28,8 +28,10 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import head_solver
+from tlkeras.augment import fast_path_note
 from tlkeras.blocks import blocks as list_blocks
 from tlkeras.blocks import resolve_block_index
+from tlkeras.spec import get_spec
 from tlkeras.task import infer
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,8 @@ class FastPathPlan:
         augment_views: augmented views cached per image (0 without augmentation).
         frozen_layers: backbone layers in the cached prefix.
         notes: caveats worth a log line (e.g. dropout inside the frozen part is off).
+        augmentation: what the cached augmented views are views of (``augment.fast_path_note``:
+            a mixing preset's batch mixing is not applied to cached features).
     """
 
     valid: bool
@@ -89,6 +93,7 @@ class FastPathPlan:
     augment_views: int = 0
     frozen_layers: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    augmentation: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,7 +111,8 @@ class FastPathPlan:
         where = "backbone output" if self.fine_tune_at is None else f"block {self.fine_tune_at}"
         views = {
             MODE_CACHED: "1 clean view",
-            MODE_CACHED_VIEWS: f"1 clean + {self.augment_views} augmented views, one sampled per epoch",
+            MODE_CACHED_VIEWS: f"1 clean + {self.augment_views} augmented views, one sampled per epoch"
+            + (f"; {self.augmentation}" if self.augmentation else ""),
             MODE_CACHED_CLEAN: "1 clean view; augmentation not applied (augment_views=0)",
         }[self.mode]
         return (
@@ -301,6 +307,10 @@ def fast_path_plan(
     else:
         views = DEFAULT_AUGMENT_VIEWS if augment_views is None else int(augment_views)
         mode = MODE_CACHED_VIEWS if views else MODE_CACHED_CLEAN
+    try:
+        augmentation = fast_path_note(get_spec(model).augment) if views else None
+    except ValueError:  # no tlkeras spec: the views are of whatever the model's layer does
+        augmentation = None
     return FastPathPlan(
         valid=True,
         mode=mode,
@@ -310,6 +320,7 @@ def fast_path_plan(
         augment_views=views,
         frozen_layers=len(prefix),
         notes=tuple(notes),
+        augmentation=augmentation,
     )
 
 

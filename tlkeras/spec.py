@@ -21,6 +21,14 @@ from tlkeras.backbones import get_backbone
 TASKS = ("multiclass", "binary", "multilabel")
 POOLINGS = ("avg", "max")
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
+# Augmentation presets (tlkeras.augment.PRESET_HELP says what each does). "light" is the layer list
+# tlkeras has always built, so a spec saved before presets existed rebuilds the same model.
+PRESETS = ("light", "strong", "mixup", "cutmix")
+# Presets that also mix whole batches in the training pipeline (tlkeras.augment.batch_mixer).
+MIXING_PRESETS = ("mixup", "cutmix")
+# RandAugment for "strong": Keras's own defaults (2 ops of 11, factor 0.5), not tuned here.
+RANDAUGMENT_NUM_OPS = 2
+RANDAUGMENT_FACTOR = 0.5
 
 
 def _check_fraction(name: str, value: float, *, upper_inclusive: bool = False) -> None:
@@ -68,6 +76,11 @@ class AugmentConfig:
 
     Factors follow the Keras layers: ``rotation=0.1`` is ±10 % of a full turn, ``zoom``/``translation``
     a fraction of the side, ``contrast`` a fraction of the contrast; 0 leaves a layer out.
+
+    ``preset`` (one of ``PRESETS``): ``"light"`` builds those layers; ``"strong"`` the flip then
+    ``keras.layers.RandAugment`` (its own rotations, shears, colour ops: the other factors are
+    unused); ``"mixup"``/``"cutmix"`` build what ``"light"`` builds and also mix batches of the
+    training set (``tlkeras.augment.batch_mixer``: labels are mixed too, so not inside the model).
     """
 
     flip: str = "horizontal"
@@ -76,8 +89,13 @@ class AugmentConfig:
     contrast: float = 0.1
     translation: float = 0.0
     seed: int | None = None
+    preset: str = "light"
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(
+                f"AugmentConfig.preset: expected one of {PRESETS}, received {self.preset!r}"
+            )
         if self.flip not in FLIPS:
             raise ValueError(f"flip: expected one of {FLIPS}, received {self.flip!r}")
         for name in ("rotation", "zoom", "contrast", "translation"):
@@ -89,6 +107,17 @@ class AugmentConfig:
         parts: list[keras.layers.Layer] = []
         if self.flip != "none":
             parts.append(L.RandomFlip(self.flip, seed=seed, name="random_flip"))
+        if self.preset == "strong":
+            parts.append(
+                L.RandAugment(
+                    value_range=(0, 255),  # the model's input: raw pixels, before preprocessing
+                    num_ops=RANDAUGMENT_NUM_OPS,
+                    factor=RANDAUGMENT_FACTOR,
+                    seed=seed,
+                    name="rand_augment",
+                )
+            )
+            return keras.Sequential(parts, name="augmentation")
         if self.rotation:
             parts.append(
                 L.RandomRotation(
