@@ -16,6 +16,8 @@ Every layer tlkeras adds is named, so code finds it by name:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -30,6 +32,28 @@ from tlkeras.spec import (  # noqa: F401  (re-exported: tlkeras.model is where u
     get_spec,
 )
 from tlkeras.strategy import Strategy, apply_strategy, check_fine_tune_at
+
+# Keras dtype policies a model is built in. Mixed ones compute in 16 bits and keep float32
+# variables; the image input and the ``predictions`` layer stay float32 whatever the policy (a
+# stable softmax, float32 probabilities, and an export that takes float32 pixels).
+DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def check_dtype_policy(name: Any) -> str:
+    if name not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy: expected one of {DTYPE_POLICIES}, received {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str) -> Iterator[None]:
+    """Keras reads the global policy when a layer is created (applications take no ``dtype``)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _check_num_classes(num_classes: int, task: str) -> None:
@@ -56,6 +80,7 @@ def build_model(
     augment: AugmentConfig | None = None,
     train_bn: bool | None = None,
     name: str | None = None,
+    dtype_policy: str = "float32",
 ) -> keras.Model:
     """A transfer-learning classifier on the ``keras.applications`` model ``backbone``.
 
@@ -63,9 +88,12 @@ def build_model(
     trainable block for ``partial`` (negative counts from the end). ``weights``: ``"imagenet"``, a
     weights-file path, or ``None`` (required by ``scratch``). ``train_bn`` defaults to False for pretrained
     strategies and True for ``scratch`` (the BatchNorm rule in ``tlkeras.strategy``).
+    ``dtype_policy``: one of ``DTYPE_POLICIES``; under ``mixed_float16`` the phase runner scales
+    the loss (``tlkeras.phase``).
     """
     strategy = Strategy.parse(strategy)
     check_fine_tune_at(strategy, fine_tune_at)
+    check_dtype_policy(dtype_policy)
     head = head or HeadConfig()
     if not isinstance(head, HeadConfig):
         raise TypeError(f"head: expected a HeadConfig, received {type(head).__name__}")
@@ -101,14 +129,23 @@ def build_model(
         head=head,
         augment=augment,
         train_bn=train_bn,
+        dtype_policy=dtype_policy,
     )
+    with _dtype_policy(dtype_policy):
+        model = _build(spec, spec_row.name, base_name=name)
+    object.__setattr__(model, "_tlkeras_spec", spec)
+    apply_strategy(model, strategy, fine_tune_at)
+    return model
 
-    base = build_backbone(spec_row.name, input_shape, weights, **backbone_kwargs)
+
+def _build(spec: ModelSpec, backbone: str, base_name: str | None) -> keras.Model:
+    input_shape, head, augment = spec.input_shape, spec.head, spec.augment
+    base = build_backbone(backbone, input_shape, spec.weights, **spec.backbone_kwargs)
     base.name = "backbone"
     L = keras.layers
     inputs = keras.Input(shape=input_shape, dtype="float32", name="image")
     x = augment.build()(inputs) if augment else inputs
-    x = BackbonePreprocessing(spec_row.name, spec=spec.to_dict(), name="preprocessing")(x)
+    x = BackbonePreprocessing(backbone, spec=spec.to_dict(), name="preprocessing")(x)
     # BN's inference mode is set by trainable flags (tlkeras.strategy), not training=False here:
     # Keras 3 overrides a nested model's recorded training=False with the outer call's value.
     x = base(x)
@@ -120,13 +157,10 @@ def build_model(
         x = L.Dropout(head.dropout, name=f"head_dropout_{i}")(x)
     x = L.Dropout(head.dropout, name="head_dropout")(x)
     outputs = L.Dense(
-        head.output_units(num_classes),
+        head.output_units(spec.num_classes),
         activation=task_lib.output_activation(head.task, from_logits=head.from_logits),
         kernel_regularizer=reg,
         dtype="float32",
         name="predictions",
     )(x)
-    model = keras.Model(inputs, outputs, name=name or f"tlkeras_{spec_row.name.lower()}")
-    object.__setattr__(model, "_tlkeras_spec", spec)
-    apply_strategy(model, strategy, fine_tune_at)
-    return model
+    return keras.Model(inputs, outputs, name=base_name or f"tlkeras_{backbone.lower()}")

@@ -161,6 +161,7 @@ class ModelSpec:
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig | None = None
     train_bn: bool = False
+    dtype_policy: str = "float32"  # the Keras policy it was built in (tlkeras.model.DTYPE_POLICIES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,7 +49,7 @@ from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
 from tlkeras.calibration import expected_calibration_error
 from tlkeras.exported import load_exported, load_keras_model, read_images
-from tlkeras.model import AugmentConfig, HeadConfig, build_model, get_spec
+from tlkeras.model import AugmentConfig, HeadConfig, build_model, check_dtype_policy, get_spec
 from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is where users look)
     FULL,
     PARTIAL,
@@ -738,6 +738,7 @@ def train(
     verbose: int = 1,
     report: bool = True,
     export_explain: bool = False,
+    mixed_precision: str = "float32",
     **config_overrides: Any,
 ) -> RunResult:
     """Data in, trained and exported classifier out: ``load`` → ``build_model`` → :func:`fit` →
@@ -777,7 +778,11 @@ def train(
         export_explain: add the Grad-CAM ``explain`` signature to the SavedModel
             (``tlkeras.export(explain=True)``; off by default: it makes exporting and loading
             slower).
+        mixed_precision: the Keras dtype policy the model is built in (``float32``,
+            ``mixed_float16``, ``mixed_bfloat16``; ``tlkeras.build_model(dtype_policy=...)``).
+            The head's output and the export's inputs stay float32.
     """
+    check_dtype_policy(mixed_precision)
     config = resolve_config(config, weights, **config_overrides)
     if isinstance(export_formats, str):
         export_formats = export_formats.split(",")
@@ -833,6 +838,7 @@ def train(
             head=head,
             augment=augment,
             train_bn=train_bn,
+            dtype_policy=mixed_precision,
         )
     return fit(
         model,
