@@ -74,11 +74,40 @@ def test_config_defaults_and_fine_tune_learning_rate():
         ({"refit": None}, TypeError),
         ({"augment_views": -1}, ValueError),
         ({"head_solver": "adam"}, ValueError),
+        ({"optimizer": "adam"}, ValueError),
+        ({"layer_decay": 0.0}, ValueError),
+        ({"layer_decay": 1.5}, ValueError),
+        ({"layer_decay": "0.5"}, ValueError),
+        ({"schedule": "step"}, ValueError),
+        ({"warmup_epochs": -1, "schedule": "cosine"}, ValueError),
+        ({"warmup_epochs": 1.0, "schedule": "cosine"}, TypeError),
+        ({"warmup_epochs": 1}, ValueError),  # warm-up needs the cosine schedule
+        ({"reduce_lr_on_plateau": True, "schedule": "cosine"}, ValueError),
+        ({"ema": 1}, TypeError),
+        ({"ema_momentum": 1.0}, ValueError),
+        ({"ema_momentum": 0.0}, ValueError),
+        ({"unfreeze_stages": 0}, ValueError),
+        ({"unfreeze_stages": 2.0}, TypeError),
+        ({"unfreeze_stages": 4, "fine_tune_epochs": 3}, ValueError),
     ],
 )
 def test_config_rejects_bad_values_with_expected_received(kwargs, error):
-    with pytest.raises(error, match="expected .* received"):
+    with pytest.raises(error, match=r"TrainConfig.*: expected .* received"):
         TrainConfig(**kwargs)
+
+
+def test_config_refuses_a_plateau_rule_on_a_schedule():
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau: expected False with schedule="):
+        TrainConfig(reduce_lr_on_plateau=True, schedule="cosine")
+    TrainConfig(reduce_lr_on_plateau=True)  # the constant learning rate it can halve
+    c = TrainConfig()
+    assert (c.optimizer, c.layer_decay, c.schedule, c.warmup_epochs) == (
+        "adamw",
+        1.0,
+        "constant",
+        0,
+    )
+    assert (c.ema, c.ema_momentum, c.unfreeze_stages) == (False, 0.99, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +145,63 @@ def test_plan_for_every_strategy(strategy, fine_tune_at, expected):
     # What keeps a frozen prefix may train on cached features: the head warm-up and `partial`
     # fine-tuning (to its block boundary); `full` and `scratch` train on the images.
     assert [p.fast for p in phases] == [p.strategy in (FEATURE_EXTRACTION, PARTIAL) for p in phases]
+
+
+def test_plan_uses_the_recipe_settings_and_fine_tunes_only_with_decay_and_ema():
+    config = TrainConfig(
+        epochs=2,
+        fine_tune_epochs=3,
+        optimizer="sgd",
+        layer_decay=0.7,
+        schedule="cosine",
+        warmup_epochs=1,
+        ema=True,
+        ema_momentum=0.9,
+    )
+    head, tune = plan_phases(PARTIAL, -2, config)
+    for p in (head, tune):
+        assert (p.optimizer_name, p.schedule, p.warmup_epochs) == ("sgd", "cosine", 1)
+    assert (head.layer_decay, head.ema) == (1.0, False)
+    assert (tune.layer_decay, tune.ema, tune.ema_momentum) == (0.7, True, 0.9)
+    (scratch,) = plan_phases(SCRATCH, None, config)
+    assert (scratch.layer_decay, scratch.ema, scratch.schedule) == (1.0, False, "cosine")
+    with pytest.raises(
+        ValueError, match="warmup_epochs: expected fewer than the 2 epochs of phase"
+    ):
+        plan_phases(FULL, None, dataclasses.replace(config, warmup_epochs=2, fine_tune_epochs=5))
+
+
+@pytest.mark.parametrize(
+    "strategy, fine_tune_at, stages, epochs, expected",
+    [
+        # 14 blocks; partial at -4 unfreezes blocks 10..13 in groups [10, 11], [12], [13].
+        (PARTIAL, -4, 3, 7, [(PARTIAL, 13, 2), (PARTIAL, 12, 2), (PARTIAL, -4, 3)]),
+        (PARTIAL, 12, 2, 2, [(PARTIAL, 13, 1), (PARTIAL, 12, 1)]),
+        # full: blocks 0..13 in groups [0..4], [5..9], [10..13]; the last stage is `full` itself.
+        (FULL, None, 3, 10, [(PARTIAL, 10, 3), (PARTIAL, 5, 3), (FULL, None, 4)]),
+    ],
+)
+def test_plan_unfreezes_gradually_top_down(strategy, fine_tune_at, stages, epochs, expected):
+    config = TrainConfig(epochs=1, fine_tune_epochs=epochs, unfreeze_stages=stages)
+    head, *tune = plan_phases(strategy, fine_tune_at, config, num_blocks=14)
+    assert head.name == "head warm-up"
+    assert [p.name for p in tune] == [f"fine-tuning {s}/{stages}" for s in range(1, stages + 1)]
+    assert [(p.strategy, p.fine_tune_at, p.epochs) for p in tune] == expected
+    assert sum(p.epochs for p in tune) == epochs
+    # Each stage is its own phase (own compile, own resumable record); a cached prefix when partial.
+    assert [p.fast for p in tune] == [p.strategy == PARTIAL for p in tune]
+    firsts = [0 if p.strategy == FULL else p.fine_tune_at % 14 for p in tune]
+    assert firsts == sorted(firsts, reverse=True)  # top-down
+
+
+def test_plan_refuses_gradual_unfreezing_it_cannot_do():
+    config = TrainConfig(epochs=1, fine_tune_epochs=6, unfreeze_stages=3)
+    with pytest.raises(ValueError, match="expected num_blocks .* received None"):
+        plan_phases(FULL, None, config)
+    with pytest.raises(ValueError, match="unfreeze_stages: expected at most the 2 blocks"):
+        plan_phases(PARTIAL, -2, config, num_blocks=14)
+    assert len(plan_phases(PARTIAL, -3, config, num_blocks=14)) == 4
+    assert len(plan_phases(FEATURE_EXTRACTION, None, config)) == 1  # nothing to unfreeze
 
 
 @pytest.mark.parametrize("converge_head", [True, False])
@@ -171,6 +257,13 @@ def test_plan_skips_an_empty_phase_and_refuses_a_plan_with_none():
         ({"weight_decay": -1.0}, "weight_decay: expected a finite number >= 0, received -1.0"),
         ({"converge": "yes"}, "converge: expected a bool, received 'yes'"),
         ({"augment_views": 1.5}, "augment_views: expected an int"),
+        ({"optimizer_name": "adam"}, "optimizer_name: expected one of adamw, sgd"),
+        ({"layer_decay": 0.0}, r"layer_decay: expected a number in \(0, 1\], received 0.0"),
+        ({"schedule": "linear"}, "schedule: expected one of constant, cosine"),
+        ({"schedule": "cosine", "warmup_epochs": 1}, "warmup_epochs: expected an int >= 0 and <"),
+        ({"warmup_epochs": 0.5}, "warmup_epochs: expected an int"),
+        ({"ema_momentum": 1.0}, r"ema_momentum: expected a number in \(0, 1\)"),
+        ({"ema": True, "solver": "lbfgs"}, "ema: expected False with solver='lbfgs'"),
     ],
 )
 def test_phase_rejects_bad_values(kwargs, match):
@@ -322,3 +415,103 @@ def test_run_phase_says_why_a_head_is_not_solved(digits):
         "why": "label_smoothing=0.1 has no closed-form counterpart",
     }
     assert result.epochs_run == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The fine-tuning recipe in the runner
+
+
+class _KeepOptimizer(keras.callbacks.Callback):
+    """The optimizer of what trained (the suffix on the fast path), read when training ends."""
+
+    def on_train_end(self, logs=None):
+        self.optimizer = self.model.optimizer
+        self.trained = [np.array(v.numpy()) for v in self.model.optimizer._trainable_variables]
+
+
+def _same_start(model):
+    twin = tlkeras.build_model("MobileNet", 3, **SMALL)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize("strategy, fine_tune_at, fast", [(FULL, None, False), (PARTIAL, -1, True)])
+def test_run_phase_with_ema_ends_and_checkpoints_with_the_averaged_weights(
+    digits, tmp_path, strategy, fine_tune_at, fast
+):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    plain = _same_start(model)
+    phase = Phase(
+        "ft", strategy, fine_tune_at, 1e-2, epochs=2, fast=fast, ema=True, ema_momentum=0.9
+    )
+    keep = _KeepOptimizer()
+    saver = features.SaveFullModel(model, tmp_path / "last.keras", monitor="val_loss")
+    result = run_phase(model, phase, *_datasets(digits), callbacks=[saver, keep])
+    assert (result.fast_path is not None) == fast
+    optimizer = keep.optimizer
+    assert optimizer.use_ema
+    averages = [np.array(v.numpy()) for v in optimizer._model_variables_moving_average]
+    for weights, average in zip(keep.trained, averages, strict=True):
+        np.testing.assert_allclose(weights, average, rtol=1e-6, atol=1e-7)
+    # The checkpoint of the last epoch holds the averaged weights too: it is the final model.
+    saved = keras.saving.load_model(tmp_path / "last.keras")
+    for a, b in zip(saved.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # Without EMA the same phase ends elsewhere.
+    run_phase(plain, dataclasses.replace(phase, ema=False), *_datasets(digits))
+    trained = [v.path for v in optimizer._trainable_variables]
+    by_path = {v.path: np.array(v.numpy()) for v in plain.weights}
+    assert any(not np.allclose(by_path[p], w) for p, w in zip(trained, keep.trained, strict=True))
+
+
+def test_run_phase_follows_a_cosine_schedule_with_per_block_rates(digits):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    phase = Phase(
+        "ft",
+        FULL,
+        None,
+        1e-2,
+        epochs=3,
+        optimizer_name="sgd",
+        layer_decay=0.8,
+        schedule="cosine",
+        warmup_epochs=1,
+    )
+    before = [np.array(w) for w in model.get_weights()]
+    keep = _KeepOptimizer()
+    result = run_phase(
+        model, phase, *_datasets(digits), callbacks=[phase_lib.LogLearningRate(), keep]
+    )
+    rates = result.history.history["learning_rate"]
+    # Logged at each epoch's end: the end of the warm-up (the peak), half-way down, zero.
+    assert rates[0] == pytest.approx(1e-2, rel=1e-5)
+    assert rates[1] == pytest.approx(5e-3, rel=1e-3)
+    assert rates[2] == pytest.approx(0.0, abs=1e-9)
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    table = tlkeras.optimizers.block_lr_multipliers(model, 0.8)
+    assert keep.optimizer._lr_multipliers == table and isinstance(
+        keep.optimizer, keras.optimizers.SGD
+    )
+    with pytest.raises(ValueError, match="expected steps_per_epoch >= 1 for schedule='cosine'"):
+        phase.optimizer(model)
+    with pytest.raises(ValueError, match="expected the model .* received None"):
+        phase.optimizer(steps_per_epoch=3)
+
+
+@pytest.mark.parametrize("strategy, fast", [(FULL, False), (FEATURE_EXTRACTION, True)])
+def test_run_phase_mixes_the_training_data_only_end_to_end(digits, strategy, fast):
+    model = tlkeras.build_model("MobileNet", 3, **SMALL)
+    calls = []
+
+    def mix(dataset):
+        calls.append(dataset)
+        return dataset.map(lambda x, y: (x[::-1], y[::-1]))
+
+    phase = Phase("p", strategy, None, 1e-3, epochs=1, fast=fast)
+    result = run_phase(model, phase, *_datasets(digits), mix=mix)
+    assert len(calls) == (0 if fast else 1)
+    if fast:
+        assert result.fast_path is not None and result.note.startswith(result.fast_path)
+        assert "trained without mixing" in result.note
+    else:
+        assert "mixing" not in result.note

@@ -1,9 +1,12 @@
 """Phases: what one training phase is, how a run's phases are planned, and the one runner.
 
 A :class:`Phase` is a strategy (which blocks train), a learning rate, an epoch budget and an
-optimizer (AdamW, decaying kernels only). :func:`plan_phases` turns a :class:`TrainConfig` into the
-recipe of the Keras transfer-learning guide: a head warm-up on the frozen backbone, then (for
-``partial``/``full``) fine-tuning at a smaller learning rate; ``scratch`` is one phase.
+optimizer (``tlkeras.optimizers``: AdamW or SGD decaying kernels only, optionally with per-block
+learning rates, a cosine schedule with warm-up and an EMA of the weights). :func:`plan_phases`
+turns a :class:`TrainConfig` into the recipe of the Keras transfer-learning guide: a head warm-up on
+the frozen backbone, then (for ``partial``/``full``) fine-tuning at a smaller learning rate,
+optionally unfreezing the backbone top-down in stages (ULMFiT's gradual unfreezing); ``scratch`` is
+one phase.
 
 :func:`run_phase` is the only place in tlkeras that compiles and fits a model: it applies the
 phase's strategy (and the BatchNorm rules of ``tlkeras.strategy``), builds loss, metrics and
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,17 @@ import tensorflow as tf
 
 from tlkeras import distribute, features
 from tlkeras.head_solver import GRADIENT, LBFGS, check_solver
+from tlkeras.optimizers import (
+    ADAMW,
+    CONSTANT,
+    OPTIMIZERS,
+    SCHEDULES,
+    SwapEMAWeights,
+    block_lr_multipliers,
+    check_choice,
+    make_optimizer,
+    phase_schedule,
+)
 from tlkeras.strategy import Strategy, apply_strategy, scratch_batchnorm
 from tlkeras.task import infer, loss_for, metrics_for
 
@@ -70,17 +85,18 @@ class TrainConfig:
         epochs: phase 1 epochs (head warm-up on the frozen backbone); the whole budget for
             ``feature_extraction``.
         fine_tune_epochs: phase 2 epochs after ``apply_strategy`` unfreezes; 0 skips phase 2.
-        learning_rate: AdamW learning rate of phase 1.
+        learning_rate: learning rate of phase 1.
         fine_tune_learning_rate: phase 2 learning rate; ``None`` means ``learning_rate / 10``.
         batch_size: examples per batch and replica (``tlkeras.train`` batches the data by
             ``batch_size`` × replicas under a ``tf.distribute`` strategy).
         label_smoothing: for the cross-entropy losses, in ``[0, 1)``.
-        weight_decay: AdamW decoupled weight decay (biases and normalisation parameters excluded).
+        weight_decay: decoupled weight decay (biases and normalisation parameters excluded).
         class_weight: ``"auto"`` (balanced from the training counts), a ``{class_index: weight}``
             dict, or ``None``.
         early_stopping_patience: epochs without validation-loss improvement before stopping
             (per phase); 0 disables early stopping.
-        reduce_lr_on_plateau: halve the learning rate after ``max(1, patience // 2)`` flat epochs.
+        reduce_lr_on_plateau: halve the learning rate after ``max(1, patience // 2)`` flat epochs
+            (not with ``schedule="cosine"``: a schedule owns the learning rate).
         fast: train on features of the frozen prefix computed once, when that is valid: the head
             warm-up (the whole backbone frozen) and ``partial`` fine-tuning (cached at block
             ``fine_tune_at``: the frozen blocks are not recomputed every epoch).
@@ -101,6 +117,22 @@ class TrainConfig:
             (hidden layers, multi-label, label smoothing) train by ``"gradient"`` epochs, and the
             run says why.
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``).
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum 0.9), every phase
+            (``tlkeras.optimizers.OPTIMIZERS``).
+        layer_decay: per-block learning rates in fine-tuning (timm's layer decay): the head at the
+            learning rate, the backbone's last block at ``layer_decay`` times it, the one before
+            at ``layer_decay**2``… In ``(0, 1]``; 1 trains every block at the same rate. The head
+            warm-up and ``scratch`` do not use it.
+        schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over each phase, after
+            ``warmup_epochs`` of linear warm-up; ``tlkeras.optimizers.SCHEDULES``).
+        warmup_epochs: epochs of linear learning-rate warm-up at the start of each phase (cosine
+            only); fewer than each phase's epochs.
+        ema: fine-tune with an exponential moving average of the weights: validation, early
+            stopping, checkpoints and the final model use the averaged weights.
+        ema_momentum: the average's momentum, in ``(0, 1)``.
+        unfreeze_stages: fine-tune in this many stages (ULMFiT's gradual unfreezing), each
+            unfreezing the next group of blocks top-down until the strategy's own first trainable
+            block; ``fine_tune_epochs`` is split among them. 1: one fine-tuning phase.
     """
 
     epochs: int = 10
@@ -119,6 +151,13 @@ class TrainConfig:
     refit: bool = True
     head_solver: str = LBFGS
     seed: int = 0
+    optimizer: str = ADAMW
+    layer_decay: float = 1.0
+    schedule: str = CONSTANT
+    warmup_epochs: int = 0
+    ema: bool = False
+    ema_momentum: float = 0.99
+    unfreeze_stages: int = 1
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 0)
@@ -144,11 +183,34 @@ class TrainConfig:
         _check_int("seed", self.seed, 0)
         _check_int("augment_views", self.augment_views, 0)
         check_solver(self.head_solver, "TrainConfig.head_solver")
-        for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit"):
+        for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit", "ema"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"TrainConfig.{name}: expected a bool, received {getattr(self, name)!r}"
                 )
+        check_choice(self.optimizer, OPTIMIZERS, "TrainConfig.optimizer")
+        _check_layer_decay("TrainConfig.layer_decay", self.layer_decay)
+        check_choice(self.schedule, SCHEDULES, "TrainConfig.schedule")
+        _check_int("warmup_epochs", self.warmup_epochs, 0)
+        if self.warmup_epochs and self.schedule == CONSTANT:
+            raise ValueError(
+                f"TrainConfig.warmup_epochs: expected 0 with schedule='constant' (warm-up is part "
+                f"of the cosine schedule), received {self.warmup_epochs}"
+            )
+        if self.reduce_lr_on_plateau and self.schedule != CONSTANT:
+            raise ValueError(
+                f"TrainConfig.reduce_lr_on_plateau: expected False with schedule="
+                f"{self.schedule!r} (ReduceLROnPlateau cannot change a scheduled learning rate), "
+                "received True"
+            )
+        _check_float("ema_momentum", self.ema_momentum, low=0.0, high=1.0, low_open=True)
+        _check_int("unfreeze_stages", self.unfreeze_stages, 1)
+        if self.fine_tune_epochs and self.unfreeze_stages > self.fine_tune_epochs:
+            raise ValueError(
+                f"TrainConfig.unfreeze_stages: expected at most fine_tune_epochs="
+                f"{self.fine_tune_epochs} (each stage trains >= 1 epoch), received "
+                f"{self.unfreeze_stages}"
+            )
 
     @property
     def resolved_fine_tune_learning_rate(self) -> float:
@@ -161,6 +223,12 @@ class TrainConfig:
         if isinstance(self.class_weight, Mapping):
             out["class_weight"] = {str(k): float(v) for k, v in self.class_weight.items()}
         return out
+
+
+def _check_layer_decay(what: str, value: Any) -> None:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"{what}: expected a number in (0, 1], received {value!r}")
 
 
 def _check_class_weight(cw: Any) -> None:
@@ -190,7 +258,8 @@ class Phase:
     Attributes:
         name: shown in logs and recorded (``"head warm-up"``, ``"fine-tuning"``, ``"scratch"``…).
         strategy: a ``tlkeras.Strategy`` value; ``fine_tune_at`` its first trainable block.
-        learning_rate, weight_decay: of the phase's AdamW (kernels decay; biases and BN do not).
+        learning_rate, weight_decay: of the phase's optimizer (kernels decay; biases and BN do
+            not).
         epochs: the phase's epoch budget (early stopping may end it sooner).
         fast: train on cached features of the frozen prefix when that is valid
             (``tlkeras.features.fast_path_plan``); never under ``tf.distribute``.
@@ -203,6 +272,13 @@ class Phase:
             (``TrainConfig.augment_views``).
         solver: ``"lbfgs"`` solves a linear head on cached features of the whole frozen
             backbone to convergence (``tlkeras.head_solver``); ``"gradient"`` trains by epochs.
+        optimizer_name: ``"adamw"`` or ``"sgd"`` (``tlkeras.optimizers.make_optimizer``).
+        layer_decay: per-block learning-rate decay (``tlkeras.optimizers.block_lr_multipliers``);
+            1.0: none.
+        schedule, warmup_epochs: the learning rate over the phase (``"constant"``, or
+            ``"cosine"`` after ``warmup_epochs`` of linear warm-up; fewer than ``epochs``).
+        ema, ema_momentum: train with an exponential moving average of the weights, which
+            validation, callbacks and the final model see (``tlkeras.optimizers.SwapEMAWeights``).
     """
 
     name: str
@@ -216,13 +292,33 @@ class Phase:
     refit: bool = False
     augment_views: int = features.DEFAULT_AUGMENT_VIEWS
     solver: str = GRADIENT
+    optimizer_name: str = ADAMW
+    layer_decay: float = 1.0
+    schedule: str = CONSTANT
+    warmup_epochs: int = 0
+    ema: bool = False
+    ema_momentum: float = 0.99
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy).value)
         check_solver(self.solver, "Phase.solver")
-        for name in ("fast", "converge", "refit"):
+        for name in ("fast", "converge", "refit", "ema"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Phase.{name}: expected a bool, received {getattr(self, name)!r}")
+        check_choice(self.optimizer_name, OPTIMIZERS, "Phase.optimizer_name")
+        check_choice(self.schedule, SCHEDULES, "Phase.schedule")
+        _check_layer_decay("Phase.layer_decay", self.layer_decay)
+        object.__setattr__(self, "layer_decay", float(self.layer_decay))
+        ok = isinstance(self.ema_momentum, (int, float, np.floating)) and 0 < self.ema_momentum < 1
+        if isinstance(self.ema_momentum, bool) or not ok:
+            raise ValueError(
+                f"Phase.ema_momentum: expected a number in (0, 1), received {self.ema_momentum!r}"
+            )
+        if self.ema and self.solver == LBFGS:
+            raise ValueError(
+                "Phase.ema: expected False with solver='lbfgs' (a solved head takes no steps to "
+                "average), received True"
+            )
         _check_int("augment_views", self.augment_views, 0)
         if self.fine_tune_at is not None and self.strategy != PARTIAL:
             raise ValueError(
@@ -242,38 +338,127 @@ class Phase:
                     f"Phase.{name}: expected a finite number {bound}, received {value!r}"
                 )
             object.__setattr__(self, name, float(value))
+        if isinstance(self.warmup_epochs, bool) or not isinstance(
+            self.warmup_epochs, (int, np.integer)
+        ):
+            raise TypeError(
+                f"Phase.warmup_epochs: expected an int, received {self.warmup_epochs!r}"
+            )
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"Phase.warmup_epochs: expected an int >= 0 and < epochs={self.epochs}, received "
+                f"{self.warmup_epochs}"
+            )
+        if self.warmup_epochs and self.schedule == CONSTANT:
+            raise ValueError(
+                f"Phase.warmup_epochs: expected 0 with schedule='constant', received "
+                f"{self.warmup_epochs}"
+            )
 
     def describe(self) -> str:
-        return (
+        out = (
             f"strategy={self.strategy} fine_tune_at={self.fine_tune_at} "
             f"learning_rate={self.learning_rate:g}"
         )
+        # Only what differs from the plain recipe: log lines stay as they were otherwise.
+        if self.optimizer_name != ADAMW:
+            out += f" optimizer={self.optimizer_name}"
+        if self.layer_decay != 1.0:
+            out += f" layer_decay={self.layer_decay:g}"
+        if self.schedule != CONSTANT:
+            out += f" schedule={self.schedule} warmup_epochs={self.warmup_epochs}"
+        if self.ema:
+            out += f" ema_momentum={self.ema_momentum:g}"
+        return out
 
-    def optimizer(self) -> keras.optimizers.Optimizer:
-        """A fresh AdamW for this phase (a new phase never inherits moments from the last)."""
-        optimizer = keras.optimizers.AdamW(
-            learning_rate=self.learning_rate, weight_decay=self.weight_decay
+    def optimizer(
+        self,
+        model: keras.Model | None = None,
+        steps_per_epoch: int | None = None,
+        *,
+        epochs: int | None = None,
+    ) -> keras.optimizers.Optimizer:
+        """A fresh optimizer for this phase (a new phase never inherits moments from the last).
+
+        Args:
+            model: the tlkeras model, needed for per-block learning rates (``layer_decay < 1``).
+            steps_per_epoch: optimizer steps per epoch, needed by a schedule.
+            epochs: the epochs a schedule spans (default ``self.epochs``).
+        """
+        multipliers = None
+        if self.layer_decay < 1.0:
+            if model is None:
+                raise ValueError(
+                    f"Phase.optimizer: expected the model (layer_decay={self.layer_decay:g} needs "
+                    "its blocks), received None"
+                )
+            multipliers = block_lr_multipliers(model, self.layer_decay)
+        learning_rate: Any = self.learning_rate
+        if self.schedule != CONSTANT:
+            if (
+                isinstance(steps_per_epoch, bool)
+                or not isinstance(steps_per_epoch, (int, np.integer))
+                or steps_per_epoch < 1
+            ):
+                raise ValueError(
+                    f"Phase.optimizer: expected steps_per_epoch >= 1 for schedule="
+                    f"{self.schedule!r}, received {steps_per_epoch!r}"
+                )
+            epochs = self.epochs if epochs is None else max(int(epochs), self.epochs)
+            learning_rate = phase_schedule(
+                self.learning_rate,
+                schedule=self.schedule,
+                total_steps=int(epochs * steps_per_epoch),
+                warmup_steps=int(self.warmup_epochs * steps_per_epoch),
+            )
+        return make_optimizer(
+            self.optimizer_name,
+            learning_rate,
+            self.weight_decay,
+            lr_multipliers=multipliers,
+            ema=self.ema,
+            ema_momentum=self.ema_momentum,
         )
-        # Decay only kernels: decaying biases and BN scale/offset hurts and is not what L2 intends.
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-        return optimizer
 
 
-def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) -> list[Phase]:
+def plan_phases(
+    strategy: str,
+    fine_tune_at: int | None,
+    config: TrainConfig,
+    num_blocks: int | None = None,
+) -> list[Phase]:
     """The phases of a ``strategy`` run under ``config`` (the two-phase recipe).
 
     ``scratch``: one phase of ``epochs + fine_tune_epochs`` at ``learning_rate``. Otherwise a head
     warm-up of ``epochs`` on the frozen backbone, then for ``partial``/``full`` fine-tuning for
     ``fine_tune_epochs`` at the fine-tuning learning rate. With ``config.fast`` the warm-up and
     ``partial`` fine-tuning train on cached features of what stays frozen.
+
+    With ``config.unfreeze_stages = S > 1`` fine-tuning is S phases (``"fine-tuning 1/S"``…): the
+    blocks from the strategy's first trainable block to the last are split into S contiguous
+    groups, and stage s trains the top s groups (a ``partial`` phase at the group's first block);
+    the last stage is the strategy's own. ``fine_tune_epochs`` is split evenly, the remainder to
+    the last stage. ``num_blocks`` (the backbone's block count, ``len(tlkeras.blocks(model))``)
+    is needed only then.
+
+    Raises:
+        ValueError: a phase would have no epoch, ``warmup_epochs`` not fewer than a phase's
+            epochs, or more stages than epochs or than blocks to unfreeze.
     """
     strategy = Strategy.parse(strategy).value
     decay = float(config.weight_decay)
+    common = {
+        "optimizer_name": config.optimizer,
+        "schedule": config.schedule,
+        "warmup_epochs": config.warmup_epochs,
+    }
     if strategy == SCRATCH:
         total = config.epochs + config.fine_tune_epochs
-        return [Phase(SCRATCH, SCRATCH, None, config.learning_rate, total, decay)]
+        _check_warmup(config, SCRATCH, total)
+        return [Phase(SCRATCH, SCRATCH, None, config.learning_rate, total, decay, **common)]
     phases = []
     if config.epochs > 0:
+        _check_warmup(config, HEAD_WARM_UP, config.epochs)
         phases.append(
             Phase(
                 HEAD_WARM_UP,
@@ -288,28 +473,90 @@ def plan_phases(strategy: str, fine_tune_at: int | None, config: TrainConfig) ->
                 # Refitting on validation is only honest when no later phase early-stops on it.
                 refit=config.refit and strategy == FEATURE_EXTRACTION,
                 solver=config.head_solver,
+                **common,
             )
         )
     if strategy in (PARTIAL, FULL) and config.fine_tune_epochs > 0:
         lr = config.resolved_fine_tune_learning_rate
-        phases.append(
-            Phase(
-                FINE_TUNING,
-                strategy,
-                fine_tune_at,
-                lr,
-                config.fine_tune_epochs,
-                decay,
-                fast=config.fast and strategy == PARTIAL,  # `full` has no frozen prefix
-                augment_views=config.augment_views,
+        for name, stage_strategy, at, epochs in _fine_tuning_stages(
+            strategy, fine_tune_at, config, num_blocks
+        ):
+            _check_warmup(config, name, epochs)
+            phases.append(
+                Phase(
+                    name,
+                    stage_strategy,
+                    at,
+                    lr,
+                    epochs,
+                    decay,
+                    fast=config.fast and stage_strategy == PARTIAL,  # `full`: no frozen prefix
+                    augment_views=config.augment_views,
+                    layer_decay=config.layer_decay,
+                    ema=config.ema,
+                    ema_momentum=config.ema_momentum,
+                    **common,
+                )
             )
-        )
     if not phases:
         raise ValueError(
             f"strategy={strategy!r}: expected epochs >= 1 (it has no fine-tuning phase), received "
             f"epochs={config.epochs}"
         )
     return phases
+
+
+def _check_warmup(config: TrainConfig, name: str, epochs: int) -> None:
+    if config.warmup_epochs >= epochs:
+        raise ValueError(
+            f"TrainConfig.warmup_epochs: expected fewer than the {epochs} epochs of phase "
+            f"{name!r}, received {config.warmup_epochs}"
+        )
+
+
+def _fine_tuning_stages(
+    strategy: str, fine_tune_at: int | None, config: TrainConfig, num_blocks: int | None
+) -> list[tuple[str, str, int | None, int]]:
+    """``(name, strategy, fine_tune_at, epochs)`` of each fine-tuning stage, top-down."""
+    stages, total = config.unfreeze_stages, config.fine_tune_epochs
+    if stages == 1:
+        return [(FINE_TUNING, strategy, fine_tune_at, total)]
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)):
+        raise ValueError(
+            f"plan_phases: expected num_blocks (the backbone's block count) with "
+            f"unfreeze_stages={stages}, received {num_blocks!r}"
+        )
+    if stages > total:
+        raise ValueError(
+            f"TrainConfig.unfreeze_stages: expected at most fine_tune_epochs={total}, received "
+            f"{stages}"
+        )
+    first = 0
+    if strategy == PARTIAL:
+        if fine_tune_at is None or not (-(num_blocks - 1) <= fine_tune_at <= num_blocks - 1):
+            raise ValueError(
+                f"fine_tune_at: expected 1..{num_blocks - 1} or -{num_blocks - 1}..-1 for a "
+                f"backbone of {num_blocks} blocks, received {fine_tune_at!r}"
+            )
+        first = int(fine_tune_at) % num_blocks
+    span = num_blocks - first
+    if stages > span:
+        raise ValueError(
+            f"TrainConfig.unfreeze_stages: expected at most the {span} blocks to unfreeze "
+            f"(blocks {first}..{num_blocks - 1}), received {stages}"
+        )
+    # The first block of each contiguous group, bottom-up (the lower groups take the remainder).
+    starts = [int(group[0]) for group in np.array_split(np.arange(first, num_blocks), stages)]
+    per_stage = total // stages
+    out = []
+    for s in range(1, stages + 1):
+        epochs = per_stage + (total - per_stage * stages if s == stages else 0)
+        name = f"{FINE_TUNING} {s}/{stages}"
+        if s == stages:  # exactly the strategy's own phase
+            out.append((name, strategy, fine_tune_at, epochs))
+        else:
+            out.append((name, PARTIAL, starts[stages - s], epochs))
+    return out
 
 
 class LossNotFinite(ValueError):
@@ -420,6 +667,7 @@ def run_phase(
     title: str | None = None,
     run_dir: str | Path | None = None,
     verbose: int = 0,
+    mix: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
 ) -> PhaseResult:
     """Train ``model`` through ``phase``: the one compile-and-fit of tlkeras.
 
@@ -438,6 +686,13 @@ def run_phase(
         title: how logs and errors name the phase (default ``phase.name``).
         run_dir: named in the message when a multi-worker peer is lost.
         verbose: Keras verbosity; non-zero also prints one line describing the phase.
+        mix: maps the batched training dataset to a mixed one (MixUp/CutMix) when the phase trains
+            end to end; the fast path trains on cached features without it (its note says so).
+
+    With ``phase.ema`` a ``tlkeras.optimizers.SwapEMAWeights`` goes first among the callbacks:
+    validation, early stopping and checkpoints see the averaged weights, and the model ends
+    holding them. A scheduled learning rate spans the phase's steps (``train``'s cardinality, or
+    its batches counted once when unknown).
 
     Raises:
         LossNotFinite: the loss became NaN or infinite (names the epoch and learning rate).
@@ -448,10 +703,33 @@ def run_phase(
     task, from_logits = infer(model)
     scope = model.distribute_strategy
     loss = loss_for(task, from_logits=from_logits, label_smoothing=label_smoothing)
-    with scope.scope():  # optimizer and metric variables live on every replica
-        optimizer = phase.optimizer()
-        metrics = metrics_for(task, from_logits=from_logits)
     fast, note = _fast_plan(model, phase)
+    mode = note
+    if mix is not None:
+        if fast:
+            note = f"{note}; trained without mixing (the fast path caches features)"
+        else:
+            train = mix(train)
+    epochs, callbacks = phase.epochs, list(callbacks)
+    if fast and phase.converge and validation is not None:
+        epochs, callbacks = _converging(phase, callbacks, "val_loss")
+    if phase.ema:
+        # First: every later callback (and validation) sees the averaged weights.
+        callbacks.insert(0, SwapEMAWeights())
+    scheduled = phase.schedule != CONSTANT
+    steps = _steps_per_epoch(train) if scheduled else None
+    with scope.scope():  # optimizer and metric variables live on every replica
+        optimizer = phase.optimizer(model, steps, epochs=epochs)
+        metrics = metrics_for(task, from_logits=from_logits)
+    refit_optimizer = None
+    if fast and phase.refit:
+        # The refit trains on train + validation: the same schedule per epoch, more steps.
+        refit_steps = steps
+        if scheduled and validation is not None:
+            refit_steps = steps + _steps_per_epoch(validation)
+        refit_optimizer = functools.partial(
+            _in_scope, scope, phase.optimizer, model, refit_steps, epochs=epochs
+        )
     title = title or phase.name
     trainable = trainable_params(model)
     if verbose:
@@ -462,9 +740,6 @@ def run_phase(
     model._initial_epoch = None  # a stale value from an earlier fit would skip epochs
     started = time.perf_counter()
     if fast:
-        epochs, callbacks = phase.epochs, list(callbacks)
-        if phase.converge and validation is not None:
-            epochs, callbacks = _converging(phase, callbacks, "val_loss")
         history = features.fit_frozen(
             model,
             train,
@@ -480,7 +755,7 @@ def run_phase(
             seed=seed,
             verbose=verbose,
             initial_epoch=initial_epoch,
-            refit_optimizer=phase.optimizer if phase.refit else None,
+            refit_optimizer=refit_optimizer,
             solver=phase.solver,
         )
     else:
@@ -504,12 +779,30 @@ def run_phase(
         history=history,
         epochs_run=len(history.history.get("loss", [])),
         trainable_params=trainable,
-        fast_path=note if fast else None,
+        fast_path=mode if fast else None,
         note=note,
         seconds=seconds,
         refit=getattr(history, "fast_path", {}).get("refit"),
         solver=getattr(history, "fast_path", {}).get("solver"),
     )
+
+
+def _in_scope(scope: tf.distribute.Strategy, make: Callable[..., Any], *args, **kwargs) -> Any:
+    with scope.scope():
+        return make(*args, **kwargs)
+
+
+def _steps_per_epoch(dataset: tf.data.Dataset) -> int:
+    """Batches in one pass over ``dataset``: its cardinality, or counted once when unknown."""
+    n = int(dataset.cardinality())
+    if n == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            "run_phase: expected a finite training dataset for a learning-rate schedule, received "
+            "an infinite one"
+        )
+    if n < 0:  # unknown (a filter, say): one pass to count
+        n = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+    return max(n, 1)
 
 
 def _fit(
