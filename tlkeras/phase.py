@@ -719,7 +719,7 @@ def run_phase(
     scheduled = phase.schedule != CONSTANT
     steps = _steps_per_epoch(train) if scheduled else None
     with scope.scope():  # optimizer and metric variables live on every replica
-        optimizer = phase.optimizer(model, steps, epochs=epochs)
+        optimizer = _optimizer(phase, model, steps, epochs=epochs)
         metrics = metrics_for(task, from_logits=from_logits)
     refit_optimizer = None
     if fast and phase.refit:
@@ -728,7 +728,7 @@ def run_phase(
         if scheduled and validation is not None:
             refit_steps = steps + _steps_per_epoch(validation)
         refit_optimizer = functools.partial(
-            _in_scope, scope, phase.optimizer, model, refit_steps, epochs=epochs
+            _in_scope, scope, _optimizer, phase, model, refit_steps, epochs=epochs
         )
     title = title or phase.name
     trainable = trainable_params(model)
@@ -785,6 +785,16 @@ def run_phase(
         refit=getattr(history, "fast_path", {}).get("refit"),
         solver=getattr(history, "fast_path", {}).get("solver"),
     )
+
+
+def _optimizer(phase: Phase, model: keras.Model, steps: int | None, *, epochs: int) -> Any:
+    """The phase's optimizer, loss-scaled when the model computes in float16 (its gradients
+    underflow otherwise). Keras's ``compile`` scales only for a model whose own policy is
+    ``mixed_float16``; the fast path's suffix model is built in float32, so wrap here."""
+    optimizer = phase.optimizer(model, steps, epochs=epochs)
+    if getattr(model.dtype_policy, "name", None) == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def _in_scope(scope: tf.distribute.Strategy, make: Callable[..., Any], *args, **kwargs) -> Any:

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import augment as augment_lib
 from tlkeras import (
     calibration,
     distribute,
@@ -307,6 +308,14 @@ class _Run:
     def train_bn(self) -> bool:
         return bool(self.spec.get("train_bn", False))
 
+    @property
+    def mix(self) -> Any:
+        """MixUp/CutMix of the training batches when the model's augmentation preset asks."""
+        augment_spec = self.spec.get("augment")
+        if not augment_spec:
+            return None
+        return augment_lib.batch_mixer(AugmentConfig(**augment_spec), infer(self.model)[0])
+
 
 def _resolve_strategy(
     model: keras.Model, strategy: str | None, fine_tune_at: int | None
@@ -374,6 +383,7 @@ def _run_one_phase(
             title=f"Phase {number}/{len(run.phases)} ({phase.name})",
             run_dir=run.shared_run_dir,
             verbose=run.verbose,
+            mix=run.mix,
         )
     except LossNotFinite:
         state["status"] = "failed"
@@ -391,6 +401,10 @@ def _run_one_phase(
         "strategy": phase.strategy,
         "fine_tune_at": phase.fine_tune_at,
         "learning_rate": phase.learning_rate,
+        "optimizer": phase.optimizer_name,
+        "layer_decay": phase.layer_decay,
+        "schedule": phase.schedule,
+        "ema": phase.ema,
         "epochs_planned": phase.epochs,
         "epochs_run": len(rows) if rows else result.epochs_run,
         "first_epoch": initial_epoch,
@@ -595,7 +609,7 @@ def fit(
     if data.validation is None:
         logger.warning("No validation split: early stopping and checkpoints monitor training loss.")
     class_weight = _class_weight(config, data, infer(model)[0])  # fails before any file is made
-    phases = plan_phases(strategy, fine_tune_at, config)
+    phases = plan_phases(strategy, fine_tune_at, config, num_blocks=len(blocks(model)))
     scope = model.distribute_strategy  # the tf.distribute strategy the model was built in
     fingerprint = {
         "config": config.to_dict(),
