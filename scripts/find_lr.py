@@ -1,0 +1,132 @@
+"""Find a learning rate before training: the learning-rate range test (``tlkeras.lr_finder``).
+
+Loads the data and builds the model as ``scripts/train.py`` does with the same flags, trains a copy
+for at most ``--steps`` batches while the learning rate grows from ``--min_lr`` to ``--max_lr``, and
+prints the suggestion (the learning rate at the minimum of the smoothed loss / 10), the rule, and
+the whole curve as one JSON line; ``--output`` receives the plot.
+
+    python scripts/find_lr.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\
+        --backbone_kwargs=alpha=0.25 --weights=../shared/weights/mobilenet_2_5_224_tf_no_top.h5
+
+``--strategy=feature_extraction`` (the default) sweeps the head warm-up, on cached backbone
+features with ``--fast``: its suggestion is train.py's ``--learning_rate``. ``partial``/``full``
+sweep fine-tuning end to end, ``scratch`` its one phase.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+from absl import logging as absl_logging
+
+import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
+from tlkeras import cli, lr_finder, training
+from tlkeras.data import DataConfig
+from tlkeras.strategy import Strategy
+
+_C = training.TrainConfig()
+_D = DataConfig()
+
+flags.DEFINE_string(
+    "data", training.DEFAULT_DATA, "Image folder, tfds:NAME[/CONFIG][:SPLIT], or digits[:A-B]."
+)
+flags.DEFINE_float(
+    "validation_split", _D.validation_split, "Fraction of --data held out for validation."
+)
+flags.DEFINE_float(
+    "test_split", _D.test_split, "Fraction of --data held out for the final test score."
+)
+cli.define_max_bad_fraction()
+flags.DEFINE_string("backbone", training.DEFAULT_BACKBONE, "A keras.applications model name.")
+flags.DEFINE_string(
+    "backbone_kwargs",
+    training.DEFAULT_BACKBONE_KWARGS,
+    "Backbone constructor arguments, e.g. alpha=0.25.",
+)
+flags.DEFINE_string("weights", training.DEFAULT_WEIGHTS, cli.WEIGHTS_HELP + " | none")
+flags.DEFINE_integer(
+    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
+)
+flags.DEFINE_enum(
+    "strategy",
+    Strategy.FEATURE_EXTRACTION.value,
+    [s.value for s in Strategy],
+    "Which blocks train during the sweep: feature_extraction is the head warm-up "
+    "(train.py's --learning_rate); partial/full fine-tuning; scratch everything.",
+)
+flags.DEFINE_integer(
+    "fine_tune_at",
+    None,
+    "partial only: first trainable block (negative counts from the end; default: the top half).",
+)
+flags.DEFINE_integer("batch_size", _C.batch_size, "Batch size.")
+flags.DEFINE_integer("seed", _C.seed, "Seeds Python, NumPy, TensorFlow and the data split.")
+flags.DEFINE_float(
+    "label_smoothing", _C.label_smoothing, "Label smoothing of the cross-entropy loss."
+)
+flags.DEFINE_float("min_lr", lr_finder.DEFAULT_MIN_LR, "Learning rate of the first batch.")
+flags.DEFINE_float("max_lr", lr_finder.DEFAULT_MAX_LR, "Learning rate of the last batch.")
+flags.DEFINE_integer(
+    "steps",
+    lr_finder.DEFAULT_STEPS,
+    f"Batches at most (>= {lr_finder.MIN_STEPS}; the training split is cycled when shorter).",
+)
+flags.DEFINE_string("output", "lr_find.png", "Where to write the plot of loss against LR.")
+flags.DEFINE_boolean(
+    "fast", _C.fast, "feature_extraction: sweep the head on cached backbone features."
+)
+
+flags.adopt_module_key_flags(cli)
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
+    strategy = Strategy.parse(FLAGS.strategy)
+    weights = cli.parse_weights(FLAGS.weights)
+    if strategy is Strategy.SCRATCH and not FLAGS["weights"].present:
+        weights = None  # scratch means random init; only an explicit --weights conflicts
+    absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
+    config = training.resolve_config(
+        None,
+        weights,
+        batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        label_smoothing=FLAGS.label_smoothing,
+        fast=FLAGS.fast,
+    )
+    result = lr_finder.find_lr_for(
+        FLAGS.data,
+        backbone=FLAGS.backbone,
+        backbone_kwargs=cli.parse_kwargs(FLAGS.backbone_kwargs),
+        weights=weights,
+        image_size=FLAGS.image_size,
+        strategy=strategy.value,
+        fine_tune_at=FLAGS.fine_tune_at,
+        augment=training.resolve_augment(None, FLAGS.data, FLAGS.seed),  # as train.py's default
+        validation_split=FLAGS.validation_split,
+        test_split=FLAGS.test_split,
+        max_bad_fraction=FLAGS.max_bad_fraction,
+        config=config,
+        min_lr=FLAGS.min_lr,
+        max_lr=FLAGS.max_lr,
+        steps=FLAGS.steps,
+        fast=FLAGS.fast,
+        verbose=1,
+    )
+    plot = result.plot(FLAGS.output)
+    where = "on cached backbone features" if result.on_cached_features else "end to end"
+    print(
+        f"Swept {len(result.lrs)} batches {where} ({result.stop_reason}); steepest descent at "
+        f"{result.steepest:.3g}, lowest loss at {result.min_loss_lr:.3g}"
+    )
+    print(f"Suggested learning rate: {result.suggestion:.3g} ({result.rule})")
+    print(json.dumps({**result.to_dict(), "plot": str(plot)}))
+    print(f"Plot: {plot}")
+
+
+if __name__ == "__main__":
+    cli.run(main, exit_now=True)
