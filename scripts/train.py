@@ -22,10 +22,13 @@ from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli, edge, training, transfer
+from tlkeras.augment import PRESET_HELP
 from tlkeras.data import DataConfig
 from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.head_solver import SOLVERS
-from tlkeras.model import AugmentConfig, HeadConfig
+from tlkeras.model import DTYPE_POLICIES, AugmentConfig, HeadConfig
+from tlkeras.optimizers import OPTIMIZERS, SCHEDULES
+from tlkeras.spec import PRESETS
 from tlkeras.strategy import Strategy
 
 _C = training.TrainConfig()
@@ -76,7 +79,12 @@ flags.DEFINE_integer(
     f"Phase 2 epochs (partial/full); 0 skips it (default: {_C.fine_tune_epochs}; "
     f"{_SOURCE['fine_tune_epochs']} with source: weights).",
 )
-flags.DEFINE_float("learning_rate", _C.learning_rate, "Phase 1 AdamW learning rate.")
+flags.DEFINE_string(
+    "learning_rate",
+    str(_C.learning_rate),
+    "Phase 1 learning rate, or auto: the LR finder's suggestion (scripts/find_lr.py; with the "
+    "default L-BFGS head it sets the fine-tuning rate, a tenth of it).",
+)
 flags.DEFINE_float(
     "fine_tune_learning_rate",
     None,
@@ -100,6 +108,49 @@ flags.DEFINE_boolean(
     "augment",
     None,
     "Random flip/rotation/zoom/contrast in training (default: on; digits: shifts and turns only).",
+)
+flags.DEFINE_enum(
+    "augment_preset",
+    AugmentConfig().preset,
+    list(PRESETS),
+    "With --augment: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()) + ".",
+)
+flags.DEFINE_enum(
+    "optimizer", _C.optimizer, list(OPTIMIZERS), "Optimizer of every phase (decoupled decay)."
+)
+flags.DEFINE_float(
+    "layer_decay",
+    _C.layer_decay,
+    "Fine-tuning: learning-rate multiplier per block from the head down (last block x decay, "
+    "the one before x decay^2, ...); 1 is off.",
+)
+flags.DEFINE_integer(
+    "unfreeze_stages",
+    _C.unfreeze_stages,
+    "Fine-tuning unfreezes the trainable blocks from the top in this many stages (gradual "
+    "unfreezing, one recompile each); 1: all at once.",
+)
+flags.DEFINE_enum(
+    "schedule",
+    _C.schedule,
+    list(SCHEDULES),
+    "Learning-rate schedule of each phase: constant, or cosine decay over the phase's budget.",
+)
+flags.DEFINE_integer(
+    "warmup_epochs", _C.warmup_epochs, "cosine only: linear warm-up epochs at each phase's start."
+)
+flags.DEFINE_boolean(
+    "ema",
+    _C.ema,
+    "Fine-tuning: keep an exponential moving average of the weights; "
+    "validate, checkpoint and export the averaged weights.",
+)
+flags.DEFINE_float("ema_momentum", _C.ema_momentum, "EMA momentum per step (with --ema).")
+flags.DEFINE_enum(
+    "mixed_precision",
+    DTYPE_POLICIES[0],
+    list(DTYPE_POLICIES),
+    "Keras dtype policy of the model (the head's output and the export stay float32).",
 )
 flags.DEFINE_float("dropout", HeadConfig().dropout, "Dropout before the classifier layer.")
 flags.DEFINE_float(
@@ -195,7 +246,9 @@ def main(argv: list[str]) -> None:
     if strategy is Strategy.SCRATCH and not FLAGS["weights"].present:
         weights = None  # scratch means random init; only an explicit --weights conflicts
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
-    augment = FLAGS.augment
+    augment = training.resolve_augment(
+        FLAGS.augment, FLAGS.data, FLAGS.seed, preset=FLAGS.augment_preset
+    )
     result = transfer.train_with_baselines(
         FLAGS.data,
         baselines=FLAGS.baselines,
@@ -206,7 +259,7 @@ def main(argv: list[str]) -> None:
         strategy=strategy.value,
         fine_tune_at=FLAGS.fine_tune_at,
         dropout=FLAGS.dropout,
-        augment=AugmentConfig(seed=FLAGS.seed) if augment else augment,
+        augment=augment,
         validation_data=FLAGS.validation_data,
         validation_split=FLAGS.validation_split,
         test_split=FLAGS.test_split,
@@ -220,7 +273,7 @@ def main(argv: list[str]) -> None:
         export_explain=FLAGS.export_explain,
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,
-        learning_rate=FLAGS.learning_rate,
+        learning_rate=cli.parse_learning_rate(FLAGS.learning_rate),
         fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
         early_stopping_patience=FLAGS.early_stopping_patience,
         reduce_lr_on_plateau=FLAGS.reduce_lr_on_plateau,
@@ -233,6 +286,14 @@ def main(argv: list[str]) -> None:
         converge_head=FLAGS.converge_head,
         refit=FLAGS.refit,
         head_solver=FLAGS.head_solver,
+        optimizer=FLAGS.optimizer,
+        layer_decay=FLAGS.layer_decay,
+        unfreeze_stages=FLAGS.unfreeze_stages,
+        schedule=FLAGS.schedule,
+        warmup_epochs=FLAGS.warmup_epochs,
+        ema=FLAGS.ema,
+        ema_momentum=FLAGS.ema_momentum,
+        mixed_precision=FLAGS.mixed_precision,
         distribution=DistributeConfig(
             FLAGS.distribution, cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu
         ),

@@ -225,6 +225,21 @@ def parse_candidates(text: str, default_weights: str | None = "imagenet") -> lis
     return out
 
 
+def parse_learning_rate(text: str) -> float | str:
+    """``auto`` (the LR finder's suggestion, ``tlkeras.train``) or a positive number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(
+            f"--learning_rate: expected auto or a finite number > 0, received {text!r}"
+        )
+    return value
+
+
 def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
     """``auto`` | ``none`` | ``"0:1.0,1:3.5"`` as ``TrainConfig.class_weight``."""
     if text is None or text.strip().lower() in ("", "none"):

@@ -144,7 +144,11 @@ def _build(spec: ModelSpec, backbone: str, base_name: str | None) -> keras.Model
     base.name = "backbone"
     L = keras.layers
     inputs = keras.Input(shape=input_shape, dtype="float32", name="image")
-    x = augment.build()(inputs) if augment else inputs
+    if augment:
+        with _dtype_policy("float32"):  # raw pixels; its training/inference branches must agree
+            x = augment.build()(inputs)
+    else:
+        x = inputs
     x = BackbonePreprocessing(backbone, spec=spec.to_dict(), name="preprocessing")(x)
     # BN's inference mode is set by trainable flags (tlkeras.strategy), not training=False here:
     # Keras 3 overrides a nested model's recorded training=False with the outer call's value.

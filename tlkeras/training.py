@@ -39,6 +39,7 @@ from tlkeras import (
     edge,
     features,
     layout,
+    lr_finder,
     report_html,
     reports,
     savedmodel,
@@ -50,10 +51,13 @@ from tlkeras import weights as weights_lib
 from tlkeras.blocks import blocks
 from tlkeras.calibration import expected_calibration_error
 from tlkeras.exported import load_exported, load_keras_model, read_images
+from tlkeras.lr_finder import LRFinderResult
 from tlkeras.model import AugmentConfig, HeadConfig, build_model, check_dtype_policy, get_spec
 from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is where users look)
+    FEATURE_EXTRACTION,
     FULL,
     PARTIAL,
+    SCRATCH,
     LogLearningRate,
     LossNotFinite,
     Phase,
@@ -693,6 +697,9 @@ SOURCE_FINE_TUNING: dict[str, Any] = {
     "reduce_lr_on_plateau": True,
 }
 DEFAULT_OUTPUT_ROOT = "runs"
+# learning_rate=AUTO: the LR finder's suggestion (tlkeras.lr_finder), its curve and numbers here.
+AUTO = "auto"
+LR_FIND_PNG, LR_FIND_JSON = "lr_find.png", "lr_find.json"
 DEFAULT_EXPORT_DIR = "saved_models"
 
 
@@ -776,6 +783,10 @@ def train(
         validation_data, validation_split, test_split, max_bad_fraction: as
             ``tlkeras.data.load``.
         config: a ``TrainConfig``; ``config_overrides`` (``epochs=3``…) apply on top of it.
+            ``learning_rate="auto"``: the LR finder's suggestion for the first phase
+            (``tlkeras.lr_finder``; ``lr_find.png``/``.json`` in the run directory,
+            ``learning_rate_finder`` in metrics.json). With the default L-BFGS head it sets the
+            fine-tuning rate (a tenth of it, unless ``fine_tune_learning_rate`` is given).
         output_dir: the run directory; default ``runs/<model_name>/<strategy>``.
         export_dir: SavedModel base directory (``<export_dir>/<model_name>/<version>``); ``None``
             skips the export.
@@ -797,6 +808,9 @@ def train(
             The head's output and the export's inputs stay float32.
     """
     check_dtype_policy(mixed_precision)
+    auto_lr = config_overrides.get("learning_rate") == AUTO
+    if auto_lr:  # found below, once the data and the model exist
+        config_overrides = {**config_overrides, "learning_rate": None}
     config = resolve_config(config, weights, **config_overrides)
     if isinstance(export_formats, str):
         export_formats = export_formats.split(",")
@@ -854,7 +868,10 @@ def train(
             train_bn=train_bn,
             dtype_policy=mixed_precision,
         )
-    return fit(
+    finder = None
+    if auto_lr:
+        config, finder = _auto_learning_rate(run_dir, model, data, config, overwrite, verbose)
+    result = fit(
         model,
         data,
         config,
@@ -868,6 +885,53 @@ def train(
             export_dir, model_name, data, export_formats, verbose, explain=export_explain
         ),
     )
+    if finder is not None and distribute.is_chief(strategy_tf):
+        result.metrics["learning_rate_finder"] = _save_finder(finder, result.run_dir)
+        reports.write_json(result.metrics, result.run_dir / reports.METRICS_JSON)
+    return result
+
+
+def _save_finder(finder: LRFinderResult, run_dir: Path) -> dict[str, Any]:
+    finder.plot(run_dir / LR_FIND_PNG)
+    record = {k: v for k, v in finder.to_dict().items() if k not in ("lrs", "losses", "raw_losses")}
+    reports.write_json(finder.to_dict(), run_dir / LR_FIND_JSON)
+    return record
+
+
+def _auto_learning_rate(
+    run_dir: Path,
+    model: keras.Model,
+    data: Any,
+    config: TrainConfig,
+    overwrite: bool,
+    verbose: int,
+) -> tuple[TrainConfig, LRFinderResult | None]:
+    """``config`` with the LR finder's suggestion (``tlkeras.lr_finder``), and the finder's result.
+
+    Resuming an unfinished run reuses the rate it was started with (its fingerprint): a new sweep
+    could differ in the last digit, and the run directory refuses a changed configuration.
+    """
+    state = read_state(run_dir) if run_dir.is_dir() else None
+    if not overwrite and state and state.get("status") not in ("done", "failed", "corrupt"):
+        started = state.get("fingerprint", {}).get("config", {}).get("learning_rate")
+        if started is not None:
+            return dataclasses.replace(config, learning_rate=float(started)), None
+    finder = lr_finder.find_lr(
+        model,
+        data,
+        strategy=_swept_strategy(model),
+        config=config,
+        fast=config.fast,
+        seed=config.seed,
+    )
+    if verbose:
+        print(f"learning_rate=auto: {finder.suggestion:.3g} ({finder.rule})")
+    return dataclasses.replace(config, learning_rate=finder.suggestion), finder
+
+
+def _swept_strategy(model: keras.Model) -> str:
+    """The first phase's strategy: the head warm-up, or ``scratch``'s one phase."""
+    return SCRATCH if get_spec(model).strategy == SCRATCH else FEATURE_EXTRACTION
 
 
 def _check_train_args(
@@ -907,17 +971,20 @@ def resolve_config(
     return dataclasses.replace(config or TrainConfig(), **overrides)
 
 
-def resolve_augment(augment: Any, data_source: Any, seed: int = 0) -> AugmentConfig | None:
+def resolve_augment(
+    augment: Any, data_source: Any, seed: int = 0, *, preset: str | None = None
+) -> AugmentConfig | None:
     """:func:`train`'s ``augment``: ``None`` is on (for the digits sources their own small shifts
     and turns, no flips: a flipped digit is another digit), ``True`` the defaults, ``False``
-    none, an ``AugmentConfig`` itself."""
+    none, an ``AugmentConfig`` itself. ``preset`` (``AugmentConfig.preset``) replaces the
+    preset of whatever is on."""
     if augment is None and data_lib.is_digits(data_source):
-        return dataclasses.replace(weights_lib.PRETRAIN_AUGMENT, seed=seed)
-    if augment is None:
-        augment = True
-    if augment is True:
-        return AugmentConfig(seed=seed)
-    return None if augment is False else augment
+        augment = dataclasses.replace(weights_lib.PRETRAIN_AUGMENT, seed=seed)
+    elif augment is None or augment is True:
+        augment = AugmentConfig(seed=seed)
+    elif augment is False:
+        return None
+    return augment if preset is None else dataclasses.replace(augment, preset=preset)
 
 
 def _tf_strategy(
