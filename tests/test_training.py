@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
+from conftest import MOBILENET_WEIGHTS, needs_shared_weights
 
 import tlkeras
 from tlkeras import data as data_lib
@@ -138,10 +140,10 @@ import sys
 import tlkeras
 from tlkeras import data, training
 d = data.load("digits:0-2", image_size=(32, 32), batch_size=64, seed=0)
-m = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-1, weights=None,
+m = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, weights=None,
                         input_shape=(32, 32, 3), backbone_kwargs={"alpha": 0.25})
 c = training.TrainConfig(epochs=2, fine_tune_epochs=EPOCHS2, early_stopping_patience=0,
-                        converge_head=False, head_solver="gradient")
+                        converge_head=False, head_solver="gradient", unfreeze_stages=2)
 r = training.fit(m, d, c, run_dir=sys.argv[1], verbose=0, report=False)
 print("FINISHED", r.metrics["accuracy"])
 """
@@ -155,18 +157,21 @@ def _backup_epoch(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_in_phase_two_resumes_in_phase_two(tmp_path):
-    epochs2 = 12
+def test_sigkill_mid_stage_of_gradual_unfreezing_resumes_in_that_stage(tmp_path):
+    # Gradual unfreezing (unfreeze_stages=2): phase 2 trains the last block, phase 3 the last two;
+    # each stage is a phase of the run directory, so a kill mid-stage resumes in that stage.
+    stage = 6
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(RESUME_SCRIPT).replace("EPOCHS2", str(epochs2)))
+    script.write_text(textwrap.dedent(RESUME_SCRIPT).replace("EPOCHS2", str(2 * stage)))
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_HOME": str(tmp_path / "kh")}
     cmd = [sys.executable, str(script), str(run)]
-    meta = run / "backup" / "phase2" / "training_metadata.json"
+    meta = run / "backup" / "phase3" / "training_metadata.json"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    # Kill once phase 2 has backed up two epochs (2 phase-1 epochs + 2): a latest and a previous.
-    while _backup_epoch(meta) < 4 and proc.poll() is None and time.monotonic() < deadline:
+    first = 2 + stage  # phase 3's first epoch
+    # Kill once phase 3 has backed up two epochs: a latest and a previous.
+    while _backup_epoch(meta) < first + 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, (
         "the run ended before it could be killed:\n" + proc.stdout.read().decode()
@@ -177,22 +182,31 @@ def test_sigkill_in_phase_two_resumes_in_phase_two(tmp_path):
     # The epoch of the previous backup, where the resume must fall back to (a kill between
     # Keras's writes of the latest weights and of their metadata leaves it at killed_at, not - 1).
     previous = _backup_epoch(meta.with_name(meta.name + ".bkp"))
-    assert killed_at < 2 + epochs2 and 2 <= previous <= killed_at
+    assert killed_at < first + stage and first <= previous <= killed_at
     state = json.loads((run / "run_state.json").read_text())
-    assert state["status"] == "running" and state["phases"]["1"]["done"]
+    assert state["status"] == "running" and state["phases"]["2"]["done"]
+    assert "3" not in state["phases"] or not state["phases"]["3"].get("done")
     # Corrupt the latest backup: the resume must fall back to the previous epoch's.
-    (run / "backup" / "phase2" / "latest.weights.h5").write_bytes(b"not hdf5")
+    (run / "backup" / "phase3" / "latest.weights.h5").write_bytes(b"not hdf5")
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "FINISHED" in out.stdout and "Resuming" in out.stdout
     state = json.loads((run / "run_state.json").read_text())
     assert state["status"] == "done" and state["resumes"] == 1
-    assert state["phases"]["2"]["resumed_at_epoch"] == previous
+    phases = state["phases"]
+    assert [phases[k]["name"] for k in "123"] == [
+        "head warm-up",
+        "fine-tuning 1/2",
+        "fine-tuning 2/2",
+    ]
+    # Top-down: the first stage trains fewer blocks than the last, which is the strategy's own.
+    assert phases["2"]["trainable_params"] < phases["3"]["trainable_params"]
+    assert phases["3"]["fine_tune_at"] == state["fingerprint"]["fine_tune_at"]
+    assert phases["3"]["resumed_at_epoch"] == previous
     history = json.loads((run / "history.json").read_text())
-    assert history["history"]["epoch"] == list(range(2 + epochs2))
-    assert history["history"]["phase"] == [1, 1] + [2] * epochs2
-    assert history["phase_boundary"] == 2
+    assert history["history"]["epoch"] == list(range(2 + 2 * stage))
+    assert history["history"]["phase"] == [1, 1] + [2] * stage + [3] * stage
 
 
 @pytest.mark.parametrize(
@@ -306,3 +320,50 @@ def test_every_run_writes_a_report_with_every_section(task, tmp_path):
         Page((run_dir / report_html.REPORT_HTML).read_text()).sections.keys()
         == page.sections.keys()
     )
+
+
+@needs_shared_weights
+def test_the_recipe_knobs_train_and_export_a_float32_in_model(tmp_path):
+    # Issue 15 end to end, in one run: mixed_bfloat16, learning_rate=auto, cosine with warm-up,
+    # per-block rates, EMA and mixup all train; the export takes float32 pixels and serves what
+    # the in-memory (EMA) model computes, to bfloat16's precision.
+    result = training.train(
+        "digits:0-2",
+        backbone="MobileNet",
+        backbone_kwargs={"alpha": 0.25},
+        weights=str(MOBILENET_WEIGHTS),
+        image_size=32,
+        strategy="full",
+        augment=training.resolve_augment(None, "digits:0-2", 0, preset="mixup"),
+        output_dir=tmp_path / "run",
+        export_dir=tmp_path / "saved_models",
+        model_name="m",
+        report=False,
+        verbose=0,
+        mixed_precision="mixed_bfloat16",
+        learning_rate="auto",
+        epochs=2,
+        fine_tune_epochs=3,
+        schedule="cosine",
+        warmup_epochs=1,
+        layer_decay=0.8,
+        ema=True,
+        ema_momentum=0.9,
+        early_stopping_patience=0,
+    )
+    metrics = result.metrics
+    finder = metrics["learning_rate_finder"]
+    assert 0 < finder["suggestion"] < 1 and (result.run_dir / training.LR_FIND_PNG).is_file()
+    head, tune = metrics["phases"]
+    assert head["learning_rate"] == pytest.approx(finder["suggestion"])
+    assert tune["learning_rate"] == pytest.approx(finder["suggestion"] / 10)
+    assert (tune["ema"], tune["layer_decay"], tune["schedule"]) == (True, 0.8, "cosine")
+    assert tlkeras.get_spec(result.model).dtype_policy == "mixed_bfloat16"
+    loaded = tf.saved_model.load(str(tmp_path / "saved_models" / "m" / "1"))
+    serve = loaded.signatures["serving_float"]
+    assert serve.structured_input_signature[1]["images"].dtype == tf.float32
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    served = serve(images=tf.constant(x))["probabilities"].numpy()
+    expected = np.asarray(result.model(x, training=False))
+    np.testing.assert_allclose(served, expected, atol=3e-2)
+    assert served.dtype == np.float32

@@ -11,8 +11,11 @@ Where each concept lives (each module imports only the ones above it in this lis
 - the run directory (file names, state, history logs):    ``tlkeras.rundir``, ``tlkeras.reports``
 - the fast frozen path (features computed once):          ``tlkeras.features``
 - many devices and machines (tf.distribute):              ``tlkeras.distribute``
+- augmentation presets (RandAugment, MixUp/CutMix):       ``tlkeras.augment``
+- optimizers (per-block learning rates, schedules, EMA):  ``tlkeras.optimizers``
 - phases (TrainConfig, Phase, the plan, run_phase):       ``tlkeras.phase``
 - weights (imagenet, a file, None, source: pre-training): ``tlkeras.weights``
+- the learning-rate range test (fastai's lr_find):        ``tlkeras.lr_finder``
 - a run (run directory, resume, reports, train()):        ``tlkeras.training``
 - strategy comparison and the offline transfer story:     ``tlkeras.transfer``
 - which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
@@ -39,6 +42,7 @@ from tlkeras.blocks import Block, block_names, blocks
 from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.edge import EdgeConfig, EdgeExportResult, export_edge, export_onnx, export_tflite
 from tlkeras.exported import load_exported
+from tlkeras.lr_finder import LRFinderResult, find_lr
 from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
 from tlkeras.phase import Phase, plan_phases, run_phase
 from tlkeras.savedmodel import ExportResult, export
@@ -59,6 +63,7 @@ __all__ = [
     "Distribution",
     "ExportResult",
     "HeadConfig",
+    "LRFinderResult",
     "ModelSpec",
     "Phase",
     "RunResult",
@@ -78,6 +83,7 @@ __all__ = [
     "export_edge",
     "export_onnx",
     "export_tflite",
+    "find_lr",
     "features",
     "fit",
     "get_backbone",
