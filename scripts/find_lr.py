@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
         label_smoothing=FLAGS.label_smoothing,
         fast=FLAGS.fast,
     )
-    result = lr_finder.find_lr_for(
+    result = training.find_lr_for(
         FLAGS.data,
         backbone=FLAGS.backbone,
         backbone_kwargs=cli.parse_kwargs(FLAGS.backbone_kwargs),
@@ -106,7 +106,6 @@ def main(argv: list[str]) -> None:
         image_size=FLAGS.image_size,
         strategy=strategy.value,
         fine_tune_at=FLAGS.fine_tune_at,
-        augment=training.resolve_augment(None, FLAGS.data, FLAGS.seed),  # as train.py's default
         validation_split=FLAGS.validation_split,
         test_split=FLAGS.test_split,
         max_bad_fraction=FLAGS.max_bad_fraction,
@@ -114,7 +113,6 @@ def main(argv: list[str]) -> None:
         min_lr=FLAGS.min_lr,
         max_lr=FLAGS.max_lr,
         steps=FLAGS.steps,
-        fast=FLAGS.fast,
         verbose=1,
     )
     plot = result.plot(FLAGS.output)

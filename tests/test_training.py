@@ -36,15 +36,15 @@ def test_class_weight_auto_is_balanced_from_train_counts():
     x = np.random.default_rng(0).integers(0, 255, (80, 32, 32, 3)).astype("uint8")
     y = np.array([0] * 60 + [1] * 20)
     data = data_lib.load((x, y), image_size=(32, 32), seed=0)
-    weights = training._class_weight(TrainConfig(class_weight="auto"), data, "multiclass")
+    weights = training.resolve_class_weight(TrainConfig(class_weight="auto"), data, "multiclass")
     n = data.counts["train"]
     total = sum(n.values())
     for i, name in enumerate(data.class_names):
         assert weights[i] == pytest.approx(total / (2 * n[name]))
     assert weights[1] > weights[0]
-    assert training._class_weight(TrainConfig(), data, "multiclass") is None
+    assert training.resolve_class_weight(TrainConfig(), data, "multiclass") is None
     with pytest.raises(ValueError, match="class indices"):
-        training._class_weight(TrainConfig(class_weight={5: 1.0}), data, "multiclass")
+        training.resolve_class_weight(TrainConfig(class_weight={5: 1.0}), data, "multiclass")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ fast path is valid (``tlkeras.features``): only the head trains, so a batch cost
 batches). The steepest descent (most negative d smoothed-loss / d log lr, up to the minimum) is
 recorded too. A loss that never falls below where that window starts is an error.
 
-:func:`suggest_learning_rate` is what ``tlkeras.train(learning_rate="auto")`` calls: the suggested
-learning rate of the run's first phase. :func:`find_lr_for` is ``scripts/find_lr.py``'s one call:
-load the data and build the model as ``tlkeras.train`` does, then :func:`find_lr`.
+:func:`suggest_learning_rate`: the suggested learning rate of a run's first phase.
+``tlkeras.training.find_lr_for`` (``scripts/find_lr.py``) loads the data and builds the model as
+``tlkeras.train`` does, then calls :func:`find_lr`; ``train(learning_rate="auto")`` runs it too.
 """
 
 from __future__ import annotations
@@ -28,14 +28,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlkeras import data as data_lib
 from tlkeras import features, reports
-from tlkeras import weights as weights_lib
-from tlkeras.blocks import blocks
-from tlkeras.model import AugmentConfig, HeadConfig, build_model
-from tlkeras.phase import FEATURE_EXTRACTION, FULL, PARTIAL, SCRATCH, Phase, TrainConfig
+from tlkeras.phase import (
+    FEATURE_EXTRACTION,
+    FULL,
+    PARTIAL,
+    SCRATCH,
+    Phase,
+    TrainConfig,
+    resolve_class_weight,
+)
 from tlkeras.spec import get_spec
-from tlkeras.strategy import Strategy, apply_strategy, check_fine_tune_at, scratch_batchnorm
+from tlkeras.strategy import Strategy, apply_strategy, scratch_batchnorm
 from tlkeras.task import encode_labels, infer, loss_for
 
 DEFAULT_MIN_LR = 1e-7
@@ -136,6 +140,11 @@ class LRFinderResult:
         return path
 
 
+def check_sweep(min_lr: Any, max_lr: Any, steps: Any) -> None:
+    """Refuse a bad sweep (``ValueError``) before any data is read."""
+    _check_args(min_lr, max_lr, steps, DEFAULT_DIVERGE_FACTOR, DEFAULT_SMOOTHING, True, 0)
+
+
 def _check_args(
     min_lr: Any, max_lr: Any, steps: Any, diverge_factor: Any, smoothing: Any, fast: Any, seed: Any
 ) -> None:
@@ -160,15 +169,6 @@ def _check_args(
         raise ValueError(f"fast: expected a bool, received {fast!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, received {seed!r}")
-
-
-def _class_weight(config: TrainConfig, data: Any) -> dict[int, float] | None:
-    """``config.class_weight`` as ``fit`` weighs the loss (``"auto"``: balanced on ``data``)."""
-    if config.class_weight is None:
-        return None
-    if config.class_weight == "auto":
-        return {int(k): float(v) for k, v in data.class_weight().items()}
-    return {int(k): float(v) for k, v in config.class_weight.items()}
 
 
 def _phase(strategy: str, fine_tune_at: int | None, config: TrainConfig, lr: float) -> Phase:
@@ -353,7 +353,7 @@ def find_lr(
         trained,
         batches.repeat(),  # cycles a split shorter than `steps` (reshuffled on each pass)
         lrs,
-        _class_weight(config, data),
+        resolve_class_weight(config, data, task),
         float(diverge_factor),
         float(smoothing),
     )
@@ -439,87 +439,3 @@ def suggest_learning_rate(
     if verbose:
         print(f"learning_rate=auto: {result.suggestion:.3g} ({result.rule}; {result.stop_reason})")
     return result.suggestion
-
-
-def find_lr_for(
-    data_source: Any,
-    *,
-    backbone: str = weights_lib.DEFAULT_BACKBONE,
-    backbone_kwargs: dict[str, Any] | None = None,
-    weights: str | None = weights_lib.SOURCE_PREFIX + weights_lib.DEFAULT_SOURCE,
-    image_size: int | tuple[int, int] | None = None,
-    strategy: str = FEATURE_EXTRACTION,
-    fine_tune_at: int | None = None,
-    augment: AugmentConfig | None = None,
-    validation_data: Any = None,
-    validation_split: float = data_lib.DataConfig.validation_split,
-    test_split: float = data_lib.DataConfig.test_split,
-    max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
-    config: TrainConfig | None = None,
-    min_lr: float = DEFAULT_MIN_LR,
-    max_lr: float = DEFAULT_MAX_LR,
-    steps: int = DEFAULT_STEPS,
-    fast: bool = True,
-    verbose: int = 0,
-) -> LRFinderResult:
-    """Load ``data_source`` and build the model as ``tlkeras.train`` does, then :func:`find_lr`.
-
-    The arguments mean what they mean to ``tlkeras.train`` (the same split, the same initial
-    weights for the same ``config.seed``); ``config`` gives ``batch_size``, ``seed``,
-    ``label_smoothing``, ``weight_decay`` and ``class_weight``. ``augment``: the model's
-    augmentation (``None``: none; ``tlkeras.training.resolve_augment`` gives train's default).
-    ``partial`` without ``fine_tune_at`` fine-tunes the top half of the blocks, as ``train`` does.
-    """
-    # Refuse bad sweep settings before data is read or weights are pre-trained.
-    _check_args(min_lr, max_lr, steps, DEFAULT_DIVERGE_FACTOR, DEFAULT_SMOOTHING, fast, 0)
-    config = config or TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config: expected a TrainConfig or None, received {config!r}")
-    strategy_enum = Strategy.parse(strategy)
-    if strategy_enum is not Strategy.PARTIAL or fine_tune_at is not None:
-        check_fine_tune_at(strategy_enum, fine_tune_at)
-    backbone_kwargs = weights_lib.backbone_kwargs_for(backbone, backbone_kwargs, weights)
-    size = weights_lib.image_size_for(image_size, weights, backbone)
-    keras.utils.set_random_seed(config.seed)  # as train(): the same head initialisation
-    data = data_lib.load(
-        data_source,
-        validation=validation_data,
-        image_size=size,
-        batch_size=config.batch_size,
-        validation_split=validation_split,
-        test_split=test_split,
-        seed=config.seed,
-        max_bad_fraction=max_bad_fraction,
-    )
-    if verbose:
-        print(data.summary())
-    resolved = weights_lib.resolve(
-        weights, backbone, backbone_kwargs, (*size, 3), progress=verbose > 0
-    )
-    # `partial` without a block: built frozen, then the top half (train's default_fine_tune_at).
-    default_block = strategy_enum is Strategy.PARTIAL and fine_tune_at is None
-    model = build_model(
-        backbone,
-        len(data.class_names),
-        strategy=Strategy.FEATURE_EXTRACTION if default_block else strategy_enum,
-        fine_tune_at=fine_tune_at,
-        weights=None if resolved is None else str(resolved),
-        input_shape=(*size, 3),
-        backbone_kwargs=backbone_kwargs,
-        head=HeadConfig(task="multilabel") if data.multilabel else HeadConfig(),
-        augment=augment,
-    )
-    if default_block:
-        fine_tune_at = max(1, len(blocks(model)) // 2)
-    return find_lr(
-        model,
-        data,
-        strategy=strategy_enum.value,
-        fine_tune_at=fine_tune_at,
-        config=config,
-        min_lr=min_lr,
-        max_lr=max_lr,
-        steps=steps,
-        fast=fast,
-        seed=config.seed,
-    )

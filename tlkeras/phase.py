@@ -559,6 +559,27 @@ def _fine_tuning_stages(
     return out
 
 
+def resolve_class_weight(config: TrainConfig, data: Any, task: str) -> dict[int, float] | None:
+    """``config.class_weight`` as Keras weighs the loss: ``"auto"`` balanced on ``data``'s training
+    counts, a dict checked against ``data``'s classes; ``None`` for none."""
+    if config.class_weight is None:
+        return None
+    if task == "multilabel":
+        raise ValueError(
+            "class_weight: expected None for a multilabel head (Keras weights whole examples by "
+            f"one class), received {config.class_weight!r}"
+        )
+    if config.class_weight == "auto":
+        return {int(k): float(v) for k, v in data.class_weight().items()}
+    n = len(data.class_names)
+    bad = [k for k in config.class_weight if int(k) >= n]
+    if bad:
+        raise ValueError(
+            f"class_weight: expected class indices in [0, {n - 1}], received {sorted(bad)}"
+        )
+    return {int(k): float(v) for k, v in config.class_weight.items()}
+
+
 class LossNotFinite(ValueError):
     """The loss became NaN or infinite: the learning rate is too large for this model."""
 

@@ -63,6 +63,7 @@ from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is
     Phase,
     TrainConfig,
     plan_phases,
+    resolve_class_weight,
     run_phase,
 )
 from tlkeras.rundir import (
@@ -116,25 +117,6 @@ class RunResult:
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow for a reproducible run."""
     keras.utils.set_random_seed(int(seed))
-
-
-def _class_weight(config: TrainConfig, data: Any, task: str) -> dict[int, float] | None:
-    if config.class_weight is None:
-        return None
-    if task == "multilabel":
-        raise ValueError(
-            "class_weight: expected None for a multilabel head (Keras weights whole examples by "
-            f"one class), received {config.class_weight!r}"
-        )
-    if config.class_weight == "auto":
-        return {int(k): float(v) for k, v in data.class_weight().items()}
-    n = len(data.class_names)
-    bad = [k for k in config.class_weight if int(k) >= n]
-    if bad:
-        raise ValueError(
-            f"class_weight: expected class indices in [0, {n - 1}], received {sorted(bad)}"
-        )
-    return {int(k): float(v) for k, v in config.class_weight.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,7 +594,9 @@ def fit(
     spec, strategy, fine_tune_at = _resolve_strategy(model, strategy, fine_tune_at)
     if data.validation is None:
         logger.warning("No validation split: early stopping and checkpoints monitor training loss.")
-    class_weight = _class_weight(config, data, infer(model)[0])  # fails before any file is made
+    class_weight = resolve_class_weight(
+        config, data, infer(model)[0]
+    )  # fails before any file is made
     phases = plan_phases(strategy, fine_tune_at, config, num_blocks=len(blocks(model)))
     scope = model.distribute_strategy  # the tf.distribute strategy the model was built in
     fingerprint = {
@@ -831,43 +815,27 @@ def train(
     strategy_tf, batch_size = _tf_strategy(distribution, config, verbose)
     if export_dir is not None and distribute.is_chief(strategy_tf):
         verify.prestart_verifier()  # its TensorFlow import overlaps the training
-    set_seed(config.seed)
-    data = data_lib.load(
+    data, model, fine_tune_at = _load_and_build(
         data_source,
-        validation=validation_data,
-        image_size=size,
-        batch_size=batch_size,
+        backbone=backbone,
+        backbone_kwargs=backbone_kwargs,
+        weights=weights,
+        size=size,
+        strategy=strategy_enum,
+        fine_tune_at=fine_tune_at,
+        head=head,
+        augment=augment,
+        train_bn=train_bn,
+        validation_data=validation_data,
         validation_split=validation_split,
         test_split=test_split,
-        seed=config.seed,
         max_bad_fraction=max_bad_fraction,
+        config=config,
+        batch_size=batch_size,
+        strategy_tf=strategy_tf,
+        mixed_precision=mixed_precision,
+        verbose=verbose,
     )
-    if verbose:
-        print(data.summary())
-    if data.multilabel and head.task != "multilabel":
-        head = dataclasses.replace(head, task="multilabel")
-    input_shape = (*size, 3)
-    if strategy_enum is Strategy.PARTIAL and fine_tune_at is None:
-        fine_tune_at = default_fine_tune_at(backbone, input_shape, backbone_kwargs)
-        if verbose:
-            print(f"partial: no fine_tune_at given; fine-tuning the top half ({fine_tune_at=})")
-    resolved = _resolve_weights(
-        weights, backbone, backbone_kwargs, input_shape, strategy_tf, verbose
-    )
-    with strategy_tf.scope():
-        model = build_model(
-            backbone,
-            len(data.class_names),
-            strategy=strategy_enum,
-            fine_tune_at=fine_tune_at,
-            weights=None if resolved is None else str(resolved),
-            input_shape=input_shape,
-            backbone_kwargs=backbone_kwargs,
-            head=head,
-            augment=augment,
-            train_bn=train_bn,
-            dtype_policy=mixed_precision,
-        )
     finder = None
     if auto_lr:
         config, finder = _auto_learning_rate(run_dir, model, data, config, overwrite, verbose)
@@ -932,6 +900,136 @@ def _auto_learning_rate(
 def _swept_strategy(model: keras.Model) -> str:
     """The first phase's strategy: the head warm-up, or ``scratch``'s one phase."""
     return SCRATCH if get_spec(model).strategy == SCRATCH else FEATURE_EXTRACTION
+
+
+def _load_and_build(
+    data_source: Any,
+    *,
+    backbone: str,
+    backbone_kwargs: dict[str, Any],
+    weights: Any,
+    size: tuple[int, int],
+    strategy: Strategy,
+    fine_tune_at: int | None,
+    head: HeadConfig,
+    augment: AugmentConfig | None,
+    train_bn: bool | None,
+    validation_data: Any,
+    validation_split: float,
+    test_split: float,
+    max_bad_fraction: float,
+    config: TrainConfig,
+    batch_size: int,
+    strategy_tf: tf.distribute.Strategy,
+    mixed_precision: str,
+    verbose: int,
+) -> tuple[Any, keras.Model, int | None]:
+    """:func:`train`'s data and model (and ``partial``'s block when none was given)."""
+    strategy_enum = strategy
+    set_seed(config.seed)
+    data = data_lib.load(
+        data_source,
+        validation=validation_data,
+        image_size=size,
+        batch_size=batch_size,
+        validation_split=validation_split,
+        test_split=test_split,
+        seed=config.seed,
+        max_bad_fraction=max_bad_fraction,
+    )
+    if verbose:
+        print(data.summary())
+    if data.multilabel and head.task != "multilabel":
+        head = dataclasses.replace(head, task="multilabel")
+    input_shape = (*size, 3)
+    if strategy_enum is Strategy.PARTIAL and fine_tune_at is None:
+        fine_tune_at = default_fine_tune_at(backbone, input_shape, backbone_kwargs)
+        if verbose:
+            print(f"partial: no fine_tune_at given; fine-tuning the top half ({fine_tune_at=})")
+    resolved = _resolve_weights(
+        weights, backbone, backbone_kwargs, input_shape, strategy_tf, verbose
+    )
+    with strategy_tf.scope():
+        model = build_model(
+            backbone,
+            len(data.class_names),
+            strategy=strategy_enum,
+            fine_tune_at=fine_tune_at,
+            weights=None if resolved is None else str(resolved),
+            input_shape=input_shape,
+            backbone_kwargs=backbone_kwargs,
+            head=head,
+            augment=augment,
+            train_bn=train_bn,
+            dtype_policy=mixed_precision,
+        )
+    return data, model, fine_tune_at
+
+
+def find_lr_for(
+    data_source: Any = DEFAULT_DATA,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    backbone_kwargs: dict[str, Any] | None = None,
+    weights: str | None = DEFAULT_WEIGHTS,
+    image_size: int | tuple[int, int] | None = None,
+    strategy: str = FEATURE_EXTRACTION,
+    fine_tune_at: int | None = None,
+    augment: Any = None,
+    validation_data: Any = None,
+    validation_split: float = data_lib.DataConfig.validation_split,
+    test_split: float = data_lib.DataConfig.test_split,
+    max_bad_fraction: float = data_lib.DataConfig.max_bad_fraction,
+    config: TrainConfig | None = None,
+    min_lr: float = lr_finder.DEFAULT_MIN_LR,
+    max_lr: float = lr_finder.DEFAULT_MAX_LR,
+    steps: int = lr_finder.DEFAULT_STEPS,
+    verbose: int = 0,
+) -> LRFinderResult:
+    """``tlkeras.find_lr`` on the data and model :func:`train` would load and build with the same
+    arguments (the same split and initial weights for the same ``config.seed``; ``augment`` as
+    ``train``'s). ``config`` gives ``batch_size``, ``seed``, ``fast``, ``label_smoothing``,
+    ``weight_decay``, ``optimizer``, ``layer_decay`` and ``class_weight``.
+    ``scripts/find_lr.py``'s one call."""
+    lr_finder.check_sweep(min_lr, max_lr, steps)  # before any data is read
+    config = resolve_config(config, weights)
+    strategy_enum = Strategy.parse(strategy)
+    head, augment = _check_train_args(
+        strategy_enum, fine_tune_at, weights, None, None, augment, data_source, config
+    )
+    data, model, fine_tune_at = _load_and_build(
+        data_source,
+        backbone=backbone,
+        backbone_kwargs=weights_lib.backbone_kwargs_for(backbone, backbone_kwargs, weights),
+        weights=weights,
+        size=weights_lib.image_size_for(image_size, weights, backbone),
+        strategy=strategy_enum,
+        fine_tune_at=fine_tune_at,
+        head=head,
+        augment=augment,
+        train_bn=None,
+        validation_data=validation_data,
+        validation_split=validation_split,
+        test_split=test_split,
+        max_bad_fraction=max_bad_fraction,
+        config=config,
+        batch_size=config.batch_size,
+        strategy_tf=tf.distribute.get_strategy(),
+        mixed_precision="float32",
+        verbose=verbose,
+    )
+    return lr_finder.find_lr(
+        model,
+        data,
+        strategy=strategy_enum.value,
+        fine_tune_at=fine_tune_at,
+        config=config,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        steps=steps,
+        fast=config.fast,
+        seed=config.seed,
+    )
 
 
 def _check_train_args(
