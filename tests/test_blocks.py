@@ -6,6 +6,7 @@ from conftest import small_input
 
 import tlkeras
 from tlkeras.blocks import STEM, TOP, _graph, resolve_block_index, split_backbone
+from tlkeras.optimizers import block_lr_multipliers
 
 # The natural unit each family must produce (a sample of expected block names).
 EXPECTED = {
@@ -84,6 +85,27 @@ def test_stem_first_top_last_and_real_units(split):
     assert max(len(b.layers) for b in body) < len(base.layers) / 2
     for expected in EXPECTED.get(name, []):
         assert expected in names, f"{name}: expected block {expected!r} in {names}"
+
+
+def test_per_block_learning_rates_cover_every_weight_and_decay_towards_the_stem(split):
+    # tlkeras.optimizers keys its table by variable path: every family must have unique paths, and
+    # a block's weights must not train faster than a later block's.
+    name, base, blocks = split
+    table = block_lr_multipliers(base, 0.5, backbone=name)
+
+    def paths(layers):
+        return {
+            v.path
+            for layer in layers
+            for sub in layer._flatten_layers(include_self=True)
+            for v in sub._trainable_variables
+        }
+
+    assert set(table) == paths(base.layers), f"{name}: weights without a multiplier"
+    by_block = [{table[p] for p in paths(b.layers)} for b in blocks]
+    for i, scales in enumerate(by_block):
+        assert scales <= {0.5 ** (len(blocks) - i)}, f"{name}: block {blocks[i].name} {scales}"
+    assert by_block[-1] <= {0.5}
 
 
 def test_blocks_of_a_built_model_are_cached_and_match():

@@ -55,12 +55,15 @@ def _trainable_kind(model: keras.Model) -> list:
     return out
 
 
-def block_lr_multipliers(model: keras.Model, decay: float) -> dict[str, float]:
+def block_lr_multipliers(
+    model: keras.Model, decay: float, backbone: str | None = None
+) -> dict[str, float]:
     """Learning-rate multipliers by ``variable.path``: 1 for the head, ``decay**(n - i)`` for block i.
 
     ``n`` is the number of blocks of the backbone (``tlkeras.blocks``): the last block gets
     ``decay``, block 0 (the stem) ``decay**n``. Weighted backbone layers that no block holds get
-    the stem's multiplier. ``decay=1`` gives 1 everywhere.
+    the stem's multiplier. ``decay=1`` gives 1 everywhere. ``backbone``: the table row of a bare
+    ``keras.applications`` model (as ``tlkeras.blocks``).
 
     Raises:
         ValueError: ``decay`` not in (0, 1], or two variables of the model share a path.
@@ -74,7 +77,7 @@ def block_lr_multipliers(model: keras.Model, decay: float) -> dict[str, float]:
         raise ValueError(
             f"block_lr_multipliers: expected unique variable paths, received duplicates {duplicates}"
         )
-    all_blocks = blocks(model)
+    all_blocks = blocks(model, backbone)
     n = len(all_blocks)
     by_id: dict[int, float] = {}
     for block in all_blocks:
