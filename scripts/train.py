@@ -242,9 +242,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
     strategy = Strategy.parse(FLAGS.strategy)
-    weights = cli.parse_weights(FLAGS.weights)
-    if strategy is Strategy.SCRATCH and not FLAGS["weights"].present:
-        weights = None  # scratch means random init; only an explicit --weights conflicts
+    weights = cli.weights_for_strategy(strategy.value, FLAGS.weights, FLAGS["weights"].present)
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
     augment = training.resolve_augment(
         FLAGS.augment, FLAGS.data, FLAGS.seed, preset=FLAGS.augment_preset

@@ -170,6 +170,14 @@ def parse_weights(text: str | None) -> str | None:
     return weights_lib.parse(text)
 
 
+def weights_for_strategy(strategy: str, text: str | None, given: bool) -> str | None:
+    """``--weights`` for ``--strategy``: ``scratch`` means random init, so only a ``--weights`` the
+    user gave (``given``) conflicts with it (the library then says so); else :func:`parse_weights`."""
+    if strategy == "scratch" and not given:
+        return None
+    return parse_weights(text)
+
+
 WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:TASK."
 
 

@@ -98,6 +98,21 @@ class _BlockLR:
     Keras hands ``update_step`` on the TensorFlow backend, per replica under ``tf.distribute``).
     """
 
+    def __init__(
+        self,
+        *args: Any,
+        lr_multipliers: Mapping[str, float] | None = None,
+        no_decay: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_block_lr(lr_multipliers)
+        if no_decay:
+            self.exclude_from_weight_decay(var_names=list(no_decay))
+
+    def get_config(self) -> dict[str, Any]:
+        return self._block_lr_config(super().get_config())
+
     def _init_block_lr(self, lr_multipliers: Mapping[str, float] | None) -> None:
         table = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
         bad = {k: v for k, v in table.items() if not v > 0}
@@ -185,40 +200,10 @@ class AdamW(_BlockLR, keras.optimizers.AdamW):
         **kwargs: ``keras.optimizers.AdamW``'s.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        lr_multipliers: Mapping[str, float] | None = None,
-        no_decay: list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_block_lr(lr_multipliers)
-        if no_decay:
-            self.exclude_from_weight_decay(var_names=list(no_decay))
-
-    def get_config(self) -> dict[str, Any]:
-        return self._block_lr_config(super().get_config())
-
 
 @keras.saving.register_keras_serializable(package="tlkeras")
 class SGD(_BlockLR, keras.optimizers.SGD):
     """``keras.optimizers.SGD`` with per-variable learning-rate multipliers (args as :class:`AdamW`)."""
-
-    def __init__(
-        self,
-        *args: Any,
-        lr_multipliers: Mapping[str, float] | None = None,
-        no_decay: list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_block_lr(lr_multipliers)
-        if no_decay:
-            self.exclude_from_weight_decay(var_names=list(no_decay))
-
-    def get_config(self) -> dict[str, Any]:
-        return self._block_lr_config(super().get_config())
 
 
 def check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
