@@ -208,3 +208,31 @@ print(defaults.curve_report(runs, {1: pair(40.0, 0.62, 45.0, 0.72)}, 10))
     assert "| 0 | 30.0 | 60.0 % | 25.0 | 65.0 % |" in met
     assert "first reaches it at budget 1 in 35.0 s, within half the recipe's 80.0 s (met)" in met
     assert "at budget 1 in 45.0 s, over half the recipe's 80.0 s (missed)" in missed
+
+
+def test_recipe_verdicts_follow_the_gain_and_the_seed_spread():
+    # benchmarks/recipe.py: a knob helps only beyond the spread of the seeds, on every data set.
+    code = """
+import recipe
+def runs(base, rows):
+    out = {"defaults": [{"accuracy": a, "seconds": 10.0} for a in base]}
+    out.update({k: [{"accuracy": a, "seconds": 20.0} for a in v] for k, v in rows.items()})
+    return out
+small = runs([0.80, 0.82, 0.84], {"ema": [0.90, 0.92, 0.94], "cosine": [0.80, 0.83, 0.83],
+                                  "mixup": [0.70, 0.71, 0.75]})
+medium = runs([0.90, 0.90, 0.90], {"ema": [0.905, 0.905, 0.905], "cosine": [0.95, 0.96, 0.97],
+                                   "mixup": [0.90, 0.90, 0.90]})
+j = recipe.judge(small)
+print(j["ema"]["verdict"], j["cosine"]["verdict"], j["mixup"]["verdict"], j["ema"]["time_ratio"])
+print(recipe.verdict_report({"a": {"runs": small}, "b": {"runs": medium}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    first, *table = out.stdout.splitlines()
+    assert first == "helps within the seed spread hurts 2.0"
+    rows = {line.split(" | ")[0].strip("| "): line for line in table if line.startswith("| ")}
+    # ema: +10 points with spread 2 on one set, +0.5 with spread 0 on the other: helps on both.
+    assert rows["ema"].endswith("| yes |") and "+10.0 / 2.0 (helps)" in rows["ema"]
+    assert rows["cosine"].endswith("| no |") and rows["mixup"].endswith("| no |")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from conftest import REPO, run_python
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
 
 SCRIPT = """
 import atexit, sys
@@ -19,21 +23,33 @@ cli.run(main, exit_now={exit_now})
 """
 
 
-def _run(tmp_path, exit_now: bool, code: int):
-    script = tmp_path / "script.py"
-    script.write_text(SCRIPT.format(repo=str(REPO), code=code, exit_now=exit_now))
-    return run_python(script, timeout=120)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The three runs below, started together: each mostly waits on its TensorFlow import."""
+    cases = {"exit_3": (True, 3), "exit_none": (True, None), "teardown": (False, None)}
+    procs = {}
+    for name, (exit_now, code) in cases.items():
+        script = tmp_path_factory.mktemp(name) / "script.py"
+        script.write_text(SCRIPT.format(repo=str(REPO), code=code, exit_now=exit_now))
+        procs[name] = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
 
 
-def test_exit_now_flushes_keeps_the_exit_code_and_skips_the_teardown(tmp_path):
-    out = _run(tmp_path, exit_now=True, code=3)
+def test_exit_now_flushes_keeps_the_exit_code_and_skips_the_teardown(runs):
+    out = runs["exit_3"]
     assert out.returncode == 3 and out.stdout == "result written"
-    out = _run(tmp_path, exit_now=True, code=None)
+    out = runs["exit_none"]
     assert out.returncode == 0 and "teardown ran" not in out.stdout
 
 
-def test_without_exit_now_the_interpreter_tears_down_as_usual(tmp_path):
-    out = _run(tmp_path, exit_now=False, code=None)
+def test_without_exit_now_the_interpreter_tears_down_as_usual(runs):
+    out = runs["teardown"]
     assert out.returncode == 0 and out.stdout == "result writtenteardown ran\n"
 
 

@@ -16,7 +16,7 @@ from conftest import MOBILENET_WEIGHTS, needs_shared_weights
 
 import tlkeras
 from tlkeras import data as data_lib
-from tlkeras import training
+from tlkeras import training, verify
 from tlkeras.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,5 +365,5 @@ def test_the_recipe_knobs_train_and_export_a_float32_in_model(tmp_path):
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     served = serve(images=tf.constant(x))["probabilities"].numpy()
     expected = np.asarray(result.model(x, training=False))
-    np.testing.assert_allclose(served, expected, atol=3e-2)
+    np.testing.assert_allclose(served, expected, atol=verify.MIXED_TOLERANCE["mixed_bfloat16"])
     assert served.dtype == np.float32

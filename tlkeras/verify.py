@@ -51,8 +51,10 @@ FLOAT_TOLERANCE = 1e-5
 BYTES_TOLERANCE = 1e-4
 # A model built under a mixed policy computes in 16 bits; the graph and the eager reference may run
 # different kernels (fused or not), so they agree only to that precision (bfloat16 keeps 8 bits of
-# mantissa, float16 11). Measured: MobileNet(0.25) mixed_bfloat16, 96 px, 0.009 on probabilities.
-MIXED_TOLERANCE = {"mixed_bfloat16": 3e-2, "mixed_float16": 1e-2}
+# mantissa, float16 11), amplified by confident softmax outputs. Measured on MobileNet(0.25)
+# mixed_bfloat16: 0.009 (ants/bees, 96 px) and 0.044 (digits, 32 px, EMA) on probabilities; the
+# float16 bound is scaled from it by the mantissa bits, not measured (no GPU here).
+MIXED_TOLERANCE = {"mixed_bfloat16": 1e-1, "mixed_float16": 2e-2}
 
 
 def tolerances(model: Any) -> tuple[float, float]:
