@@ -515,3 +515,18 @@ def test_run_phase_mixes_the_training_data_only_end_to_end(digits, strategy, fas
         assert "trained without mixing" in result.note
     else:
         assert "mixing" not in result.note
+
+
+@pytest.mark.parametrize("policy, scaled", [("mixed_float16", True), ("mixed_bfloat16", False)])
+def test_a_float16_model_gets_a_loss_scaled_optimizer_and_its_copy_too(policy, scaled):
+    # Keras's compile scales only a model whose own policy is mixed_float16: the fast path's
+    # suffix and the LR finder's clone are not built under it, so the phase's optimizer does.
+    model = tlkeras.build_model("MobileNet", 3, strategy="full", dtype_policy=policy, **SMALL)
+    phase = Phase("ft", "full", None, 1e-3, epochs=1)
+    for target in (model, keras.models.clone_model(model)):
+        optimizer = phase.optimizer(target)
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) is scaled
+    assert not isinstance(
+        phase.optimizer(tlkeras.build_model("MobileNet", 3, **SMALL)),
+        keras.optimizers.LossScaleOptimizer,
+    )

@@ -188,16 +188,6 @@ def _phase(strategy: str, fine_tune_at: int | None, config: TrainConfig, lr: flo
     )
 
 
-def _optimizer(phase: Phase, model: keras.Model, copy: keras.Model) -> keras.optimizers.Optimizer:
-    """``phase``'s optimizer for ``copy`` (its blocks give per-block rates), loss-scaled when
-    ``model`` computes in float16 as ``run_phase`` does (the cached suffix is float32, so
-    ``compile`` would not scale it)."""
-    optimizer = phase.optimizer(copy)
-    if getattr(model.dtype_policy, "name", None) == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
 def _copy(model: keras.Model) -> keras.Model:
     """A model of its own (new layers and variables) with ``model``'s weights: the sweep's changes,
     trainable flags and BatchNorm statistics included, never reach the caller's model."""
@@ -346,7 +336,8 @@ def find_lr(
             # In memory when it fits, else in a temporary file cache; reshuffled on every pass.
             batches = features.cache_features(prefix, train, seed=int(seed), shuffle=True)
             cached = True
-    trained.compile(optimizer=_optimizer(phase, model, copy), loss=loss)
+    # Its blocks give the per-block rates; a float16 copy is loss-scaled as run_phase's.
+    trained.compile(optimizer=phase.optimizer(copy), loss=loss)
 
     lrs = min_lr * (max_lr / min_lr) ** (np.arange(steps) / (steps - 1))
     recorded, smoothed, raw, why = _sweep(
@@ -407,6 +398,32 @@ def _result(
     )
 
 
+def find_first_phase_lr(
+    model: keras.Model,
+    data: Any,
+    config: TrainConfig | None = None,
+    *,
+    strategy: str | None = None,
+    steps: int = DEFAULT_STEPS,
+) -> LRFinderResult:
+    """:func:`find_lr` for a run's first phase, as ``tlkeras.train(learning_rate="auto")`` runs it.
+
+    Call it on the loaded ``data`` and the built ``model`` before training: the head warm-up
+    (``feature_extraction``, on cached features when ``config.fast``) for every strategy but
+    ``scratch``, whose one phase trains everything. ``strategy`` defaults to the model's own.
+    """
+    config = config or TrainConfig()
+    if strategy is None:
+        try:
+            strategy = get_spec(model).strategy
+        except (ValueError, AttributeError, KeyError):
+            strategy = FEATURE_EXTRACTION
+    swept = SCRATCH if Strategy.parse(strategy).value == SCRATCH else FEATURE_EXTRACTION
+    return find_lr(
+        model, data, strategy=swept, config=config, steps=steps, fast=config.fast, seed=config.seed
+    )
+
+
 def suggest_learning_rate(
     model: keras.Model,
     data: Any,
@@ -417,23 +434,9 @@ def suggest_learning_rate(
     plot: str | Path | None = None,
     verbose: int = 0,
 ) -> float:
-    """The learning rate of a run's first phase by :func:`find_lr`, for ``learning_rate="auto"``.
-
-    Call it on the loaded ``data`` and the built ``model`` before training: the head warm-up
-    (``feature_extraction``, on cached features when ``config.fast``) for every strategy but
-    ``scratch``, whose one phase trains everything. ``strategy`` defaults to the model's own.
-    ``plot``: also write the curve there. ``verbose``: print the suggestion and the rule.
-    """
-    config = config or TrainConfig()
-    if strategy is None:
-        try:
-            strategy = get_spec(model).strategy
-        except (ValueError, AttributeError, KeyError):
-            strategy = FEATURE_EXTRACTION
-    swept = SCRATCH if Strategy.parse(strategy).value == SCRATCH else FEATURE_EXTRACTION
-    result = find_lr(
-        model, data, strategy=swept, config=config, steps=steps, fast=config.fast, seed=config.seed
-    )
+    """The suggested learning rate of :func:`find_first_phase_lr`. ``plot``: also write the curve
+    there. ``verbose``: print the suggestion and the rule."""
+    result = find_first_phase_lr(model, data, config, strategy=strategy, steps=steps)
     if plot is not None:
         result.plot(plot)
     if verbose:

@@ -381,7 +381,8 @@ class Phase:
         """A fresh optimizer for this phase (a new phase never inherits moments from the last).
 
         Args:
-            model: the tlkeras model, needed for per-block learning rates (``layer_decay < 1``).
+            model: the tlkeras model, needed for per-block learning rates (``layer_decay < 1``);
+                a model computing in float16 gets a ``LossScaleOptimizer`` around the optimizer.
             steps_per_epoch: optimizer steps per epoch, needed by a schedule.
             epochs: the epochs a schedule spans (default ``self.epochs``).
         """
@@ -411,7 +412,7 @@ class Phase:
                 total_steps=int(epochs * steps_per_epoch),
                 warmup_steps=int(self.warmup_epochs * steps_per_epoch),
             )
-        return make_optimizer(
+        optimizer = make_optimizer(
             self.optimizer_name,
             learning_rate,
             self.weight_decay,
@@ -419,6 +420,20 @@ class Phase:
             ema=self.ema,
             ema_momentum=self.ema_momentum,
         )
+        if model is not None and computes_in_float16(model):
+            # float16 gradients underflow: scale the loss. Keras's compile does so only for a
+            # model whose own policy is mixed_float16; the fast path's suffix and the LR finder's
+            # copy are not built under it, so it is done here for every phase's model.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        return optimizer
+
+
+def computes_in_float16(model: keras.Model) -> bool:
+    """Whether a layer of ``model`` runs under ``mixed_float16`` (``build_model(dtype_policy=)``)."""
+    return any(
+        getattr(layer.dtype_policy, "name", None) == "mixed_float16"
+        for layer in model._flatten_layers(include_self=True)
+    )
 
 
 def plan_phases(
@@ -526,12 +541,7 @@ def _fine_tuning_stages(
             f"plan_phases: expected num_blocks (the backbone's block count) with "
             f"unfreeze_stages={stages}, received {num_blocks!r}"
         )
-    if stages > total:
-        raise ValueError(
-            f"TrainConfig.unfreeze_stages: expected at most fine_tune_epochs={total}, received "
-            f"{stages}"
-        )
-    first = 0
+    first = 0  # (stages <= total: TrainConfig refuses more stages than fine-tuning epochs)
     if strategy == PARTIAL:
         if fine_tune_at is None or not (-(num_blocks - 1) <= fine_tune_at <= num_blocks - 1):
             raise ValueError(
@@ -740,7 +750,7 @@ def run_phase(
     scheduled = phase.schedule != CONSTANT
     steps = _steps_per_epoch(train) if scheduled else None
     with scope.scope():  # optimizer and metric variables live on every replica
-        optimizer = _optimizer(phase, model, steps, epochs=epochs)
+        optimizer = phase.optimizer(model, steps, epochs=epochs)
         metrics = metrics_for(task, from_logits=from_logits)
     refit_optimizer = None
     if fast and phase.refit:
@@ -749,7 +759,7 @@ def run_phase(
         if scheduled and validation is not None:
             refit_steps = steps + _steps_per_epoch(validation)
         refit_optimizer = functools.partial(
-            _in_scope, scope, _optimizer, phase, model, refit_steps, epochs=epochs
+            _in_scope, scope, phase.optimizer, model, refit_steps, epochs=epochs
         )
     title = title or phase.name
     trainable = trainable_params(model)
@@ -806,16 +816,6 @@ def run_phase(
         refit=getattr(history, "fast_path", {}).get("refit"),
         solver=getattr(history, "fast_path", {}).get("solver"),
     )
-
-
-def _optimizer(phase: Phase, model: keras.Model, steps: int | None, *, epochs: int) -> Any:
-    """The phase's optimizer, loss-scaled when the model computes in float16 (its gradients
-    underflow otherwise). Keras's ``compile`` scales only for a model whose own policy is
-    ``mixed_float16``; the fast path's suffix model is built in float32, so wrap here."""
-    optimizer = phase.optimizer(model, steps, epochs=epochs)
-    if getattr(model.dtype_policy, "name", None) == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
 
 
 def _in_scope(scope: tf.distribute.Strategy, make: Callable[..., Any], *args, **kwargs) -> Any:

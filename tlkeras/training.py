@@ -57,7 +57,6 @@ from tlkeras.phase import (  # noqa: F401  (TrainConfig re-exported: training is
     FEATURE_EXTRACTION,
     FULL,
     PARTIAL,
-    SCRATCH,
     LogLearningRate,
     LossNotFinite,
     Phase,
@@ -884,22 +883,10 @@ def _auto_learning_rate(
         started = state.get("fingerprint", {}).get("config", {}).get("learning_rate")
         if started is not None:
             return dataclasses.replace(config, learning_rate=float(started)), None
-    finder = lr_finder.find_lr(
-        model,
-        data,
-        strategy=_swept_strategy(model),
-        config=config,
-        fast=config.fast,
-        seed=config.seed,
-    )
+    finder = lr_finder.find_first_phase_lr(model, data, config)
     if verbose:
         print(f"learning_rate=auto: {finder.suggestion:.3g} ({finder.rule})")
     return dataclasses.replace(config, learning_rate=finder.suggestion), finder
-
-
-def _swept_strategy(model: keras.Model) -> str:
-    """The first phase's strategy: the head warm-up, or ``scratch``'s one phase."""
-    return SCRATCH if get_spec(model).strategy == SCRATCH else FEATURE_EXTRACTION
 
 
 def _load_and_build(
