@@ -286,6 +286,21 @@ def test_shuffle_seeded_and_reshuffled_each_epoch():
     assert list(ids_of(d1.test)) == sorted(ids_of(d1.test))  # evaluation splits keep file order
 
 
+def test_training_batches_mix_classes_beyond_the_shuffle_buffer():
+    # Sorted by class (as a folder lists them) and 30x the shuffle buffer: without a permutation
+    # before the buffer, every batch held one or two classes (the CIFAR-10 fine-tuning collapse).
+    x, y = id_arrays((300, 300, 300, 300), size=2)
+    kw = {"image_size": (2, 2), "validation_split": 0.0, "test_split": 0.0, "batch_size": 40}
+    data = load((x, y), shuffle_buffer=40, **kw)
+    batches = [np.asarray(labels) for _, labels in data.train]
+    assert min(len(np.unique(b)) for b in batches) == 4  # every batch has all four classes
+    first_half = np.concatenate(batches[: len(batches) // 2])
+    assert np.bincount(first_half, minlength=4).min() > 100  # no class waits for the end
+    order = ids_of(data.ordered("train"))
+    assert [f"index {i}" for i in order] == data.items["train"]  # items follow the order
+    assert sorted(order) == list(range(1200)) and list(order) != sorted(order)
+
+
 def test_class_too_small_to_stratify():
     x, y = id_arrays((20, 20, 2))
     with pytest.raises(ValueError, match=r"smallest classes '2': \d"):

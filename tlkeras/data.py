@@ -992,6 +992,13 @@ def load(
         else:
             datasets[split] = None
             continue
+        if split == "train":
+            # A folder lists its files class by class, and the shuffle buffer is far smaller than
+            # a medium data set: without a seeded permutation first, batches came one or two
+            # classes at a time and end-to-end fine-tuning chased the current class (measured on
+            # CIFAR-10, 6,000 training images: 5.4 of 10 classes per batch, validation accuracy
+            # 0.69 -> 0.50 after one epoch). Keras's image_dataset_from_directory does the same.
+            idx = np.random.default_rng(config.seed).permutation(idx)
         datasets[split], ordered = _pipeline(p.make(idx), config, split == "train", len(idx))
         if split == "train":
             train_ordered = ordered
@@ -1102,6 +1109,53 @@ def _check_pools(pool: _Pool, all_pools: list[_Pool], config: DataConfig) -> lis
             ),
         )
     return skipped
+
+
+RESOLUTION_SAMPLE = 256  # files whose headers source_resolution reads (seeded sample)
+
+
+def source_resolution(
+    source: Any, *, sample: int = RESOLUTION_SAMPLE, seed: int = 0
+) -> tuple[int, int] | None:
+    """The median ``(height, width)`` of ``source``'s images before any resizing, or ``None`` when
+    it cannot be told cheaply (a TFDS set, an unreadable folder).
+
+    A folder is judged from the headers of a seeded sample of ``sample`` files (no decoding:
+    milliseconds); arrays from their shape; the embedded digits are 8x8. ``image_size="auto"``
+    (``tlkeras.weights.image_size_for``) uses it to pick an input size.
+    """
+    if isinstance(source, tuple) and len(source) == 2 and hasattr(source[0], "shape"):
+        shape = np.shape(source[0])
+        return (int(shape[1]), int(shape[2])) if len(shape) >= 3 else None
+    if not isinstance(source, str | os.PathLike):
+        return None
+    if is_digits(str(source)):
+        return (8, 8)
+    path = Path(source).expanduser()
+    if str(source).startswith("tfds:") or not path.is_dir():
+        return None
+    layout = _folder_layout(path) or {"train": path}
+    try:
+        files = _walk_files(str(layout["train"]))[0]
+    except ValueError:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(files), min(sample, len(files)), replace=False) if files else []
+    from PIL import Image
+
+    sizes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i in chosen:
+            try:
+                with Image.open(files[i]) as image:  # reads the header only
+                    sizes.append((image.height, image.width))
+            except Exception:  # not an image, or a bomb: the scan names it later
+                continue
+    if not sizes:
+        return None
+    height, width = np.median(np.array(sizes), axis=0)
+    return int(height), int(width)
 
 
 def is_digits(source: Any) -> bool:
