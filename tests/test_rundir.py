@@ -69,3 +69,22 @@ def test_to_jsonable_makes_strict_json(tmp_path):
     assert rundir.to_jsonable(obj) == {"1": [0.5, None], "p": str(tmp_path)}
     path = rundir.write_json(obj, tmp_path / "x.json")
     assert json.loads(path.read_text()) == {"1": [0.5, None], "p": str(tmp_path)}
+
+
+def test_kept_weights_names_the_phase_and_epoch_the_checkpoint_kept(tmp_path):
+    names = ["head warm-up", "fine-tuning"]
+    (tmp_path / rundir.phase_csv(1)).write_text("epoch,val_loss\n0,0.9\n")
+    (tmp_path / rundir.phase_csv(2)).write_text("epoch,val_loss\n1,1.2\n2,0.8\n3,0.8\n")
+    kept = rundir.kept_weights(tmp_path, names, "val_loss")
+    # Ties keep the first epoch: the checkpoint saves on strict improvement only.
+    assert (kept["phase"], kept["name"], kept["epoch"], kept["value"]) == (2, "fine-tuning", 3, 0.8)
+    assert kept["best_by_phase"] == {"1": 0.9, "2": 0.8} and "note" not in kept
+
+    (tmp_path / rundir.phase_csv(2)).write_text("epoch,val_loss\n1,1.2\n2,nan\n3,0.9\n")
+    kept = rundir.kept_weights(tmp_path, names, "val_loss")
+    assert (kept["phase"], kept["epoch"]) == (1, 1)  # a tie with phase 1 keeps phase 1
+    assert kept["note"] == (
+        "fine-tuning did not improve val_loss: phase 2 (fine-tuning) reached 0.9000 at best, "
+        "phase 1 (head warm-up) 0.9000; the model keeps phase 1's weights"
+    )
+    assert rundir.kept_weights(tmp_path, names, "accuracy") is None  # not logged

@@ -282,6 +282,16 @@ def _summary(c: ReportContent) -> str:
                 f"{_num(m['accuracy'], '.4f')} on {m.get('num_examples', '?')} images of {where}",
             )
         )
+    kept = m.get("kept")
+    if kept:  # which phase's weights the model holds; fine-tuning that only lost says so
+        rows.append(
+            (
+                "kept",
+                f"phase {kept['phase']} ({kept['name']}), epoch {kept['epoch']}, "
+                f"{kept['monitor']} {_num(kept['value'], '.4f')}"
+                + (f" — {kept['note']}" if kept.get("note") else ""),
+            )
+        )
     out = _table(("", ""), [(k, v) for k, v in rows])
     phases = m.get("phases") or []
     if phases:

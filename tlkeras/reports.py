@@ -264,6 +264,13 @@ def summary_text(metrics: Mapping[str, Any], *, max_classes: int = 20) -> str:
                 else ""
             )
         )
+    kept = metrics.get("kept")
+    if kept:
+        lines.append(
+            f"Kept: phase {kept['phase']} ({kept['name']}), epoch {kept['epoch']}, "
+            f"{kept['monitor']} {kept['value']:.4f}"
+            + (f" — {kept['note']}" if kept.get("note") else "")
+        )
     test = metrics
     if "accuracy" in test:
         where = test.get("evaluated_on")

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,48 @@ def merged_history(run_dir: str | Path, num_phases: int) -> tuple[dict[str, list
     if "epoch" in history:
         history["epoch"] = [int(e) for e in history["epoch"]]
     return history, boundary
+
+
+def kept_weights(
+    run_dir: str | Path, phase_names: Sequence[str], monitor: str
+) -> dict[str, Any] | None:
+    """Which phase and epoch the final model's weights come from, and whether fine-tuning lost.
+
+    The best-model checkpoint saves on strict improvement of ``monitor`` across every phase, so the
+    kept epoch is the first with the lowest value in the phase logs. ``None`` without logs. When a
+    phase after the kept one exists (fine-tuning never beat the head), ``"note"`` says so: the run
+    returns the earlier phase's model, and its summary must not read as a fine-tuned one.
+    """
+    run_dir = Path(run_dir)
+    best: dict[int, tuple[float, int]] = {}
+    for number in range(1, len(phase_names) + 1):
+        for row in read_phase_csv(run_dir / phase_csv(number)):
+            value = row.get(monitor)
+            if value is not None and math.isfinite(value):
+                if number not in best or value < best[number][0]:
+                    best[number] = (value, int(row["epoch"]) + 1)
+    if not best:
+        return None
+    phase = min(best, key=lambda n: (best[n][0], n))
+    value, epoch = best[phase]
+    out: dict[str, Any] = {
+        "phase": phase,
+        "name": phase_names[phase - 1],
+        "epoch": epoch,
+        "monitor": monitor,
+        "value": value,
+        "best_by_phase": {str(n): v for n, (v, _) in best.items()},
+    }
+    later = [n for n in best if n > phase]
+    if later:
+        their_best = min(best[n][0] for n in later)
+        names = ", ".join(f"{n} ({phase_names[n - 1]})" for n in later)
+        out["note"] = (
+            f"fine-tuning did not improve {monitor}: phase {names} reached {their_best:.4f} at "
+            f"best, phase {phase} ({phase_names[phase - 1]}) {value:.4f}; the model keeps phase "
+            f"{phase}'s weights"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
