@@ -26,9 +26,7 @@ flags.adopt_module_key_flags(cli)
 flags.DEFINE_string("backbone", audit.DEFAULT_BACKBONE, "A keras.applications model name.")
 flags.DEFINE_string("backbone_kwargs", "", "Backbone constructor arguments, e.g. alpha=0.25.")
 flags.DEFINE_string("weights", audit.DEFAULT_WEIGHTS, cli.WEIGHTS_HELP + " | none")
-flags.DEFINE_integer(
-    "image_size", None, "Square input size (default: the backbone's; 64 for source: weights)."
-)
+cli.define_image_size()
 flags.DEFINE_float(
     "duplicate_threshold",
     _A.duplicate_threshold,

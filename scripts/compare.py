@@ -55,7 +55,9 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"expected only --flags, received positional arguments {argv[1:]}")
     transfer.check_strategies(FLAGS.strategies)  # before any data loading or pre-training
     backbone_kwargs = cli.parse_kwargs(FLAGS.backbone_kwargs)
-    size, _ = weights_lib.image_size_for(FLAGS.image_size, FLAGS.weights, FLAGS.backbone)
+    size, _ = weights_lib.image_size_for(
+        FLAGS.image_size, FLAGS.weights, FLAGS.backbone, FLAGS.data
+    )
     config = TrainConfig(
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,

@@ -45,9 +45,7 @@ flags.DEFINE_string(
     "Backbone constructor arguments, e.g. alpha=0.25.",
 )
 flags.DEFINE_string("weights", training.DEFAULT_WEIGHTS, cli.WEIGHTS_HELP + " | none")
-flags.DEFINE_integer(
-    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
-)
+cli.define_image_size()
 flags.DEFINE_enum(
     "strategy",
     Strategy.FEATURE_EXTRACTION.value,

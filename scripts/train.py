@@ -60,9 +60,7 @@ flags.DEFINE_string(
     training.DEFAULT_WEIGHTS,
     "imagenet | none | PATH to a weights file | source:TASK (pre-train on a tlkeras task, e.g. source:digits:0-4).",
 )
-flags.DEFINE_integer(
-    "image_size", None, "Square input size (default: 32 for source: weights, else the backbone's)."
-)
+cli.define_image_size()
 flags.DEFINE_enum(
     "strategy", training.DEFAULT_STRATEGY, [s.value for s in Strategy], "Which blocks train."
 )

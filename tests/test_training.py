@@ -109,6 +109,28 @@ def test_partial_fine_tuning_trains_on_the_cached_block_boundary(digits, tmp_pat
     assert all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
 
 
+def test_a_run_whose_fine_tuning_only_loses_says_so(digits, tmp_path, capsys):
+    # A learning rate of 1 wrecks the backbone in one epoch (finite: MobileNet's ReLU6 bounds it).
+    model = tlkeras.build_model("MobileNet", 3, strategy="full", **SMALL)
+    config = TrainConfig(epochs=1, fine_tune_epochs=2, fine_tune_learning_rate=1.0)
+    result = training.fit(model, digits, config, run_dir=tmp_path / "run", verbose=1, report=False)
+    kept = result.metrics["kept"]
+    assert (kept["phase"], kept["name"], kept["epoch"], kept["monitor"]) == (
+        1,
+        "head warm-up",
+        1,
+        "val_loss",
+    )
+    losses = result.history["val_loss"]
+    assert kept["value"] == pytest.approx(losses[0]) and min(losses[1:]) > losses[0]
+    assert "fine-tuning did not improve val_loss" in kept["note"]
+    assert "keeps phase 1's weights" in kept["note"]
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    assert saved["kept"] == kept
+    out = capsys.readouterr().out
+    assert "Kept: phase 1 (head warm-up), epoch 1" in out and "did not improve" in out
+
+
 def test_fine_tune_at_without_partial_is_refused(digits, tmp_path):
     with pytest.raises(ValueError, match="fine_tune_at"):
         training.fit(

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from tlkeras import data as data_lib
 from tlkeras import weights as weights_lib
 from tlkeras.data import load
 from tlkeras.model import build_model
@@ -112,9 +113,11 @@ def test_parse_is_syntax_only(text, expected):
     "image_size, weights, expected",
     [
         (None, "source:digits:0-4", (64, 64)),
+        ("auto", "source:digits:0-4", (64, 64)),
         (None, "imagenet", (224, 224)),
         (None, None, (224, 224)),
         (96, "imagenet", (96, 96)),
+        ("96", "imagenet", (96, 96)),  # the flag's text
         ((64, 80), None, (64, 80)),
     ],
 )
@@ -122,10 +125,48 @@ def test_image_size_for(image_size, weights, expected):
     assert weights_lib.image_size_for(image_size, weights, "MobileNet") == expected
 
 
-@pytest.mark.parametrize("bad", [0, -3, (32,), (32, 0), "32", 2.5])
+@pytest.mark.parametrize("bad", [0, -3, (32,), (32, 0), "big", "auto2", 2.5])
 def test_image_size_for_rejects(bad):
-    with pytest.raises(ValueError, match="image_size: expected a positive int"):
+    with pytest.raises(ValueError, match="image_size: expected 'auto', a positive int"):
         weights_lib.image_size_for(bad, None, "MobileNet")
+
+
+@pytest.mark.parametrize(
+    "resolution, backbone, weights, expected",
+    [
+        ((32, 32), "MobileNet", "imagenet", 32 * -(-32 * weights_lib.AUTO_UPSCALE // 32)),
+        ((375, 500), "MobileNet", "imagenet", 224),  # photos: the backbone's default
+        ((8, 8), "MobileNet", None, 32),  # never under the backbone's minimum
+        ((8, 8), "Xception", None, 71),  # Xception's minimum
+        ((32, 32), "InceptionV3", None, 96),
+        ((150, 100), "EfficientNetB7", None, 320),  # 3x100 rounded up, under B7's 600
+        (None, "ResNet50", "imagenet", 224),  # unknown resolution: the default
+        ((32, 32), "MobileNet", "source:digits:0-4", 64),  # source: keeps its pre-training size
+    ],
+)
+def test_auto_image_size(resolution, backbone, weights, expected):
+    size, why = weights_lib.auto_image_size(resolution, backbone, weights)
+    assert size == expected and why
+
+
+def test_image_size_auto_reads_the_data(tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / label / f"{i}.png")
+    assert data_lib.source_resolution(tmp_path) == (30, 40)
+    size, why = weights_lib.choose_image_size("auto", "imagenet", "MobileNet", str(tmp_path))
+    assert size == (96, 96) and "30x40" in why  # 3 x 30 = 90, rounded up to 96
+    assert weights_lib.choose_image_size(64, "imagenet", "MobileNet", str(tmp_path)) == (
+        (64, 64),
+        None,
+    )
+    x = np.zeros((4, 20, 24, 3), np.uint8)
+    assert data_lib.source_resolution((x, np.zeros(4))) == (20, 24)
+    assert data_lib.source_resolution("digits:5-9") == (8, 8)
+    assert data_lib.source_resolution("tfds:mnist") is None  # not read here: the default
 
 
 def test_pretraining_prints_progress_once_and_not_when_cached(home, tmp_path, capsys):

@@ -285,7 +285,7 @@ def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, config: Ad
                 f"{data.image_size}), received {image_size!r}"
             )
         return data
-    size = image_size_for(image_size, weights, backbone)
+    size = image_size_for(image_size, weights, backbone, data)
     # Advice looks at every labelled image: no split is held out (nothing is trained here).
     return load(
         data,
@@ -513,7 +513,8 @@ def advise(
 
     Args:
         data: a ``tlkeras.data.ImageData`` or anything ``tlkeras.data.load`` accepts (then loaded
-            whole, at ``image_size``: default the backbone's size, 32 for ``source:`` weights).
+            whole, at ``image_size``: default ``"auto"``, chosen from the data's resolution by
+            ``tlkeras.weights.auto_image_size``).
         backbone: a ``tlkeras.backbone_names()`` entry.
         weights: ``"imagenet"``, a weights file, or ``"source:TASK"`` (``tlkeras.weights``).
         backbone_kwargs: constructor arguments, e.g. ``{"alpha": 0.25}``.

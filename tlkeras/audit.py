@@ -691,7 +691,7 @@ def audit_data(
             f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
         )
     backbone_kwargs = weights_lib.backbone_kwargs_for(spec.name, backbone_kwargs, weights)
-    size = weights_lib.image_size_for(image_size, weights, spec.name)
+    size = weights_lib.image_size_for(image_size, weights, spec.name, data_source)
     data = load(
         data_source,
         validation=validation_data,

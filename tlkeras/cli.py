@@ -203,11 +203,21 @@ def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
     flags.DEFINE_string(
         "weights", weights_lib.SOURCE_PREFIX + weights_lib.DEFAULT_SOURCE, weights_help
     )
-    flags.DEFINE_integer(
-        "image_size",
-        None,
-        "Square input size (default: 32 for source: weights, else the backbone's).",
-    )
+    define_image_size()
+
+
+IMAGE_SIZE_HELP = (
+    "Square input size in pixels, or auto: chosen from the data's resolution (the size source: "
+    "weights were pre-trained at; the backbone's default for photos; about 3x the short side of "
+    "small images such as CIFAR's 32 px). The run prints what it chose and why."
+)
+
+
+def define_image_size() -> None:
+    """``--image_size``: an int or ``auto`` (``tlkeras.weights.choose_image_size``)."""
+    from absl import flags
+
+    flags.DEFINE_string("image_size", weights_lib.AUTO_SIZE, IMAGE_SIZE_HELP)
 
 
 _CANDIDATE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9]*)\s*(?:\((.*)\))?\s*(?:@(.+))?\s*$")

@@ -273,7 +273,8 @@ def _sweep_data(data: Any, image_size: Any, weights: Any, backbone: str, **load_
                 f"received {image_size!r}"
             )
     else:
-        data = load(data, image_size=image_size_for(image_size, weights, backbone), **load_kwargs)
+        size = image_size_for(image_size, weights, backbone, data)
+        data = load(data, image_size=size, **load_kwargs)
     if data.validation is None:
         raise ValueError("data: expected a validation split to choose k on, received none")
     if data.multilabel:

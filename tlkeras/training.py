@@ -69,6 +69,7 @@ from tlkeras.rundir import (
     BACKUP_DIR,
     BEST_MODEL,
     check_run_dir,
+    kept_weights,
     merged_history,
     normal_fingerprint,
     phase_backup,
@@ -520,8 +521,12 @@ def _run_metrics(
     data_dict = run.data.to_dict() if hasattr(run.data, "to_dict") else {}
     scope = run.model.distribute_strategy
     fitted, why = _calibration(run, test)
+    kept = kept_weights(run.run_dir, [p.name for p in run.phases], run.monitor)
+    if kept and kept.get("note"):
+        logger.warning("%s", kept["note"])
     return {
         **_test_metrics(run, test),
+        "kept": kept,
         "calibration": fitted,
         **({"calibration_note": why} if why else {}),
         "class_names": list(run.data.class_names),
@@ -757,8 +762,10 @@ def train(
         weights: ``"imagenet"``, a weights file, ``None`` (random init; required by ``scratch``),
             or ``"source:TASK"`` (a backbone pre-trained on TASK by ``tlkeras.weights``; default
             ``"source:digits:0-4"``).
-        image_size: training/serving size; ``None``: 32 for ``source:`` weights, else the
-            backbone's default size.
+        image_size: training/serving size (an int, ``(height, width)``), or ``"auto"``/``None``:
+            chosen from the data's resolution (``tlkeras.weights.auto_image_size``: the size
+            ``source:`` weights were pre-trained at; the backbone's default for photos; about 3x
+            the short side of small images such as CIFAR's 32 px). The run prints the choice.
         strategy: ``scratch`` | ``feature_extraction`` | ``partial`` | ``full``.
         head: a ``HeadConfig``; or ``dropout`` alone to change the default head's dropout.
         augment: an ``AugmentConfig``, ``True`` (defaults), ``False``, or ``None``: on, except for
@@ -803,7 +810,9 @@ def train(
         strategy_enum, fine_tune_at, weights, head, dropout, augment, data_source, config
     )
     backbone_kwargs = weights_lib.backbone_kwargs_for(backbone, backbone_kwargs, weights)
-    size = weights_lib.image_size_for(image_size, weights, backbone)
+    size, why = weights_lib.choose_image_size(image_size, weights, backbone, data_source)
+    if why and verbose:
+        print(f"image_size=auto: {size[0]}x{size[1]} ({why})")
     model_name = model_name or model_name_for(data_source)
     run_dir = (
         Path(output_dir)
@@ -989,7 +998,7 @@ def find_lr_for(
         backbone=backbone,
         backbone_kwargs=weights_lib.backbone_kwargs_for(backbone, backbone_kwargs, weights),
         weights=weights,
-        size=weights_lib.image_size_for(image_size, weights, backbone),
+        size=weights_lib.image_size_for(image_size, weights, backbone, data_source),
         strategy=strategy_enum,
         fine_tune_at=fine_tune_at,
         head=head,

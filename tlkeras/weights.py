@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from tlkeras.backbones import check_file, file_problem, get_backbone
-from tlkeras.data import DIGITS, load
+from tlkeras.data import DIGITS, load, source_resolution
 from tlkeras.model import HeadConfig, build_model
 from tlkeras.phase import SCRATCH, Phase, run_phase
 from tlkeras.spec import AugmentConfig
@@ -253,13 +253,62 @@ def is_source(weights: Any) -> bool:
     return isinstance(weights, str) and weights.strip().startswith(SOURCE_PREFIX)
 
 
-def image_size_for(image_size: Any, weights: Any, backbone: str) -> tuple[int, int]:
-    """``image_size`` as ``(height, width)``; ``None`` is the source task's size for ``source:``
-    weights (what they were pre-trained at) and the backbone's default size otherwise."""
-    if image_size is None:
-        image_size = (
-            DEFAULT_IMAGE_SIZE if is_source(weights) else get_backbone(backbone).default_size
-        )
+AUTO_SIZE = "auto"
+# image_size="auto" for sources smaller than the backbone's default: this many times their short
+# side, rounded up to a multiple of 32 (BENCHMARKS.md, input_size: CIFAR-10's 32-px images at
+# 64, 96, 128 and 224 px, feature_extraction and full, 2 seeds each).
+AUTO_UPSCALE = 3
+
+
+def auto_image_size(
+    resolution: tuple[int, int] | None, backbone: str, weights: Any = None
+) -> tuple[int, str]:
+    """``(size, why)``: the square input size ``image_size="auto"`` chooses for images of median
+    ``resolution`` (``tlkeras.data.source_resolution``) on ``backbone``.
+
+    ``source:`` weights keep the size they were pre-trained at. Sources at least
+    ``default_size / AUTO_UPSCALE`` on their short side (photos) get the backbone's default size.
+    Smaller ones (CIFAR's 32 px) get ``AUTO_UPSCALE`` times their short side, rounded up to a
+    multiple of 32 and at least the backbone's minimum: upscaling 32-px images to 224 costs 49x the
+    compute of 32 px for a few points (measured; see ``AUTO_UPSCALE``).
+    """
+    spec = get_backbone(backbone)
+    if is_source(weights):
+        return DEFAULT_IMAGE_SIZE, "the size the source: weights were pre-trained at"
+    if resolution is None:
+        return spec.default_size, f"{spec.name}'s default (the data's resolution is not known)"
+    side = min(resolution)
+    seen = f"images of median {resolution[0]}x{resolution[1]} px"
+    if side * AUTO_UPSCALE >= spec.default_size:
+        return spec.default_size, f"{seen}: {spec.name}'s default"
+    size = max(spec.min_size, 32 * -(-side * AUTO_UPSCALE // 32))
+    return size, (
+        f"{seen}: {AUTO_UPSCALE}x their short side, rounded up to a multiple of 32 "
+        f"({spec.name}'s default {spec.default_size} would cost "
+        f"{(spec.default_size / size) ** 2:.1f}x the compute)"
+    )
+
+
+def image_size_for(
+    image_size: Any, weights: Any, backbone: str, data_source: Any = None
+) -> tuple[int, int]:
+    """``image_size`` as ``(height, width)``. ``None`` or ``"auto"``: :func:`auto_image_size` from
+    ``data_source``'s resolution (the backbone's default when it is not given or not known)."""
+    return choose_image_size(image_size, weights, backbone, data_source)[0]
+
+
+def choose_image_size(
+    image_size: Any, weights: Any, backbone: str, data_source: Any = None
+) -> tuple[tuple[int, int], str | None]:
+    """:func:`image_size_for` and why it chose that size (``None`` when ``image_size`` was given)."""
+    why = None
+    if image_size is None or image_size == AUTO_SIZE:
+        resolution = None
+        if data_source is not None and not is_source(weights):
+            resolution = source_resolution(data_source)
+        image_size, why = auto_image_size(resolution, backbone, weights)
+    if isinstance(image_size, str) and image_size.strip().isdigit():
+        image_size = int(image_size)
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         image_size = (int(image_size), int(image_size))
     if (
@@ -268,9 +317,10 @@ def image_size_for(image_size: Any, weights: Any, backbone: str) -> tuple[int, i
         or not all(isinstance(s, (int, np.integer)) and s > 0 for s in image_size)
     ):
         raise ValueError(
-            f"image_size: expected a positive int or (height, width), received {image_size!r}"
+            f"image_size: expected 'auto', a positive int or (height, width), received "
+            f"{image_size!r}"
         )
-    return int(image_size[0]), int(image_size[1])
+    return (int(image_size[0]), int(image_size[1])), why
 
 
 def resolve(
