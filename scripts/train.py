@@ -27,7 +27,7 @@ from tlkeras.data import DataConfig
 from tlkeras.distribute import DistributeConfig, Distribution
 from tlkeras.head_solver import SOLVERS
 from tlkeras.model import DTYPE_POLICIES, AugmentConfig, HeadConfig
-from tlkeras.optimizers import OPTIMIZERS, SCHEDULES
+from tlkeras.optimizers import OPTIMIZERS, TRAIN_SCHEDULES
 from tlkeras.spec import PRESETS
 from tlkeras.strategy import Strategy
 
@@ -131,11 +131,15 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "schedule",
     _C.schedule,
-    list(SCHEDULES),
-    "Learning-rate schedule of each phase: constant, or cosine decay over the phase's budget.",
+    list(TRAIN_SCHEDULES),
+    "Learning-rate schedule of each phase: auto (cosine after one warm-up epoch for fine-tuning "
+    "of 2+ epochs without --reduce_lr_on_plateau, constant otherwise), constant, or cosine decay "
+    "over the phase's budget.",
 )
 flags.DEFINE_integer(
-    "warmup_epochs", _C.warmup_epochs, "cosine only: linear warm-up epochs at each phase's start."
+    "warmup_epochs",
+    _C.warmup_epochs,
+    "Linear warm-up epochs at each cosine phase's start (auto: 0 means 1).",
 )
 flags.DEFINE_boolean(
     "ema",

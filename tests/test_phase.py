@@ -81,7 +81,7 @@ def test_config_defaults_and_fine_tune_learning_rate():
         ({"schedule": "step"}, ValueError),
         ({"warmup_epochs": -1, "schedule": "cosine"}, ValueError),
         ({"warmup_epochs": 1.0, "schedule": "cosine"}, TypeError),
-        ({"warmup_epochs": 1}, ValueError),  # warm-up needs the cosine schedule
+        ({"warmup_epochs": 1, "schedule": "constant"}, ValueError),  # warm-up needs a cosine
         ({"reduce_lr_on_plateau": True, "schedule": "cosine"}, ValueError),
         ({"ema": 1}, TypeError),
         ({"ema_momentum": 1.0}, ValueError),
@@ -104,9 +104,10 @@ def test_config_refuses_a_plateau_rule_on_a_schedule():
     assert (c.optimizer, c.layer_decay, c.schedule, c.warmup_epochs) == (
         "adamw",
         1.0,
-        "constant",
+        "auto",
         0,
     )
+    TrainConfig(reduce_lr_on_plateau=True, schedule="auto")  # auto: constant under plateaus
     assert (c.ema, c.ema_momentum, c.unfreeze_stages) == (False, 0.99, 1)
 
 

@@ -94,6 +94,7 @@ def test_partial_fine_tuning_trains_on_the_cached_block_boundary(digits, tmp_pat
         early_stopping_patience=0,
         converge_head=False,
         head_solver="gradient",  # exactly 2 + 2 epochs
+        schedule="constant",
     )
     frozen = tlkeras.blocks(model)[:-2]
     before = [np.array(w) for b in frozen for w in b.trainable_weights + b.non_trainable_weights]
@@ -259,6 +260,22 @@ def test_resolve_augment_digits_get_shifts_and_turns_without_flips():
     assert augment.flip == "none" and augment.translation > 0 and augment.seed == 4
     assert training.resolve_augment(None, "some/folder").flip != "none"
     assert training.resolve_augment(False, "digits:5-9") is None
+
+
+def test_resolve_augment_thumbnails_get_flips_only(tmp_path):
+    from PIL import Image
+
+    for side, folder in ((32, "thumbs"), (160, "photos")):
+        for label in ("a", "b"):
+            (tmp_path / folder / label).mkdir(parents=True)
+            Image.new("RGB", (side, side)).save(tmp_path / folder / label / "0.png")
+    thumbs = training.resolve_augment(None, str(tmp_path / "thumbs"), seed=2)
+    assert thumbs == tlkeras.AugmentConfig(
+        flip="horizontal", rotation=0.0, zoom=0.0, contrast=0.0, seed=2
+    )
+    photos = training.resolve_augment(None, str(tmp_path / "photos"), seed=2)
+    assert photos == tlkeras.AugmentConfig(seed=2)  # the light default
+    assert training.resolve_augment(True, str(tmp_path / "thumbs")) == tlkeras.AugmentConfig(seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

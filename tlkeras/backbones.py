@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -375,10 +376,14 @@ def build_backbone(
     args = {**spec.default_kwargs, **kwargs}
     try:
         # The constructors load "imagenet" through keras.utils.get_file and a path through
-        # model.load_weights, which reads both legacy .h5 and Keras 3 .weights.h5 files.
-        model = spec.constructor(
-            include_top=False, weights=weights, input_shape=input_shape, **args
-        )
+        # model.load_weights, which reads both legacy .h5 and Keras 3 .weights.h5 files. At a size
+        # they publish no weights for (image_size="auto" picks 96 for CIFAR), MobileNet and
+        # MobileNetV2 load their 224 ones, which fit any size: their warning says nothing useful.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will be loaded as the default")
+            model = spec.constructor(
+                include_top=False, weights=weights, input_shape=input_shape, **args
+            )
     except TypeError as e:
         raise TypeError(f"backbone_kwargs for {name}: {e}") from e
     except ValueError:

@@ -33,8 +33,11 @@ logger = logging.getLogger(__name__)
 
 ADAMW, SGD_NAME = "adamw", "sgd"
 OPTIMIZERS = (ADAMW, SGD_NAME)
-CONSTANT, COSINE = "constant", "cosine"
+CONSTANT, COSINE, AUTO_SCHEDULE = "constant", "cosine", "auto"
 SCHEDULES = (CONSTANT, COSINE)
+# What a TrainConfig may say: "auto" is cosine with warm-up for fine-tuning phases of two epochs or
+# more (not with ReduceLROnPlateau), constant otherwise (tlkeras.phase.plan_phases).
+TRAIN_SCHEDULES = (AUTO_SCHEDULE, CONSTANT, COSINE)
 SGD_MOMENTUM = 0.9
 # Decay only kernels: decaying biases and BN scale/offset hurts and is not what L2 intends.
 NO_DECAY = ("bias", "gamma", "beta")
