@@ -294,8 +294,8 @@ def score_exports(job: dict[str, Any]) -> dict[str, Any]:
                 predicted = np.array([classes.index(names[p]) for p in predicted])
             else:
                 predicted = np.argmax(probs[:, index], axis=1)
-        else:  # the recipe: one logit, classes in folder order
-            logits = np.asarray(loaded.serve(tf.constant(x)))[:, 0]
-            predicted = (logits > 0).astype(int)
+        else:  # the recipe: one logit (two classes) or one per class, in folder order
+            logits = np.asarray(loaded.serve(tf.constant(x)))
+            predicted = (logits[:, 0] > 0).astype(int) if logits.shape[1] == 1 else logits.argmax(1)
         out[name] = float(np.mean(predicted == y))
     return {"accuracy": out, "test_images": int(len(y))}

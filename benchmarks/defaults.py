@@ -65,7 +65,7 @@ flags.DEFINE_list(
     "curve; [] skips it.",
 )
 flags.DEFINE_string("output", str(REPO / "BENCHMARKS.md"), "Report to update; '' to skip.")
-flags.DEFINE_enum("worker", None, ["recipe", "score", "probe"], "Internal: one worker.")
+flags.DEFINE_enum("worker", None, ["recipe", "score", "probe", "advise"], "Internal: one worker.")
 flags.DEFINE_string("job", None, "Internal: the worker's job file (JSON).")
 FLAGS = flags.FLAGS
 
@@ -92,9 +92,10 @@ def _recipe(job: dict[str, Any]) -> dict[str, Any]:
         seed=job["seed"],
         verbose=False,
     )
+    num_classes = len(train_ds.class_names)
     train_ds = train_ds.cache().prefetch(tf.data.AUTOTUNE)
     validation_ds = validation_ds.cache().prefetch(tf.data.AUTOTUNE)
-    model, base_model = guide_model(config)
+    model, base_model = guide_model(config, num_classes)
     phases = [guide_fit(model, train_ds, validation_ds, 1e-3, config.epochs, config.patience)]
     if job["strategy"] != "feature_extraction":
         base_model.trainable = True  # the guide unfreezes the whole base ("full")
@@ -164,9 +165,31 @@ def _probe(job: dict[str, Any]) -> dict[str, Any]:
     return {"accuracy": float(np.mean(probe.predict(tx) == ty))}
 
 
+def _advise(job: dict[str, Any]) -> dict[str, Any]:
+    """The advisor's strategy and block on the pool (cifar10.py's partial row)."""
+    import tlkeras
+
+    config = BenchConfig.from_dict(job["config"])
+    advice = tlkeras.advise(
+        job["pool"],
+        "MobileNet",
+        weights=config.weights,
+        backbone_kwargs={"alpha": config.alpha},
+        image_size=config.image_size,
+    )
+    return {
+        "strategy": advice.strategy,
+        "fine_tune_at": advice.fine_tune_at,
+        "case": advice.case_name,
+        "num_blocks": advice.num_blocks,
+        "probe_gain": advice.probe_gain,
+    }
+
+
 def _worker(name: str, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    result = {"recipe": _recipe, "score": score_exports, "probe": _probe}[name](job)
+    workers = {"recipe": _recipe, "score": score_exports, "probe": _probe, "advise": _advise}
+    result = workers[name](job)
     write_result(job["result"], result)
 
 
@@ -174,7 +197,9 @@ def _worker(name: str, job_path: str) -> None:
 # The parent: spawn, time, score, report
 
 
-def _spawn_worker(name: str, job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
+def spawn_worker(name: str, job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
+    """Worker ``name`` (``recipe``, ``score``, ``probe``, ``advise``) on ``job`` in its own
+    process; (whole-process s, its result)."""
     job = {**job, "result": str(work / f"{tag}.json")}
     (work / f"{tag}.job.json").write_text(json.dumps(job))
     command = [sys.executable, str(HERE / "defaults.py"), f"--worker={name}"]
@@ -182,7 +207,8 @@ def _spawn_worker(name: str, job: dict[str, Any], work: Path, tag: str) -> tuple
     return seconds, json.loads((work / f"{tag}.json").read_text())
 
 
-def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
+def run_tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
+    """``scripts/train.py`` on ``job``'s pool as a user runs it; (whole-process s, its numbers)."""
     config = BenchConfig.from_dict(job["config"])
     run_dir = work / f"{tag}_run"
     command = [
@@ -209,21 +235,22 @@ def _tlkeras(job: dict[str, Any], work: Path, tag: str) -> tuple[float, dict]:
         "phase_s": [round(p["wall_time_s"], 2) for p in phases],
         "epochs": [p["epochs_run"] for p in phases],
         "refit": [p.get("refit") for p in phases],
+        "kept": metrics.get("kept"),
         "export_dir": str(work / tag / "model" / "1"),
     }
 
 
-def _pair(job: dict[str, Any], work: Path, tag: str) -> dict[str, dict[str, Any]]:
+def pair(job: dict[str, Any], work: Path, tag: str) -> dict[str, dict[str, Any]]:
     """Both contenders on ``job``, back to back, each a fresh process; then one scorer process."""
     export, naive = str(work / f"recipe_{tag}"), str(work / f"naive_{tag}")
-    seconds, result = _spawn_worker(
+    seconds, result = spawn_worker(
         "recipe", {**job, "export_dir": export, "naive_export_dir": naive}, work, f"recipe_{tag}"
     )
     seconds -= result["naive_export_s"]
     out = {"recipe": {**result, "seconds": seconds, "export": export, "naive": naive}}
-    seconds, result = _tlkeras(job, work, f"tlkeras_{tag}")
+    seconds, result = run_tlkeras(job, work, f"tlkeras_{tag}")
     out["tlkeras"] = {**result, "seconds": seconds, "export": result["export_dir"]}
-    _, scores = _spawn_worker(
+    _, scores = spawn_worker(
         "score",
         {
             **job,
@@ -427,7 +454,7 @@ def main(argv: list[str]) -> None:
             runs[strategy] = {name: [] for name in CONTENDERS}
             for seed in range(FLAGS.seeds):
                 job = {**base, "strategy": strategy, "seed": seed}
-                for name, result in _pair(job, work, f"{strategy}_{seed}").items():
+                for name, result in pair(job, work, f"{strategy}_{seed}").items():
                     runs[strategy][name].append(result)
                     print(strategy, seed, name, json.dumps(result), flush=True)
         for budget in budgets:
@@ -439,10 +466,10 @@ def main(argv: list[str]) -> None:
                     "seed": seed,
                     "config": {**base["config"], "fine_tune_epochs": budget},
                 }
-                for name, result in _pair(job, work, f"full{budget}_{seed}").items():
+                for name, result in pair(job, work, f"full{budget}_{seed}").items():
                     curve[budget][name].append(result)
                     print("full", budget, seed, name, json.dumps(result), flush=True)
-        _, probe = _spawn_worker("probe", base, work, "probe")
+        _, probe = spawn_worker("probe", base, work, "probe")
     text = report(runs, probe["accuracy"], counts, FLAGS.data, list(FLAGS.tlkeras_flags))
     if curve:
         text += "\n\n" + curve_report(runs, curve, config.fine_tune_epochs)

@@ -40,9 +40,9 @@ def _accuracy(model: keras.Model, ds: tf.data.Dataset) -> float:
     return float(np.mean((logits > 0) == (labels == 1)))
 
 
-def guide_model(config: BenchConfig) -> tuple[keras.Model, keras.Model]:
+def guide_model(config: BenchConfig, num_classes: int = 2) -> tuple[keras.Model, keras.Model]:
     """The guide's classifier and its frozen base: augmentation → preprocess → base → GAP →
-    Dropout(0.2) → Dense(1) logit."""
+    Dropout(0.2) → Dense(1) logit (two classes, as in the guide) or Dense(num_classes) logits."""
     size = (config.image_size, config.image_size)
     data_augmentation = keras.Sequential(
         [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.1)]
@@ -62,7 +62,7 @@ def guide_model(config: BenchConfig) -> tuple[keras.Model, keras.Model]:
     x = base_model(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(0.2)(x)
-    outputs = keras.layers.Dense(1)(x)
+    outputs = keras.layers.Dense(1 if num_classes == 2 else num_classes)(x)
     return keras.Model(inputs, outputs), base_model
 
 
@@ -74,11 +74,15 @@ def guide_fit(
     epochs: int,
     patience: int,
 ) -> tuple[keras.callbacks.History, float]:
-    """The guide's compile + fit, as it does it before and after unfreezing; (history, s)."""
+    """The guide's compile + fit, as it does it before and after unfreezing; (history, s).
+    More than two classes: the same with sparse categorical cross-entropy on the logits."""
+    binary = model.output_shape[-1] == 1
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(from_logits=True),
-        metrics=[keras.metrics.BinaryAccuracy()],
+        loss=keras.losses.BinaryCrossentropy(from_logits=True)
+        if binary
+        else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.BinaryAccuracy() if binary else "accuracy"],
     )
     stopping = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=patience, restore_best_weights=True
