@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import DEFAULT_DATA, DEFAULT_WEIGHTS, machine, write_section  # noqa: E402
 
-from tlkeras.distribute import loopback_tf_configs  # noqa: E402
+from tlkeras.fitting.distribute import loopback_tf_configs  # noqa: E402
 
 TRAIN = REPO / "scripts" / "train.py"
 SECTION = "distribute"

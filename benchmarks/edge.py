@@ -1,4 +1,4 @@
-"""Edge export (``tlkeras.edge``): which backbone families convert to which format, and what
+"""Edge export (``tlkeras.exports.edge``): which backbone families convert to which format, and what
 quantization costs a real fine-tuned MobileNet.
 
     python benchmarks/edge.py                     # both parts (~15 min on 2 cores)
@@ -66,8 +66,8 @@ FLAGS = flags.FLAGS
 
 def _photos(data: str, n: int, size: int, skip: int = 0):
     """``n`` real photos of ``data`` (both classes, interleaved), decoded as the export decodes."""
-    from tlkeras.exported import image_files
-    from tlkeras.signatures import reference_decode
+    from tlkeras.exports.loading import image_files
+    from tlkeras.exports.signatures import reference_decode
 
     classes = sorted(p for p in Path(data).iterdir() if p.is_dir())
     files = [image_files([c]) for c in classes]
@@ -80,9 +80,9 @@ def _family_worker(backbone: str, job: dict[str, Any]) -> None:
     import keras
     import numpy as np
 
-    from tlkeras import edge
-    from tlkeras.backbones import get_backbone
-    from tlkeras.model import build_model
+    from tlkeras.exports import edge
+    from tlkeras.models.backbones import get_backbone
+    from tlkeras.models.builder import build_model
 
     size = max(job["size"], get_backbone(backbone).min_size)
     keras.utils.set_random_seed(0)
@@ -201,8 +201,9 @@ def mobilenet(work: Path) -> str:
     import numpy as np
 
     import tlkeras
-    from tlkeras import edge, exported
-    from tlkeras.signatures import reference_decode
+    from tlkeras.exports import edge
+    from tlkeras.exports import loading as exported
+    from tlkeras.exports.signatures import reference_decode
 
     counts = make_holdout(FLAGS.data, 0.3, 0, work / "holdout")
     start = time.perf_counter()

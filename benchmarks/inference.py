@@ -51,8 +51,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     import tensorflow as tf
 
     import tlkeras
-    from tlkeras import data as data_lib
-    from tlkeras import signatures
+    from tlkeras.data import sources as data_lib
+    from tlkeras.exports import signatures
 
     n, repeats = (64, 2) if quick else (256, 5)
     weights = str(WEIGHTS) if WEIGHTS.is_file() else None

@@ -5,7 +5,7 @@
 
 The data is split once (``common.make_split``: train / validation for early stopping / held-out
 test). For every seed two workers run back to back, each in its own fresh process, through the
-library's one phase runner (``tlkeras.phase.run_phase``): the same head warm-up (phase 1, fast
+library's one phase runner (``tlkeras.fitting.phase.run_phase``): the same head warm-up (phase 1, fast
 path, the same seed), then phase 2 ``partial(fine_tune_at)`` at ``learning_rate / 10``:
 
 - ``cached``: ``Phase(fast=True)``: the frozen prefix runs once, to the block boundary (clean and
@@ -51,10 +51,10 @@ FLAGS = flags.FLAGS
 def _worker(mode: str, job_path: str) -> None:
     import keras
 
-    from tlkeras import data as data_lib
-    from tlkeras.model import AugmentConfig, build_model
-    from tlkeras.phase import FEATURE_EXTRACTION, PARTIAL, Phase, run_phase
-    from tlkeras.task import encode_labels
+    from tlkeras.data import sources as data_lib
+    from tlkeras.fitting.phase import FEATURE_EXTRACTION, PARTIAL, Phase, run_phase
+    from tlkeras.models.builder import AugmentConfig, build_model
+    from tlkeras.models.task import encode_labels
 
     job = json.loads(Path(job_path).read_text())
     config = BenchConfig.from_dict(job["config"])

@@ -9,10 +9,10 @@ runs in its own process (its timings untouched by the other's caches, its peak R
 order for every seed, back to back:
 
 - ``peer``: the Keras guide's recipe (``benchmarks/peer.py``), frozen phase then fine-tuning;
-- ``tlkeras_frozen``: ``tlkeras.training.train(strategy="feature_extraction")`` with its default
+- ``tlkeras_frozen``: ``tlkeras.workflows.training.train(strategy="feature_extraction")`` with its default
   augmentation (fast frozen path, cached augmented views);
 - ``tlkeras_frozen_clean``: the same without augmentation (fast path, one clean cached pass);
-- ``tlkeras_two_phase``: ``tlkeras.training.train(strategy="full")`` (frozen, then fine-tuning).
+- ``tlkeras_two_phase``: ``tlkeras.workflows.training.train(strategy="full")`` (frozen, then fine-tuning).
 
 Plus the lower bound (one forward pass of the backbone over the training images) and the exported
 model's throughput (``benchmarks/inference.py``, owned by the export work).
@@ -75,7 +75,7 @@ FLAGS = flags.FLAGS
 class _Timer:
     """Accumulates the seconds spent in one function, patched on its owner (instrumentation only).
 
-    The tlkeras workers time ``tlkeras.features.cache_features`` (the fast path's one-off feature
+    The tlkeras workers time ``tlkeras.fitting.features.cache_features`` (the fast path's one-off feature
     pass) and ``ModelCheckpoint._save_model`` (the per-epoch best-model checkpoint), to say where a
     phase's time goes.
     """
@@ -97,7 +97,8 @@ class _Timer:
 
 
 def _run_tlkeras(job: dict[str, Any], strategy: str, augment: bool) -> dict[str, Any]:
-    from tlkeras import features, training
+    from tlkeras.fitting import features
+    from tlkeras.workflows import training
 
     config = BenchConfig.from_dict(job["config"])
     import keras
@@ -156,7 +157,8 @@ def _validation_accuracy(model: Any, split_dir: str, config: BenchConfig) -> flo
     """Accuracy of a trained tlkeras model on the validation folder (tlkeras's own decoding)."""
     import numpy as np
 
-    from tlkeras import data, reports
+    from tlkeras.data import sources as data
+    from tlkeras.fitting import reports
 
     val = data.load(
         str(Path(split_dir) / "val"),
@@ -463,7 +465,7 @@ def profile(runs: dict[str, list[dict]]) -> str:
     )
     return (
         f"{table}\n\nThe checkpoint column is `ModelCheckpoint` saving the *full* model "
-        "(`_FullModelCheckpoint` in `tlkeras/training.py`) after every improving epoch; once the "
+        "(`_FullModelCheckpoint` in `tlkeras/workflows/training.py`) after every improving epoch; once the "
         "features are cached an epoch of head training costs far less than that save."
     )
 
@@ -695,7 +697,7 @@ inference mode after `base_model.trainable = True`. In Keras 3 the outer `fit`'s
 overrides that recorded argument, so the peer's BN layers update their moving statistics during
 fine-tuning: the largest change of a BN moving mean over fine-tuning in this run was
 {drift:.3g} (0 would mean inference mode held). tlkeras freezes BN through trainable flags instead
-(`tlkeras/strategy.py`; `tests/test_strategy.py::test_keras_overrides_a_nested_training_false`), so
+(`tlkeras/models/strategy.py`; `tests/test_strategy.py::test_keras_overrides_a_nested_training_false`), so
 its fine-tuning keeps the ImageNet statistics unless `train_bn=True`.
 """
 

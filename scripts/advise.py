@@ -2,7 +2,7 @@
 
 One forward pass of the frozen pretrained backbone (and one of the same architecture with random
 weights) over the labelled images gives a linear-probe gain and LogME scores; with the image count
-they pick one of four cases (``tlkeras.advisor``). With no flags it runs offline on digits 5-9 with a
+they pick one of four cases (``tlkeras.analysis.advisor``). With no flags it runs offline on digits 5-9 with a
 MobileNet(alpha=0.25) pre-trained on digits 0-4.
 
     python scripts/advise.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\
@@ -20,7 +20,8 @@ from pathlib import Path
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import advisor, cli
+from tlkeras import cli
+from tlkeras.analysis import advisor
 
 _A = advisor.AdvisorConfig()
 

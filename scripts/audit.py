@@ -1,7 +1,7 @@
 """Audit an image dataset before training: near-duplicates, leaks across splits, suspected mislabels.
 
 Loads the data with the splits a training run with the same flags and seed makes, embeds every image
-with a frozen pretrained backbone (its pooled features) and prints what ``tlkeras.audit`` finds;
+with a frozen pretrained backbone (its pooled features) and prints what ``tlkeras.analysis.audit`` finds;
 writes it all to ``--output`` (``audit.json``).
 
     python scripts/audit.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\
@@ -13,8 +13,9 @@ from __future__ import annotations
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import audit, cli
-from tlkeras.data import DataConfig
+from tlkeras import cli
+from tlkeras.analysis import audit
+from tlkeras.data.sources import DataConfig
 
 _A = audit.AuditConfig()
 _D = DataConfig()

@@ -1,7 +1,7 @@
 """Train every strategy on the same data and split; print one table and plot it.
 
 With no flags it runs the offline transfer story: a MobileNet(alpha=0.25) pre-trained on digits 0-4
-(``tlkeras.weights``) is transferred to digits 5-9 with each strategy, next to ``scratch``.
+(``tlkeras.models.weights``) is transferred to digits 5-9 with each strategy, next to ``scratch``.
 
     python scripts/compare.py
     python scripts/compare.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\
@@ -17,11 +17,12 @@ from __future__ import annotations
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, transfer
-from tlkeras import weights as weights_lib
-from tlkeras.data import DataConfig, load
-from tlkeras.model import AugmentConfig
-from tlkeras.training import TrainConfig
+from tlkeras import cli
+from tlkeras.data.sources import DataConfig, load
+from tlkeras.models import weights as weights_lib
+from tlkeras.models.builder import AugmentConfig
+from tlkeras.workflows import transfer
+from tlkeras.workflows.training import TrainConfig
 
 _C = TrainConfig()
 _D = DataConfig()

@@ -5,7 +5,7 @@
 ``--model`` may also be the model's base directory (``saved_models/NAME``: the highest version), or an
 edge export (a ``.tflite``/``.onnx`` file or its folder, ``scripts/export.py --format``).
 Prints the per-class report and writes ``metrics.json`` and ``confusion.png`` to ``--output_dir``.
-``--tta=flip`` (or ``flip,crops``; ``tlkeras.tta``) scores the mean over test-time views and reports
+``--tta=flip`` (or ``flip,crops``; ``tlkeras.analysis.tta``) scores the mean over test-time views and reports
 the accuracy without and with them (``metrics.json``: ``tta``).
 """
 
@@ -16,8 +16,10 @@ from pathlib import Path
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, training, tta
-from tlkeras.data import DataConfig
+from tlkeras import cli
+from tlkeras.analysis import tta
+from tlkeras.data.sources import DataConfig
+from tlkeras.workflows import training
 
 flags.DEFINE_string(
     "model",

@@ -17,7 +17,7 @@ from ``--class_names``, the run's ``metrics.json`` or the SavedModel's labels. T
 is verified in a fresh process before its version directory appears. ``--temperature`` (a
 calibration temperature) and ``--tta`` (test-time views averaged) go into the SavedModel's graph
 and its ``metadata.json`` (``calibration``, ``tta``). ``--explain`` adds the ``explain`` signature
-(Grad-CAM heat maps, ``tlkeras.gradcam``) that ``scripts/predict.py --explain`` uses; off by default
+(Grad-CAM heat maps, ``tlkeras.analysis.gradcam``) that ``scripts/predict.py --explain`` uses; off by default
 as it costs time (MobileNet(0.25) at 224 px: export 2.1 -> 3.6 s, ``tf.saved_model.load`` 0.60 ->
 0.87 s).
 """
@@ -25,7 +25,10 @@ as it costs time (MobileNet(0.25) at 224 px: export 2.1 -> 3.6 s, ``tf.saved_mod
 from absl import flags, logging
 
 import tlkeras.cli
-from tlkeras import calibration, edge, exported, layout, savedmodel, signatures, training, tta
+from tlkeras.analysis import calibration, tta
+from tlkeras.exports import edge, layout, savedmodel, signatures
+from tlkeras.exports import loading as exported
+from tlkeras.workflows import training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -53,7 +56,7 @@ flags.DEFINE_float(
     "temperature",
     1.0,
     "Calibration temperature the signatures apply to the probabilities (logits / T; fit it on "
-    "validation data with tlkeras.calibration.fit_temperature); 1: unchanged.",
+    "validation data with tlkeras.analysis.calibration.fit_temperature); 1: unchanged.",
 )
 flags.DEFINE_string(
     "tta",

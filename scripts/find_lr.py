@@ -1,4 +1,4 @@
-"""Find a learning rate before training: the learning-rate range test (``tlkeras.lr_finder``).
+"""Find a learning rate before training: the learning-rate range test (``tlkeras.fitting.lr_finder``).
 
 Loads the data and builds the model as ``scripts/train.py`` does with the same flags, trains a copy
 for at most ``--steps`` batches while the learning rate grows from ``--min_lr`` to ``--max_lr``, and
@@ -21,9 +21,11 @@ from absl import flags
 from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, lr_finder, training
-from tlkeras.data import DataConfig
-from tlkeras.strategy import Strategy
+from tlkeras import cli
+from tlkeras.data.sources import DataConfig
+from tlkeras.fitting import lr_finder
+from tlkeras.models.strategy import Strategy
+from tlkeras.workflows import training
 
 _C = training.TrainConfig()
 _D = DataConfig()

@@ -7,10 +7,10 @@ export (``.tflite`` in LiteRT, ``.onnx`` in onnxruntime).
 ``--model`` is a model base directory (highest version), one version directory, or an edge export
 (its model file or folder; images are decoded as the SavedModel's serving graph decodes them). Prints the top-k
 classes per image; files that cannot be decoded are reported per file and make the exit code 1.
-``--tta=flip`` averages over test-time views (``tlkeras.tta``); ``--min_score=0.6`` shows "unknown"
+``--tta=flip`` averages over test-time views (``tlkeras.analysis.tta``); ``--min_score=0.6`` shows "unknown"
 for an image whose top score is below 0.6 (as ``scripts/serve.py``'s ``min_score``).
 
-``--explain`` also writes a Grad-CAM overlay per image (``tlkeras.gradcam``: where the evidence for
+``--explain`` also writes a Grad-CAM overlay per image (``tlkeras.analysis.gradcam``: where the evidence for
 its top class lies), as ``--explain_dir/<stem>.gradcam.png`` (default ``./explain/``, created if
 missing; ``<stem>-2`` and so on where two images share a stem; files of an earlier run with the same
 names are replaced), over the photo at its own size (longest side capped at 1024 px). The table and
@@ -24,7 +24,8 @@ import json
 from absl import flags
 
 import tlkeras.cli
-from tlkeras import calibration, exported, tta
+from tlkeras.analysis import calibration, tta
+from tlkeras.exports import loading as exported
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

@@ -1,4 +1,4 @@
-"""What the model learned, as one self-contained page (``report.html``; ``tlkeras.report_html``).
+"""What the model learned, as one self-contained page (``report.html``; ``tlkeras.workflows.report_html``).
 
     python scripts/report.py --run_dir=runs/hymenoptera/full            # rebuild a run's report
     python scripts/report.py --model=saved_models/hymenoptera --data=new_photos/ [--tta=flip]
@@ -15,8 +15,10 @@ from __future__ import annotations
 from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, training, tta
-from tlkeras.data import DataConfig
+from tlkeras import cli
+from tlkeras.analysis import tta
+from tlkeras.data.sources import DataConfig
+from tlkeras.workflows import training
 
 flags.DEFINE_string("run_dir", None, "A finished run directory: rebuild its report.html.")
 flags.DEFINE_string("model", None, "An export (SavedModel base or version directory) to score.")

@@ -7,13 +7,14 @@
 New versions are loaded and warmed up in the background and swapped in without a stall; concurrent
 requests are batched; SIGTERM finishes the requests in flight before exiting. Flag names follow
 TF Serving's model server where it has one. ``--min_score`` (or a request's ``"min_score"``) answers
-"unknown" for images whose top score is below it (``tlkeras.serving``).
+"unknown" for images whose top score is below it (``tlkeras.serving.app``).
 """
 
 from absl import flags
 
 import tlkeras.cli
-from tlkeras import batching, servables, server, serving
+from tlkeras.serving import app as serving
+from tlkeras.serving import batching, servables, server
 
 _B = batching.BatchingConfig()
 _S = serving.ServingConfig()

@@ -1,6 +1,6 @@
 """Sweep the freeze point k: validation accuracy against k, frozen vs fine-tuned, scratch baseline.
 
-For each k, blocks < k stay frozen and the rest trains on the fast frozen path (``tlkeras.sweep``);
+For each k, blocks < k stay frozen and the rest trains on the fast frozen path (``tlkeras.workflows.sweep``);
 ``--fine_tune`` then fine-tunes everything. Writes ``sweep.json``, ``sweep.csv`` and ``sweep.png``
 to ``--output_dir`` and prints the table and the recommended k. With no flags it runs offline on
 digits 5-9 with a MobileNet(alpha=0.25) pre-trained on digits 0-4.
@@ -16,9 +16,9 @@ from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
-from tlkeras.data import DataConfig
-from tlkeras.model import AugmentConfig
-from tlkeras.sweep import (
+from tlkeras.data.sources import DataConfig
+from tlkeras.models.builder import AugmentConfig
+from tlkeras.workflows.sweep import (
     DEFAULT_EPOCHS,
     DEFAULT_FINE_TUNE_LEARNING_RATE,
     DEFAULT_KS,

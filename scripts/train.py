@@ -1,7 +1,7 @@
 """Train and export an image classifier by transfer learning, in two phases.
 
 With no flags it runs the embedded offline default: a MobileNet(alpha=0.25) pre-trained on digits
-0-4 is transferred to digits 5-9 (``tlkeras.weights``), fine-tuned, scored on a held-out test split
+0-4 is transferred to digits 5-9 (``tlkeras.models.weights``), fine-tuned, scored on a held-out test split
 and exported as a SavedModel.
 
     python scripts/train.py
@@ -21,15 +21,17 @@ from absl import flags
 from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
-from tlkeras import cli, edge, training, transfer
-from tlkeras.augment import PRESET_HELP
-from tlkeras.data import DataConfig
-from tlkeras.distribute import DistributeConfig, Distribution
-from tlkeras.head_solver import SOLVERS
-from tlkeras.model import DTYPE_POLICIES, AugmentConfig, HeadConfig
-from tlkeras.optimizers import OPTIMIZERS, TRAIN_SCHEDULES
-from tlkeras.spec import PRESETS
-from tlkeras.strategy import Strategy
+from tlkeras import cli
+from tlkeras.data.augment import PRESET_HELP
+from tlkeras.data.sources import DataConfig
+from tlkeras.exports import edge
+from tlkeras.fitting.distribute import DistributeConfig, Distribution
+from tlkeras.fitting.head_solver import SOLVERS
+from tlkeras.fitting.optimizers import OPTIMIZERS, TRAIN_SCHEDULES
+from tlkeras.models.builder import DTYPE_POLICIES, AugmentConfig, HeadConfig
+from tlkeras.models.spec import PRESETS
+from tlkeras.models.strategy import Strategy
+from tlkeras.workflows import training, transfer
 
 _C = training.TrainConfig()
 _D = DataConfig()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(report_dir: str, distribution: str, kwargs_json: str = "{}") -> None:
-    from tlkeras.distribute import DistributeConfig, make_strategy
+    from tlkeras.fitting.distribute import DistributeConfig, make_strategy
 
     kwargs = json.loads(kwargs_json)
     cpu_replicas = kwargs.pop("cpu_replicas", None)
@@ -28,8 +28,8 @@ def main(report_dir: str, distribution: str, kwargs_json: str = "{}") -> None:
     import numpy as np
 
     import tlkeras
-    from tlkeras import distribute
-    from tlkeras.data import load
+    from tlkeras.data.sources import load
+    from tlkeras.fitting import distribute
 
     task_type, task_id = distribute.worker_id(strategy)
     name = f"{task_type}{task_id}" if task_type else "local"

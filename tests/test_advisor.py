@@ -1,4 +1,4 @@
-"""Tests for tlkeras.advisor: the case table, LogME, the probe, ranking, and scripts/advise.py."""
+"""Tests for tlkeras.analysis.advisor: the case table, LogME, the probe, ranking, and scripts/advise.py."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from conftest import (
     run_python,
 )
 
-from tlkeras import advisor, cli
-from tlkeras.advisor import AdvisorConfig, Case
+from tlkeras import cli
+from tlkeras.analysis import advisor
+from tlkeras.analysis.advisor import AdvisorConfig, Case
 
 ADVISE = REPO / "scripts" / "advise.py"
 
@@ -201,7 +202,7 @@ def test_advise_needs_pretrained_weights():
 
 @pytest.fixture(scope="module")
 def hymenoptera_128():
-    from tlkeras.data import load
+    from tlkeras.data.sources import load
 
     return load(HYMENOPTERA, image_size=128, validation_split=0.0, test_split=0.0)
 

@@ -1,4 +1,4 @@
-"""Tests for tlkeras.audit (near-duplicates, leaks, suspected mislabels), ImageData.items/ordered,
+"""Tests for tlkeras.analysis.audit (near-duplicates, leaks, suspected mislabels), ImageData.items/ordered,
 and scripts/audit.py."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, check_bad_flags_fail_in_one_line, run_python
 
-from tlkeras import audit
-from tlkeras.audit import AuditConfig, audit_features
-from tlkeras.data import decode_image, load
+from tlkeras.analysis import audit
+from tlkeras.analysis.audit import AuditConfig, audit_features
+from tlkeras.data.sources import decode_image, load
 
 AUDIT = REPO / "scripts" / "audit.py"
 CLASSES = ["a", "b", "c"]

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlkeras import augment, features
-from tlkeras.model import build_model
-from tlkeras.spec import PRESETS, AugmentConfig, HeadConfig, ModelSpec, get_spec
-from tlkeras.strategy import apply_strategy
-from tlkeras.task import encode_labels, loss_for, metrics_for
+from tlkeras.data import augment
+from tlkeras.fitting import features
+from tlkeras.models.builder import build_model
+from tlkeras.models.spec import PRESETS, AugmentConfig, HeadConfig, ModelSpec, get_spec
+from tlkeras.models.strategy import apply_strategy
+from tlkeras.models.task import encode_labels, loss_for, metrics_for
 
 SIZE = 32
 
@@ -146,7 +147,7 @@ def test_batch_mixer_keeps_sample_weights_and_checks_the_task():
 
 @pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
 def test_the_losses_take_soft_labels(task):
-    # tlkeras.task.loss_for is categorical / binary cross-entropy: dense targets, soft ones fine.
+    # tlkeras.models.task.loss_for is categorical / binary cross-entropy: dense targets, soft ones fine.
     loss = loss_for(task)
     assert not isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
     units = 1 if task == "binary" else 3

@@ -8,7 +8,7 @@ import pytest
 from conftest import MOBILENET_WEIGHTS, needs_shared_weights, run_python, small_input
 
 import tlkeras
-from tlkeras.backbones import BACKBONES, FAMILIES, PREPROCESS_MODES
+from tlkeras.models.backbones import BACKBONES, FAMILIES, PREPROCESS_MODES
 
 KERAS_APPLICATION_MODELS = sorted(n for n in dir(keras.applications) if n[0].isupper())
 
@@ -140,7 +140,7 @@ def test_missing_imagenet_weights_names_the_file(tmp_path):
 def test_a_bad_weights_file_is_named_with_what_is_wrong(tmp_path):
     import badfiles
 
-    from tlkeras.backbones import BadFileError, build_backbone, file_problem
+    from tlkeras.models.backbones import BadFileError, build_backbone, file_problem
 
     for name, path in badfiles.write_bad_weights(tmp_path).items():
         assert badfiles.BAD_WEIGHTS[name] in file_problem(path), name
@@ -160,7 +160,7 @@ def test_a_bad_weights_file_is_named_with_what_is_wrong(tmp_path):
 
 @needs_shared_weights
 def test_a_truncated_download_of_the_real_weights_reports_the_full_size(tmp_path):
-    from tlkeras.backbones import file_problem
+    from tlkeras.models.backbones import file_problem
 
     cut = tmp_path / MOBILENET_WEIGHTS.name
     cut.write_bytes(MOBILENET_WEIGHTS.read_bytes()[:1_000_000])
@@ -180,7 +180,7 @@ def test_a_truncated_file_in_the_keras_cache_is_named(tmp_path):
     cached = badfiles.truncated_keras_cache(tmp_path)
     proc = run_python("-c", _BAD_CACHE_SCRIPT, env={**os.environ, "KERAS_HOME": str(tmp_path)})
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("tlkeras.backbones.BadFileError: ImageNet weights for MobileNet")
+    assert last.startswith("tlkeras.models.backbones.BadFileError: ImageNet weights for MobileNet")
     assert f"the Keras cache file {str(cached)!r} is truncated: " in last
     assert "delete it and Keras downloads it again" in last
 
@@ -194,7 +194,7 @@ def test_a_truncated_file_in_the_keras_cache_is_named(tmp_path):
     ],
 )
 def test_backbone_kwargs_of_the_wrong_type_name_the_key_and_the_type(name, kwargs, match):
-    from tlkeras.backbones import build_backbone, check_backbone_kwargs
+    from tlkeras.models.backbones import build_backbone, check_backbone_kwargs
 
     with pytest.raises(ValueError, match=re.escape(match)):
         build_backbone(name, (32, 32, 3), None, **kwargs)

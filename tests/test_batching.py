@@ -1,4 +1,4 @@
-"""tlkeras.batching: concurrent calls gathered into batches, each caller gets its own rows."""
+"""tlkeras.serving.batching: concurrent calls gathered into batches, each caller gets its own rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tlkeras.batching import Batcher, BatcherClosedError, BatchingConfig, QueueFullError
+from tlkeras.serving.batching import Batcher, BatcherClosedError, BatchingConfig, QueueFullError
 
 
 class Recorder:

@@ -5,8 +5,8 @@ import pytest
 from conftest import small_input
 
 import tlkeras
-from tlkeras.blocks import STEM, TOP, _graph, resolve_block_index, split_backbone
-from tlkeras.optimizers import block_lr_multipliers
+from tlkeras.fitting.optimizers import block_lr_multipliers
+from tlkeras.models.blocks import STEM, TOP, _graph, resolve_block_index, split_backbone
 
 # The natural unit each family must produce (a sample of expected block names).
 EXPECTED = {
@@ -88,7 +88,7 @@ def test_stem_first_top_last_and_real_units(split):
 
 
 def test_per_block_learning_rates_cover_every_weight_and_decay_towards_the_stem(split):
-    # tlkeras.optimizers keys its table by variable path: every family must have unique paths, and
+    # tlkeras.fitting.optimizers keys its table by variable path: every family must have unique paths, and
     # a block's weights must not train faster than a later block's.
     name, base, blocks = split
     table = block_lr_multipliers(base, 0.5, backbone=name)

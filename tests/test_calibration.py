@@ -1,11 +1,11 @@
-"""tlkeras.calibration: ECE, reliability curves, temperature scaling, withholding low scores."""
+"""tlkeras.analysis.calibration: ECE, reliability curves, temperature scaling, withholding low scores."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tlkeras import calibration
+from tlkeras.analysis import calibration
 
 SHARPEN = 0.3  # the over-confident model's temperature: true logits / 0.3
 

@@ -1,4 +1,4 @@
-"""Tests for tlkeras.distribute and distributed training: settings, mirrored on two logical CPUs,
+"""Tests for tlkeras.fitting.distribute and distributed training: settings, mirrored on two logical CPUs,
 two workers on loopback ports (weights agree, only the chief exports) and a worker restart that
 resumes from the chief's backup. Each run is its own process (strategies fix TF's devices)."""
 
@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 from conftest import HYMENOPTERA, MOBILENET_WEIGHTS, needs_hymenoptera, needs_shared_weights
 
-from tlkeras import cli, distribute
-from tlkeras.distribute import DistributeConfig, Distribution
+from tlkeras import cli
+from tlkeras.fitting import distribute
+from tlkeras.fitting.distribute import DistributeConfig, Distribution
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"

@@ -1,4 +1,4 @@
-"""Tests for tlkeras.edge and tlkeras.edge_runtime: TFLite (every quantization) and ONNX exports,
+"""Tests for tlkeras.exports.edge and tlkeras.exports.edge_runtime: TFLite (every quantization) and ONNX exports,
 their verification and refusal, and scripts/export.py, predict.py and evaluate.py on them."""
 
 import json
@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO, SHARED, check_bad_flags_fail_in_one_line, run_python
 
 import tlkeras
-from tlkeras import edge, exported, savedmodel
-from tlkeras.signatures import _resolve_head, reference_decode
+from tlkeras.exports import edge, savedmodel
+from tlkeras.exports import loading as exported
+from tlkeras.exports.signatures import _resolve_head, reference_decode
 
 SIZE = 32
 CLASSES = ["ants", "bees"]
@@ -426,7 +427,7 @@ def test_export_bad_flags_exit_2_with_one_line(saved, tmp_path):
 
 
 def test_evaluate_output_folder_is_named_after_the_export_folder(tmp_path):
-    from tlkeras import training
+    from tlkeras.workflows import training
 
     edge_file = tmp_path / "m" / "edge" / "1" / "tflite_int8" / "model.tflite"
     edge_file.parent.mkdir(parents=True)
@@ -438,7 +439,7 @@ def test_evaluate_output_folder_is_named_after_the_export_folder(tmp_path):
 
 
 def test_edge_versions_sit_beside_the_savedmodel_versions(tmp_path):
-    from tlkeras import layout
+    from tlkeras.exports import layout
 
     assert layout.next_edge_version(tmp_path, "m") == 1
     (tmp_path / "m" / "2").mkdir(parents=True)

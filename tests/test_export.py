@@ -22,8 +22,10 @@ from conftest import (
 from tensorflow.core.framework import tensor_pb2
 
 import tlkeras
-from tlkeras import calibration, exported, layout, savedmodel, signatures, verify
-from tlkeras import data as data_lib
+from tlkeras.analysis import calibration
+from tlkeras.data import sources as data_lib
+from tlkeras.exports import layout, savedmodel, signatures, verify
+from tlkeras.exports import loading as exported
 
 SIZE = (32, 32)
 
@@ -47,7 +49,7 @@ def jpegs(n: int = 3, size: tuple[int, int] = (40, 56)) -> list[bytes]:
 
 
 def pixels_of(images: list[bytes]) -> np.ndarray:
-    """The training pipeline's decoding (tlkeras.data) of ``images`` as float32."""
+    """The training pipeline's decoding (tlkeras.data.sources) of ``images`` as float32."""
     return np.stack([data_lib.decode_image(tf.constant(b), SIZE).numpy() for b in images]).astype(
         "float32"
     )
@@ -278,7 +280,7 @@ KILL_MID_WRITE = textwrap.dedent(
     """
     import os, signal, sys
     import keras
-    from tlkeras import savedmodel
+    from tlkeras.exports import savedmodel
 
     def die(*args, **kwargs):  # the SavedModel is on disk, the version not yet in place
         os.kill(os.getpid(), signal.SIGKILL)
@@ -358,7 +360,7 @@ def test_declared_pixels_read_from_every_supported_header(fmt, kwargs, mode):
 
 
 # --------------------------------------------------------------------------------------------------
-# A calibration temperature in the signatures (tlkeras.calibration).
+# A calibration temperature in the signatures (tlkeras.analysis.calibration).
 
 
 def test_temperature_is_applied_in_the_signatures_and_recorded(tmp_path):

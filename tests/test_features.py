@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlkeras import features
-from tlkeras.blocks import blocks
-from tlkeras.model import AugmentConfig, build_model
-from tlkeras.strategy import apply_strategy
+from tlkeras.fitting import features
+from tlkeras.models.blocks import blocks
+from tlkeras.models.builder import AugmentConfig, build_model
+from tlkeras.models.strategy import apply_strategy
 
 
 def _model(name="MobileNet", size=32, augment=None, num_classes=3, **kwargs):

@@ -1,4 +1,4 @@
-"""tlkeras.gradcam: the target from the blocks on every family, where the heat lands on a model
+"""tlkeras.analysis.gradcam: the target from the blocks on every family, where the heat lands on a model
 built to look at one region, the heads, overlay, errors, and the export's ``explain`` signature."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import tensorflow as tf
 from conftest import small_input
 
 import tlkeras
-from tlkeras import exported, gradcam, layout, savedmodel, signatures
-from tlkeras.backbones import BACKBONES
+from tlkeras.analysis import gradcam
+from tlkeras.exports import layout, savedmodel, signatures
+from tlkeras.exports import loading as exported
+from tlkeras.models.backbones import BACKBONES
 
 # One backbone per family: the first of the table's rows (the smallest), at its smallest input.
 FAMILY_MODELS = {}

@@ -10,8 +10,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from tlkeras import head_solver
-from tlkeras.task import infer
+from tlkeras.fitting import head_solver
+from tlkeras.models.task import infer
 
 
 def _suffix(features: int, units: int, activation: str | None, hidden: int = 0) -> keras.Model:

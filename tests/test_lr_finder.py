@@ -1,4 +1,4 @@
-"""Tests for tlkeras.lr_finder: the learning-rate range test on a copy of the model."""
+"""Tests for tlkeras.fitting.lr_finder: the learning-rate range test on a copy of the model."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import MOBILENET_WEIGHTS, needs_shared_weights
 
-from tlkeras import data as data_lib
-from tlkeras import lr_finder
-from tlkeras.model import build_model
-from tlkeras.phase import TrainConfig
+from tlkeras.data import sources as data_lib
+from tlkeras.fitting import lr_finder
+from tlkeras.fitting.phase import TrainConfig
+from tlkeras.models.builder import build_model
 
 
 @pytest.fixture(scope="module")

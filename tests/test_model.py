@@ -1,4 +1,4 @@
-"""tlkeras.model: the dtype policies a model is built in (the rest is covered by the strategy,
+"""tlkeras.models.builder: the dtype policies a model is built in (the rest is covered by the strategy,
 blocks and task tests)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tlkeras
-from tlkeras.model import DTYPE_POLICIES, get_spec
+from tlkeras.models.builder import DTYPE_POLICIES, get_spec
 
 SMALL = dict(weights=None, input_shape=(32, 32, 3), backbone_kwargs={"alpha": 0.25})
 

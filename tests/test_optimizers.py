@@ -1,4 +1,4 @@
-"""Tests for tlkeras.optimizers: per-block learning rates, schedules, serialization and EMA."""
+"""Tests for tlkeras.fitting.optimizers: per-block learning rates, schedules, serialization and EMA."""
 
 import keras
 import numpy as np
@@ -6,15 +6,15 @@ import pytest
 from conftest import small_input
 
 import tlkeras
-from tlkeras import optimizers as opt_lib
-from tlkeras.blocks import get_backbone_model
-from tlkeras.optimizers import (
+from tlkeras.fitting import optimizers as opt_lib
+from tlkeras.fitting.optimizers import (
     OPTIMIZERS,
     SwapEMAWeights,
     block_lr_multipliers,
     make_optimizer,
     phase_schedule,
 )
+from tlkeras.models.blocks import get_backbone_model
 
 SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
 

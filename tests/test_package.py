@@ -1,36 +1,80 @@
-"""The package's shape: no import cycle among tlkeras modules, no tlkeras import hidden in a function."""
+"""The package's shape: seven layers that import only downwards, no cycle, no tlkeras import hidden in
+a function, no private name crossing modules, modules and functions of readable size, the README's
+layout tree in step with the folders, and every name of the old flat modules still importable."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import json
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "tlkeras"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "tlkeras"
+# Bottom to top: a module may import from its own layer and the ones before it.
+LAYERS = ("models", "data", "fitting", "analysis", "exports", "serving", "workflows")
+# Top-level modules below every layer (no tlkeras imports of their own) and above all of them.
+BASE = ("_quiet", "_compat", "checks")
+TOP = ("__init__", "cli")
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_CODE_LINES = 80
+MAX_TRAIN_SCRIPT_LINES = 150
 
 
-def _tlkeras_imports(node: ast.AST, module: str) -> set[str]:
-    """The tlkeras modules that the import statements directly under ``node`` name."""
-    names: set[str] = set()
-    for stmt in ast.iter_child_nodes(node):
-        if isinstance(stmt, ast.Import):
-            names |= {a.name for a in stmt.names if a.name.startswith("tlkeras.")}
-        elif isinstance(stmt, ast.ImportFrom) and stmt.module:
-            if stmt.module == "tlkeras":  # from tlkeras import data, weights as w
-                names |= {f"tlkeras.{a.name}" for a in stmt.names}
-            elif stmt.module.startswith("tlkeras."):
-                names.add(stmt.module)
-    known = {f"tlkeras.{p.stem}" for p in PACKAGE.glob("*.py")}
-    return (names & known) - {module}
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_graph() -> dict[str, set[str]]:
-    return {
-        f"tlkeras.{p.stem}": _tlkeras_imports(ast.parse(p.read_text()), f"tlkeras.{p.stem}")
-        for p in sorted(PACKAGE.glob("*.py"))
-        if p.stem != "__init__"
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def rank(module: str) -> int:
+    """The layer index of a tlkeras module: BASE -1, the layers 0-6, TOP (and the package) 7."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in TOP:
+        return len(LAYERS)
+    if parts[1] in BASE:
+        return -1
+    return LAYERS.index(parts[1])
+
+
+def _resolve(node: ast.ImportFrom | ast.Import) -> set[str]:
+    """The tlkeras modules an import statement names (``from tlkeras.data import x`` names
+    ``tlkeras.data.x`` when that is a module, else the package ``tlkeras.data``)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.split(".")[0] == "tlkeras"}
+    if not node.module or node.module.split(".")[0] != "tlkeras":
+        return set()
+    found = set()
+    for alias in node.names:
+        sub = f"{node.module}.{alias.name}"
+        found.add(sub if sub in MODULES else node.module)
+    return found
+
+
+def imports(module: str, *, inside_functions: bool | None = None) -> dict[str, list[int]]:
+    """tlkeras modules imported by ``module`` -> line numbers (all imports, or only those inside /
+    outside functions)."""
+    tree = ast.parse(MODULES[module].read_text())
+    in_function = {
+        id(n)
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+        for n in ast.walk(fn)
     }
+    found: dict[str, list[int]] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        if inside_functions is not None and (id(node) in in_function) != inside_functions:
+            continue
+        for target in _resolve(node) - {module}:
+            found.setdefault(target, []).append(node.lineno)
+    return found
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -61,21 +105,117 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_no_import_cycle_among_module_level_imports():
-    cycle = find_cycle(module_graph())
+def test_the_layer_ranks():
+    assert rank("tlkeras._quiet") < rank("tlkeras.models.blocks") < rank("tlkeras.data.sources")
+    assert rank("tlkeras.serving") < rank("tlkeras.workflows.sweep") < rank("tlkeras.cli")
+    assert rank("tlkeras") == rank("tlkeras.cli")
+
+
+def test_at_least_five_layers_and_a_handful_of_top_level_modules():
+    assert all((PACKAGE / layer / "__init__.py").is_file() for layer in LAYERS)
+    assert sorted(p.stem for p in PACKAGE.glob("*.py")) == sorted(BASE + TOP)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_down_the_layers(module):
+    upward = {
+        target: lines
+        for target, lines in imports(module).items()
+        if rank(target) > rank(module) or (rank(module) == -1 and rank(target) == -1)
+    }
+    assert not upward, f"{module} imports a layer above it: {upward}"
+
+
+def test_no_import_cycle():
+    graph = {m: set(imports(m)) for m in MODULES if m != "tlkeras"}
+    cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
-def test_no_tlkeras_module_imported_inside_a_function(path):
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_tlkeras_module_imported_inside_a_function(module):
     """Every tlkeras module imports TensorFlow through tlkeras/__init__ anyway, so an import inside a
     function hides nothing but a dependency (and, before, a cycle)."""
-    module = f"tlkeras.{path.stem}"
-    hidden = [
-        f"line {fn.lineno}: {sorted(found)}"
-        for fn in ast.walk(ast.parse(path.read_text()))
-        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
-        for found in [set().union(*(_tlkeras_imports(n, module) for n in ast.walk(fn)))]
-        if found
+    hidden = imports(module, inside_functions=True)
+    assert not hidden, f"{module}: {hidden}"
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=module_name)
+def test_no_private_name_crosses_modules(path):
+    tree = ast.parse(path.read_text())
+    crossing = [
+        f"line {node.lineno}: {alias.name} from {node.module}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tlkeras")
+        for alias in node.names
+        if alias.name.startswith("_") and alias.name not in ("_quiet", "_compat")
     ]
-    assert not hidden, f"{path.name}: {hidden}"
+    # module._name on an imported tlkeras module
+    bound = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tlkeras")
+        for alias in node.names
+        if f"{node.module}.{alias.name}" in MODULES
+    }
+    crossing += [
+        f"line {node.lineno}: {node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in bound
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+    ]
+    assert not crossing, f"{path.name}: {crossing}"
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=module_name)
+def test_modules_and_functions_stay_readable(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{path.name}: over {MAX_MODULE_LINES} lines"
+    long = []
+    for fn in ast.walk(ast.parse(text)):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        body = fn.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]  # the docstring does not count
+        if body and (n := fn.end_lineno - body[0].lineno + 1) > MAX_FUNCTION_CODE_LINES:
+            long.append(f"{fn.name} ({n} lines)")
+    assert not long, f"{path.name}: functions over {MAX_FUNCTION_CODE_LINES} code lines: {long}"
+
+
+def test_the_train_script_stays_thin():
+    lines = len((REPO / "scripts" / "train.py").read_text().splitlines())
+    assert lines <= MAX_TRAIN_SCRIPT_LINES
+
+
+def layout_tree() -> str:
+    """The README's layout block, from each layer's docstring (its first line)."""
+    lines = ["tlkeras/"]
+    for layer in LAYERS:
+        doc = importlib.import_module(f"tlkeras.{layer}").__doc__.strip().splitlines()[0]
+        name, _, what = doc.partition(": ")
+        assert name == layer, f"tlkeras/{layer}/__init__.py's docstring starts with {name!r}"
+        lines.append(f"  {layer + '/':<11} {what}")
+    return "\n".join(lines)
+
+
+def test_the_readme_layout_is_the_package():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- layout -->\n```text\n(.*?)```", readme, re.S)
+    assert block, "README.md has no '<!-- layout -->' block"
+    assert block.group(1).rstrip("\n") == layout_tree(), (
+        "README.md's layout differs from the package; paste:\n" + layout_tree()
+    )
+
+
+OLD_NAMES = json.loads((Path(__file__).parent / "fixtures" / "legacy" / "names.json").read_text())
+
+
+@pytest.mark.parametrize("old", sorted(OLD_NAMES))
+def test_every_name_of_the_flat_modules_still_imports(old):
+    module = importlib.import_module("tlkeras" if old == "__init__" else f"tlkeras.{old}")
+    missing = [name for name in OLD_NAMES[old] if not hasattr(module, name)]
+    assert not missing, f"tlkeras.{old} lost {missing}"

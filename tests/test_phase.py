@@ -1,4 +1,4 @@
-"""Tests for tlkeras.phase: TrainConfig, the phase plan for every strategy, and the one runner."""
+"""Tests for tlkeras.fitting.phase: TrainConfig, the phase plan for every strategy, and the one runner."""
 
 import dataclasses
 import json
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import tlkeras
-from tlkeras import data as data_lib
-from tlkeras import features
-from tlkeras import phase as phase_lib
-from tlkeras.phase import (
+from tlkeras.data import sources as data_lib
+from tlkeras.fitting import features
+from tlkeras.fitting import phase as phase_lib
+from tlkeras.fitting.phase import (
     FEATURE_EXTRACTION,
     FULL,
     PARTIAL,
@@ -22,8 +22,8 @@ from tlkeras.phase import (
     plan_phases,
     run_phase,
 )
-from tlkeras.strategy import SCRATCH_BN_MOMENTUM
-from tlkeras.task import encode_labels
+from tlkeras.models.strategy import SCRATCH_BN_MOMENTUM
+from tlkeras.models.task import encode_labels
 
 SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
 
@@ -489,7 +489,7 @@ def test_run_phase_follows_a_cosine_schedule_with_per_block_rates(digits):
     assert rates[1] == pytest.approx(5e-3, rel=1e-3)
     assert rates[2] == pytest.approx(0.0, abs=1e-9)
     assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
-    table = tlkeras.optimizers.block_lr_multipliers(model, 0.8)
+    table = tlkeras.fitting.optimizers.block_lr_multipliers(model, 0.8)
     assert keep.optimizer._lr_multipliers == table and isinstance(
         keep.optimizer, keras.optimizers.SGD
     )

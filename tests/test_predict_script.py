@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO, run_python
 from PIL import Image
 
-from tlkeras import exported as exported_lib
-from tlkeras import layout, savedmodel
+from tlkeras.exports import layout, savedmodel
+from tlkeras.exports import loading as exported_lib
 
 SCRIPTS = REPO / "scripts"
 NAMES = ["ants", "bees"]

@@ -1,4 +1,4 @@
-"""Tests for tlkeras.reports: metrics, history files, plots, summary."""
+"""Tests for tlkeras.fitting.reports: metrics, history files, plots, summary."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tlkeras import reports
+from tlkeras.fitting import reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tlkeras import rundir
+from tlkeras.fitting import rundir
 
 
 def test_run_dir_is_never_silently_overwritten(tmp_path):

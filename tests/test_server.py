@@ -1,4 +1,4 @@
-"""tlkeras.server and scripts/serve.py: the serving process — batching over real sockets, version
+"""tlkeras.serving.server and scripts/serve.py: the serving process — batching over real sockets, version
 swaps under load, graceful shutdown on SIGTERM, bad flags."""
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import pytest
 from conftest import REPO, check_bad_flags_fail_in_one_line
 from test_serving import JPEGS, NAMES, expected_probabilities, tiny_model
 
-from tlkeras import batching, savedmodel, server, serving
+from tlkeras.exports import savedmodel
+from tlkeras.serving import app as serving
+from tlkeras.serving import batching, server
 
 SCRIPT = REPO / "scripts" / "serve.py"
 

@@ -1,4 +1,4 @@
-"""tlkeras.serving: TF Serving's REST API over exported models (Flask test client + one real socket)."""
+"""tlkeras.serving.app: TF Serving's REST API over exported models (Flask test client + one real socket)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import keras
 import numpy as np
 import pytest
 
-from tlkeras import exported, savedmodel, server, serving
+from tlkeras.exports import loading as exported
+from tlkeras.exports import savedmodel
+from tlkeras.serving import app as serving
+from tlkeras.serving import server
 
 NAMES = ["ants", "bees", "wasps"]
 

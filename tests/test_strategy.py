@@ -7,7 +7,7 @@ from conftest import small_input
 
 import tlkeras
 from tlkeras import Strategy
-from tlkeras.strategy import SCRATCH_BN_MOMENTUM, scratch_batchnorm
+from tlkeras.models.strategy import SCRATCH_BN_MOMENTUM, scratch_batchnorm
 
 HEAD = ("pool", "head_dropout", "predictions")
 
@@ -144,7 +144,7 @@ def test_batchnorm_rule(backbone, train_bn):
 def test_keras_overrides_a_nested_training_false():
     """Why the BN rule uses trainable flags: the Keras guide's `base(x, training=False)` does not keep
     an unfrozen base's BN in inference mode under Keras 3 (the outer fit's training=True wins). If
-    Keras changes this, the note in tlkeras.strategy must change too."""
+    Keras changes this, the note in tlkeras.models.strategy must change too."""
     base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
     base.trainable = True
     inputs = keras.Input((32, 32, 3))

@@ -1,4 +1,4 @@
-"""Tests for tlkeras.sweep: the recommendation rule, one tiny sweep end to end, scripts/sweep.py."""
+"""Tests for tlkeras.workflows.sweep: the recommendation rule, one tiny sweep end to end, scripts/sweep.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from conftest import REPO, bad_input_cases, bad_input_env, check_bad_flags_fail_in_one_line
 
-from tlkeras.sweep import FINE_TUNED, FROZEN, SCRATCH, SweepRow, binomial_noise, recommend, sweep
+from tlkeras.workflows.sweep import (
+    FINE_TUNED,
+    FROZEN,
+    SCRATCH,
+    SweepRow,
+    binomial_noise,
+    recommend,
+    sweep,
+)
 
 SWEEP = REPO / "scripts" / "sweep.py"
 
@@ -76,7 +84,7 @@ def tiny_pretrained(tmp_path_factory):
     """A "pretrained" backbone file: random weights stand in, a sweep only needs a file to load."""
     import keras
 
-    from tlkeras.backbones import build_backbone
+    from tlkeras.models.backbones import build_backbone
 
     keras.utils.set_random_seed(1)
     path = tmp_path_factory.mktemp("weights") / "tiny.weights.h5"

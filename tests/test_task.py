@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tlkeras
-from tlkeras import task as task_lib
+from tlkeras.models import task as task_lib
 
 SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
 

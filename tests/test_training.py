@@ -1,4 +1,4 @@
-"""Tests for tlkeras.training: config, losses, phase switch, NaN, resume after SIGKILL, run dirs."""
+"""Tests for tlkeras.workflows.training: config, losses, phase switch, NaN, resume after SIGKILL, run dirs."""
 
 import json
 import os
@@ -15,9 +15,10 @@ import tensorflow as tf
 from conftest import MOBILENET_WEIGHTS, needs_shared_weights
 
 import tlkeras
-from tlkeras import data as data_lib
-from tlkeras import training, verify
-from tlkeras.training import TrainConfig
+from tlkeras.data import sources as data_lib
+from tlkeras.exports import verify
+from tlkeras.workflows import training
+from tlkeras.workflows.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
@@ -161,7 +162,8 @@ def test_nan_loss_raises_a_clear_error_and_frees_the_run_dir(digits, tmp_path):
 RESUME_SCRIPT = """
 import sys
 import tlkeras
-from tlkeras import data, training
+from tlkeras.data import sources as data
+from tlkeras.workflows import training
 d = data.load("digits:0-2", image_size=(32, 32), batch_size=64, seed=0)
 m = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, weights=None,
                         input_shape=(32, 32, 3), backbone_kwargs={"alpha": 0.25})
@@ -279,7 +281,7 @@ def test_resolve_augment_thumbnails_get_flips_only(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# report.html: every run writes one (tlkeras.report_html)
+# report.html: every run writes one (tlkeras.workflows.report_html)
 
 
 def _head_data(task: str, folder: Path) -> data_lib.ImageData:
@@ -309,8 +311,8 @@ def _head_data(task: str, folder: Path) -> data_lib.ImageData:
 def test_every_run_writes_a_report_with_every_section(task, tmp_path):
     from test_report_html import CHROMIUM, REQUIRE_BROWSER, Page, open_in_browser
 
-    from tlkeras import report_html
-    from tlkeras.model import AugmentConfig, HeadConfig
+    from tlkeras.models.builder import AugmentConfig, HeadConfig
+    from tlkeras.workflows import report_html
 
     data = _head_data(task, tmp_path / "photos")
     units = {"multiclass": 3, "binary": 2, "multilabel": 3}[task]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tlkeras import training, transfer
-from tlkeras import weights as weights_lib  # noqa: F401
-from tlkeras.training import TrainConfig
+from tlkeras.models import weights as weights_lib  # noqa: F401
+from tlkeras.workflows import training, transfer
+from tlkeras.workflows.training import TrainConfig
 
 KWARGS = {"alpha": 0.25}
 
@@ -38,7 +38,7 @@ def test_transfer_story_table(home, tmp_path):
 
 
 def test_compare_strategies_rejects_unknown_strategy(home):
-    from tlkeras.data import load
+    from tlkeras.data.sources import load
 
     data = load("digits:5-9", image_size=(32, 32))
     with pytest.raises(ValueError, match="expected a non-empty subset"):

@@ -1,4 +1,4 @@
-"""tlkeras.tta: the views, the --tta parser, and averaging in memory, on an export and in its graph."""
+"""tlkeras.analysis.tta: the views, the --tta parser, and averaging in memory, on an export and in its graph."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from conftest import REPO, run_python
 
-from tlkeras import exported, savedmodel, tta
+from tlkeras.analysis import tta
+from tlkeras.exports import loading as exported
+from tlkeras.exports import savedmodel
 
 NAMES = ["ants", "bees", "wasps"]
 

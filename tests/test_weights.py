@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from tlkeras import data as data_lib
-from tlkeras import weights as weights_lib
-from tlkeras.data import load
-from tlkeras.model import build_model
+from tlkeras.data.sources import load
+from tlkeras.data import sources as data_lib
+from tlkeras.models import weights as weights_lib
+from tlkeras.models.builder import build_model
 
 KWARGS = {"alpha": 0.25}
 

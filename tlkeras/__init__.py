@@ -1,55 +1,61 @@
 """tlkeras: transfer learning and fine-tuning of Keras Applications image classifiers.
 
-Where each concept lives (each module imports only the ones above it in this list):
-- backbones (the table of 40 keras.applications models): ``tlkeras.backbones``
-- model spec, head and augmentation configs:              ``tlkeras.spec``
-- blocks (a backbone split into its natural units):       ``tlkeras.blocks``
-- strategies (which blocks train, the BatchNorm rules):   ``tlkeras.strategy``
-- head tasks (loss, metrics, labels, activation):         ``tlkeras.task``
-- the model builder:                                      ``tlkeras.model``
-- data in (folders, TFDS, arrays, digits; bad files):     ``tlkeras.data``
-- the run directory (file names, state, history logs):    ``tlkeras.rundir``, ``tlkeras.reports``
-- the fast frozen path (features computed once):          ``tlkeras.features``
-- many devices and machines (tf.distribute):              ``tlkeras.distribute``
-- augmentation presets (RandAugment, MixUp/CutMix):       ``tlkeras.augment``
-- optimizers (per-block learning rates, schedules, EMA):  ``tlkeras.optimizers``
-- phases (TrainConfig, Phase, the plan, run_phase):       ``tlkeras.phase``
-- weights (imagenet, a file, None, source: pre-training): ``tlkeras.weights``
-- the learning-rate range test (fastai's lr_find):        ``tlkeras.lr_finder``
-- a run (run directory, resume, reports, train()):        ``tlkeras.training``
-- strategy comparison and the offline transfer story:     ``tlkeras.transfer``
-- which strategy / how many blocks:                       ``tlkeras.advisor``, ``tlkeras.sweep``
-- an export's directories, versions and file names:       ``tlkeras.layout``
-- serving signatures (in-graph decoding, the head):       ``tlkeras.signatures``
-- verifying an export in a fresh process:                 ``tlkeras.verify``
-- export (TF Serving SavedModels), ``tlkeras.export``:    ``tlkeras.savedmodel``
-- edge export (TFLite float/float16/dynamic/int8, ONNX):  ``tlkeras.edge``
-- loading exports and predicting; local serving:          ``tlkeras.exported``, ``tlkeras.serving``
-- the scripts' flag helpers and one-line errors:          ``tlkeras.cli``
+Seven layers, each importing only from the ones listed before it (tests/test_layers.py checks):
+models (backbones, blocks, strategies, the builder) → data (sources, decoding, augmentation) →
+fitting (phases, the runner, the feature cache, the run directory) → analysis (calibration,
+Grad-CAM, TTA, audit, advisor) → exports (SavedModel, signatures, edge) → serving (the REST app) →
+workflows (what the scripts call). ``tlkeras.cli`` holds the scripts' flags; ``tlkeras.checks`` the
+argument checks every layer shares. The names below are the public API; the old flat module names
+(``tlkeras.phase``, ``tlkeras.training`` …) still import (``tlkeras._compat``).
 """
 
-from tlkeras import (  # noqa: F401
+from tlkeras import (
+    _compat,
     _quiet,  # noqa: F401  (must run before TensorFlow is imported)
-    data,
-    distribute,
-    features,
-    transfer,
-    weights,
 )
-from tlkeras.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones
-from tlkeras.backbones import BackboneSpec, backbone_names, build_backbone, get_backbone
-from tlkeras.blocks import Block, block_names, blocks
-from tlkeras.distribute import DistributeConfig, Distribution
-from tlkeras.edge import EdgeConfig, EdgeExportResult, export_edge, export_onnx, export_tflite
-from tlkeras.exported import load_exported
-from tlkeras.lr_finder import LRFinderResult, find_lr
-from tlkeras.model import AugmentConfig, HeadConfig, ModelSpec, build_model, get_spec
-from tlkeras.phase import Phase, plan_phases, run_phase
-from tlkeras.savedmodel import ExportResult, export
-from tlkeras.strategy import Strategy, apply_strategy
-from tlkeras.training import RunResult, TrainConfig, fit, train
+
+_compat.install()
+
+from tlkeras import data  # noqa: E402
+from tlkeras.analysis.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones  # noqa: E402
+from tlkeras.exports.edge import (  # noqa: E402
+    EdgeConfig,
+    EdgeExportResult,
+    export_edge,
+    export_onnx,
+    export_tflite,
+)
+from tlkeras.exports.loading import load_exported  # noqa: E402
+from tlkeras.exports.savedmodel import ExportResult, export  # noqa: E402
+from tlkeras.fitting.distribute import DistributeConfig, Distribution  # noqa: E402
+from tlkeras.fitting.lr_finder import LRFinderResult, find_lr  # noqa: E402
+from tlkeras.fitting.phase import Phase, plan_phases, run_phase  # noqa: E402
+from tlkeras.models.backbones import (  # noqa: E402
+    BackboneSpec,
+    backbone_names,
+    build_backbone,
+    get_backbone,
+)
+from tlkeras.models.blocks import Block, block_names, blocks  # noqa: E402
+from tlkeras.models.builder import (  # noqa: E402
+    AugmentConfig,
+    HeadConfig,
+    ModelSpec,
+    build_model,
+    get_spec,
+)
+from tlkeras.models.strategy import Strategy, apply_strategy  # noqa: E402
+from tlkeras.workflows.training import RunResult, TrainConfig, fit, train  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The old flat modules (tlkeras.phase, tlkeras.weights …) as attributes, imported on first use.
+    if name in _compat.LEGACY or name in ("cli", "serving"):
+        return _compat.legacy_module(name)
+    raise AttributeError(f"module 'tlkeras' has no attribute {name!r}")
+
 
 __all__ = [
     "Advice",

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tlkeras import weights as weights_lib
-from tlkeras.data import DataConfig
+from tlkeras.data.sources import DataConfig
+from tlkeras.models import weights as weights_lib
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -127,7 +127,7 @@ def apply_deprecated_aliases(flag_values: Any = None) -> None:
 
 
 def define_max_bad_fraction() -> None:
-    """Define ``--max_bad_fraction`` (``tlkeras.data.DataConfig``'s default) in this module; a
+    """Define ``--max_bad_fraction`` (``tlkeras.data.sources.DataConfig``'s default) in this module; a
     script adopts it with ``flags.adopt_module_key_flags(cli)``."""
     from absl import flags
 
@@ -183,7 +183,7 @@ WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:T
 
 def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
     """Define ``--data --max_bad_fraction --backbone --backbone_kwargs --weights --image_size``
-    with the offline transfer story's defaults (``tlkeras.weights``). Call at a script's module
+    with the offline transfer story's defaults (``tlkeras.models.weights``). Call at a script's module
     level, then ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's
     own."""
     from absl import flags
@@ -214,7 +214,7 @@ IMAGE_SIZE_HELP = (
 
 
 def define_image_size() -> None:
-    """``--image_size``: an int or ``auto`` (``tlkeras.weights.choose_image_size``)."""
+    """``--image_size``: an int or ``auto`` (``tlkeras.models.weights.choose_image_size``)."""
     from absl import flags
 
     flags.DEFINE_string("image_size", weights_lib.AUTO_SIZE, IMAGE_SIZE_HELP)

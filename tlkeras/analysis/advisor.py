@@ -1,0 +1,692 @@
+"""Which strategy, and how many blocks? A recommendation from measurements, not a guess.
+
+The rule of thumb crosses dataset size with how *similar* the data is to what the backbone was
+pre-trained on (CS231n transfer-learning notes; Yosinski et al. 2014):
+
+| case | size  | similar | strategy             | why                                                  |
+|------|-------|---------|----------------------|------------------------------------------------------|
+| 1    | large | yes     | `partial`, late k    | features fit; enough data to adapt the last blocks   |
+| 2    | large | no      | `full`               | enough data to move every block from a good init     |
+| 3    | small | yes     | `feature_extraction` | features fit; training more would overfit            |
+| 4    | small | no      | `partial`, last third + augmentation | the hard case: adapt a few blocks, guard them |
+
+*Size* counts the labelled images (``AdvisorConfig.small_max_images``, 1000 by default). *Similarity*
+is measured from one forward pass of the frozen backbone over the data:
+
+- **Linear-probe gain**: cross-validated accuracy of a logistic regression (scikit-learn) on the
+  pooled pretrained features, against the same on the features of the *same architecture with
+  random weights*. ``probe_gain = (acc_pretrained - baseline) / (1 - baseline)`` with
+  ``baseline = max(acc_random, chance)`` is the fraction of the remaining error that the
+  pretrained features remove; the data is *similar* when it reaches ``min_probe_gain``.
+- **LogME** (You, Liu, Wang, Long, "LogME: Practical Assessment of Pre-trained Models for Transfer
+  Learning", ICML 2021): the log marginal likelihood (evidence) of a Bayesian linear model on the
+  features, maximised over its prior and noise precisions, per sample and averaged over one-vs-rest
+  class targets. Reported for both weight sets, and what ``rank_backbones`` ranks by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkeras.data.sources import DataConfig, ImageData, load
+from tlkeras.fitting.features import cache_features, split_at_block
+from tlkeras.models.backbones import get_backbone
+from tlkeras.models.blocks import blocks
+from tlkeras.models.builder import build_model
+from tlkeras.models.weights import image_size_for, resolve
+
+DEFAULT_SMALL_MAX_IMAGES = 1000
+DEFAULT_MIN_PROBE_GAIN = 0.5
+DEFAULT_MAX_IMAGES = (
+    2000  # features of at most this many images (stratified sample): one pass stays cheap
+)
+DEFAULT_PROBE_FOLDS = 5
+DEFAULT_BATCH_SIZE = 32
+
+
+class Case(enum.IntEnum):
+    """The four cases of the size × similarity rule of thumb."""
+
+    LARGE_SIMILAR = 1
+    LARGE_DISSIMILAR = 2
+    SMALL_SIMILAR = 3
+    SMALL_DISSIMILAR = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", " + ")
+
+    @classmethod
+    def of(cls, small: bool, similar: bool) -> Case:
+        if small:
+            return cls.SMALL_SIMILAR if similar else cls.SMALL_DISSIMILAR
+        return cls.LARGE_SIMILAR if similar else cls.LARGE_DISSIMILAR
+
+
+def _fraction(name: str, value: Any, *, open_low: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0)
+    if not ok:
+        bound = "(0, 1]" if open_low else "[0, 1]"
+        raise ValueError(f"AdvisorConfig.{name}: expected a number in {bound}, received {value!r}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, received {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"AdvisorConfig.{name}: expected a number > 0, received {value!r}")
+
+
+@dataclass(frozen=True)
+class AdvisorConfig:
+    """Thresholds and recipes of ``advise``. Every number the decision uses is here.
+
+    Attributes:
+        small_max_images: data with at most this many labelled images is *small*.
+        min_probe_gain: data is *similar* when the linear-probe gain reaches this (see module doc).
+        large_similar_trainable_fraction: case 1 trains this fraction of the blocks (the last ones).
+        small_dissimilar_trainable_fraction: case 4 trains this fraction of the blocks.
+        learning_rate: head learning rate (phase 1) of every case.
+        fine_tune_learning_rate: phase-2 learning rate of ``partial`` (cases 1 and 4).
+        full_learning_rate: phase-2 learning rate of ``full`` (case 2): smaller, every block moves.
+        max_images: features are computed on at most this many images (stratified sample).
+        probe_folds: cross-validation folds of the linear probe (fewer if a class is smaller).
+        probe_c: inverse L2 strength of the probe's ``LogisticRegression``.
+        seed: seeds the sample, the folds and the random backbone.
+        max_bad_fraction: a data folder fails to load when more than this fraction of its files
+            are unusable (``tlkeras.data.sources.DataConfig``).
+    """
+
+    small_max_images: int = DEFAULT_SMALL_MAX_IMAGES
+    min_probe_gain: float = DEFAULT_MIN_PROBE_GAIN
+    large_similar_trainable_fraction: float = 0.25
+    small_dissimilar_trainable_fraction: float = 1 / 3
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-4
+    full_learning_rate: float = 1e-5
+    max_images: int = DEFAULT_MAX_IMAGES
+    probe_folds: int = DEFAULT_PROBE_FOLDS
+    probe_c: float = 1.0
+    seed: int = 0
+    max_bad_fraction: float = DataConfig.max_bad_fraction
+
+    def __post_init__(self) -> None:
+        _positive_int("AdvisorConfig.small_max_images", self.small_max_images)
+        _fraction("min_probe_gain", self.min_probe_gain, open_low=False)
+        _fraction(
+            "large_similar_trainable_fraction", self.large_similar_trainable_fraction, open_low=True
+        )
+        _fraction(
+            "small_dissimilar_trainable_fraction",
+            self.small_dissimilar_trainable_fraction,
+            open_low=True,
+        )
+        for name in ("learning_rate", "fine_tune_learning_rate", "full_learning_rate", "probe_c"):
+            _positive_float(name, getattr(self, name))
+        _positive_int("AdvisorConfig.max_images", self.max_images, 4)
+        _positive_int("AdvisorConfig.probe_folds", self.probe_folds, 2)
+        _positive_int("AdvisorConfig.seed", self.seed, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+
+
+def logme(features: np.ndarray, labels: np.ndarray, *, max_iterations: int = 100) -> float:
+    """LogME score of ``features`` for class ``labels`` (higher: the features fit the task better).
+
+    You, Liu, Wang & Long, "LogME: Practical Assessment of Pre-trained Models for Transfer
+    Learning", ICML 2021 (Algorithm 1). For each class c, the one-vs-rest target y = [label == c]
+    gets a Bayesian linear model y ~ N(F m, 1/β), m ~ N(0, I/α); α and β maximise the evidence
+    p(y | F, α, β) by the paper's fixed-point iteration
+
+        γ = Σ βσᵢ² / (α + βσᵢ²),   α ← γ / ‖m‖²,   β ← (n − γ) / ‖y − F m‖²,
+
+    done in the basis of the SVD F = U diag(σ) Vᵀ, so each iteration costs O(min(n, d)). The score
+    is the maximised log evidence divided by n, averaged over classes. It is invariant to a global
+    scale of the features.
+
+    Args:
+        features: ``[n, d]`` float features (one row per image).
+        labels: ``[n]`` int class ids.
+        max_iterations: cap on fixed-point steps per class (it converges in a handful).
+
+    Returns:
+        The mean per-sample log evidence, a float.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y_all = np.asarray(labels)
+    if f.ndim != 2 or y_all.ndim != 1 or len(f) != len(y_all):
+        raise ValueError(
+            f"logme: expected features [n, d] and labels [n], received shapes {f.shape} and "
+            f"{y_all.shape}"
+        )
+    classes = np.unique(y_all)
+    if len(f) < 2 or len(classes) < 2:
+        raise ValueError(
+            f"logme: expected at least 2 samples of at least 2 classes, received {len(f)} "
+            f"samples of {len(classes)} class(es)"
+        )
+    if not np.all(np.isfinite(f)):
+        raise ValueError("logme: expected finite features, received NaN or inf")
+    n, d = f.shape
+    u, sigma, _ = np.linalg.svd(f, full_matrices=False)
+    s = sigma**2  # eigenvalues of FᵀF in its range; the other d - r are 0
+    r = len(s)
+    evidences = []
+    for c in classes:
+        y = (y_all == c).astype(np.float64)
+        z = u.T @ y  # y's coordinates in F's column space
+        y_out = float(y @ y - z @ z)  # the part of y no linear model can fit
+        alpha, beta = 1.0, 1.0
+        for _ in range(max_iterations):
+            shrink = alpha + beta * s
+            gamma = float(np.sum(beta * s / shrink))
+            m2 = float(np.sum((beta * sigma * z / shrink) ** 2))  # ‖m‖²
+            res2 = y_out + float(np.sum((alpha * z / shrink) ** 2))  # ‖y − F m‖²
+            new_alpha = gamma / max(m2, 1e-12)
+            new_beta = (n - gamma) / max(res2, 1e-12)
+            converged = abs(new_alpha / new_beta - alpha / beta) <= 1e-3 * (alpha / beta)
+            alpha, beta = new_alpha, new_beta
+            if converged:
+                break
+        shrink = alpha + beta * s
+        m2 = float(np.sum((beta * sigma * z / shrink) ** 2))
+        res2 = y_out + float(np.sum((alpha * z / shrink) ** 2))
+        log_det = float(np.sum(np.log(shrink))) + (d - r) * math.log(alpha)
+        evidence = (
+            d / 2 * math.log(alpha)
+            + n / 2 * math.log(beta)
+            - log_det / 2
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * math.log(2 * math.pi)
+        )
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def probe_accuracy(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    folds: int = DEFAULT_PROBE_FOLDS,
+    c: float = 1.0,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Cross-validated accuracy (mean, std over folds) of a standardised logistic-regression probe.
+
+    Folds are stratified and capped by the smallest class (at least 2 examples per class needed).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels)
+    smallest = int(min(np.unique(labels, return_counts=True)[1]))
+    if smallest < 2:
+        raise ValueError(
+            f"linear probe: expected at least 2 images in every class, received a class with "
+            f"{smallest}"
+        )
+    cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    scores = cross_val_score(probe, features, labels, cv=cv)
+    return float(scores.mean()), float(scores.std())
+
+
+def probe_gain(accuracy: float, random_accuracy: float, chance: float) -> float:
+    """Fraction of the error left by random features (or chance, if better) that pretrained
+    features remove; negative when pretrained features do worse."""
+    baseline = max(random_accuracy, chance)
+    if baseline >= 1.0:
+        return 0.0
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+# --------------------------------------------------------------------------------------------
+# Features: one forward pass through the frozen backbone (tlkeras.fitting.features' prefix)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    images: Any  # tf.data.Dataset of (images, labels) batches
+    labels: np.ndarray
+    counts: dict[str, int]
+    class_names: list[str]
+    image_size: tuple[int, int]
+    source: str
+
+
+def _as_data(data: Any, image_size: Any, backbone: str, weights: Any, config: AdvisorConfig):
+    if isinstance(data, ImageData):
+        if image_size is not None:
+            raise ValueError(
+                "image_size: expected None with an ImageData (its images are already "
+                f"{data.image_size}), received {image_size!r}"
+            )
+        return data
+    size = image_size_for(image_size, weights, backbone, data)
+    # Advice looks at every labelled image: no split is held out (nothing is trained here).
+    return load(
+        data,
+        image_size=size,
+        batch_size=DEFAULT_BATCH_SIZE,
+        validation_split=0.0,
+        test_split=0.0,
+        max_bad_fraction=config.max_bad_fraction,
+    )
+
+
+def _labelled_images(data: Any, config: AdvisorConfig) -> _Sample:
+    """Train + validation images (never test) as one dataset, stratified-sampled to max_images."""
+    if data.multilabel:
+        raise ValueError("advise: expected single-label data, received multi-label data")
+    parts = [ds for ds in (data.train, data.validation) if ds is not None]
+    ds = parts[0]
+    for extra in parts[1:]:
+        ds = ds.concatenate(extra)
+    ds = ds.unbatch()
+    images, labels = [], []
+    for x, y in ds.batch(256):
+        images.append(x.numpy().astype(np.uint8))
+        labels.append(y.numpy().astype(np.int64))
+    x_all, y_all = np.concatenate(images), np.concatenate(labels)
+    counts = {
+        name: int(n)
+        for name, n in zip(
+            data.class_names, np.bincount(y_all, minlength=data.num_classes), strict=True
+        )
+    }
+    if len(y_all) > config.max_images:
+        from sklearn.model_selection import train_test_split
+
+        keep, _ = train_test_split(
+            np.arange(len(y_all)),
+            train_size=config.max_images,
+            stratify=y_all,
+            random_state=config.seed,
+        )
+        x_all, y_all = x_all[np.sort(keep)], y_all[np.sort(keep)]
+    images_ds = tf.data.Dataset.from_tensor_slices((x_all, y_all)).batch(DEFAULT_BATCH_SIZE)
+    images_ds = images_ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return _Sample(
+        images_ds, y_all, counts, list(data.class_names), tuple(data.image_size), str(data.source)
+    )
+
+
+def _features(
+    sample: _Sample, backbone: str, weights: Any, backbone_kwargs: dict[str, Any]
+) -> tuple[np.ndarray, int]:
+    """Pooled frozen features ``[n, C]`` and the backbone's block count."""
+    model = build_model(
+        backbone,
+        max(2, len(sample.class_names)),
+        strategy="feature_extraction",
+        weights=weights,
+        input_shape=(*sample.image_size, 3),
+        backbone_kwargs=backbone_kwargs,
+    )
+    prefix, _ = split_at_block(model, None)
+    cached = cache_features(prefix, sample.images)
+    feats = np.concatenate([np.asarray(f).reshape(len(f), -1) for f, *_ in cached])
+    return feats, len(blocks(model))
+
+
+def _resolve_weights(weights: Any, backbone: str, backbone_kwargs: dict, image_size) -> Any:
+    return resolve(weights, backbone, backbone_kwargs, (*image_size, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Advice
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A recommendation and the evidence behind it (``summary()`` prints both)."""
+
+    case: Case
+    strategy: str
+    fine_tune_at: int | None
+    learning_rate: float
+    fine_tune_learning_rate: float | None
+    augment: bool
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    weights: str | None
+    image_size: tuple[int, int]
+    num_images: int
+    images_per_class: dict[str, int]
+    num_blocks: int
+    small: bool
+    similar: bool
+    logme: float
+    logme_random: float
+    probe_accuracy: float
+    probe_accuracy_std: float
+    probe_accuracy_random: float
+    chance: float
+    probe_gain: float
+    images_scored: int
+    seconds: float
+    config: AdvisorConfig = field(default_factory=AdvisorConfig)
+
+    @property
+    def case_name(self) -> str:
+        return self.case.label
+
+    def summary(self) -> str:
+        c = self.config
+        k = f", fine_tune_at={self.fine_tune_at}" if self.fine_tune_at is not None else ""
+        ft = (
+            f", fine_tune_learning_rate={self.fine_tune_learning_rate:g}"
+            if self.fine_tune_learning_rate is not None
+            else ""
+        )
+        per_class = ", ".join(f"{n}={v}" for n, v in self.images_per_class.items())
+        lines = [
+            f"case {int(self.case)} ({self.case_name}): strategy={self.strategy}{k}, "
+            f"learning_rate={self.learning_rate:g}{ft}, augment={self.augment}",
+            "evidence:",
+            f"  size: {self.num_images} labelled images ({per_class}); small means <= "
+            f"{c.small_max_images} -> {'small' if self.small else 'large'}",
+            f"  linear probe ({self.images_scored} images, {c.probe_folds}-fold CV): pretrained "
+            f"{self.probe_accuracy:.3f} ± {self.probe_accuracy_std:.3f}, random-init "
+            f"{self.probe_accuracy_random:.3f}, chance {self.chance:.3f}",
+            f"  probe gain (pretrained vs max(random, chance), share of the error removed): "
+            f"{self.probe_gain:.3f}; similar means >= {c.min_probe_gain:g} -> "
+            f"{'similar' if self.similar else 'dissimilar'}",
+            f"  LogME (You et al. 2021, per-sample log evidence): pretrained {self.logme:.4f}, "
+            f"random-init {self.logme_random:.4f}",
+            f"  backbone {self.backbone} {self.backbone_kwargs or ''} at "
+            f"{self.image_size[0]}x{self.image_size[1]}: {self.num_blocks} blocks; "
+            f"weights {self.weights}",
+        ]
+        if self.fine_tune_at is not None:
+            lines.append(
+                f"  fine_tune_at={self.fine_tune_at}: blocks {self.fine_tune_at}..."
+                f"{self.num_blocks - 1} train ({self.num_blocks - self.fine_tune_at} of "
+                f"{self.num_blocks})"
+            )
+        lines.append(
+            f"disagree? change AdvisorConfig thresholds, or run tlkeras.workflows.sweep over fine_tune_at "
+            f"(took {self.seconds:.1f}s)"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["case"] = int(self.case)
+        out["case_name"] = self.case_name
+        out["image_size"] = list(self.image_size)
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a case means for a backbone with ``num_blocks`` blocks."""
+
+    strategy: str
+    fine_tune_at: int | None
+    learning_rate: float
+    fine_tune_learning_rate: float | None
+    augment: bool
+
+
+def _trainable_tail(num_blocks: int, fraction: float) -> int:
+    """``fine_tune_at`` training the last ``fraction`` of the blocks (at least 1, at most n-1)."""
+    trainable = min(num_blocks - 1, max(1, math.ceil(num_blocks * fraction)))
+    return num_blocks - trainable
+
+
+def recipe(case: Case | int, num_blocks: int, config: AdvisorConfig | None = None) -> Recipe:
+    """The strategy, ``fine_tune_at``, learning rates and augmentation of ``case``."""
+    config = config or AdvisorConfig()
+    case = Case(case)
+    _positive_int("num_blocks", num_blocks, 2)
+    small = case in (Case.SMALL_SIMILAR, Case.SMALL_DISSIMILAR)
+    if case is Case.LARGE_SIMILAR:
+        k = _trainable_tail(num_blocks, config.large_similar_trainable_fraction)
+        return Recipe("partial", k, config.learning_rate, config.fine_tune_learning_rate, small)
+    if case is Case.LARGE_DISSIMILAR:
+        return Recipe("full", None, config.learning_rate, config.full_learning_rate, small)
+    if case is Case.SMALL_SIMILAR:
+        return Recipe("feature_extraction", None, config.learning_rate, None, small)
+    k = _trainable_tail(num_blocks, config.small_dissimilar_trainable_fraction)
+    return Recipe("partial", k, config.learning_rate, config.fine_tune_learning_rate, small)
+
+
+def decide(num_images: int, gain: float, config: AdvisorConfig | None = None) -> Case:
+    """The case for ``num_images`` labelled images and a linear-probe gain of ``gain``."""
+    config = config or AdvisorConfig()
+    _positive_int("num_images", num_images, 0)
+    return Case.of(
+        small=num_images <= config.small_max_images, similar=gain >= config.min_probe_gain
+    )
+
+
+def _check_kwargs(backbone_kwargs: Any) -> dict[str, Any]:
+    if backbone_kwargs is None:
+        return {}
+    if not isinstance(backbone_kwargs, dict):
+        raise TypeError(
+            f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
+        )
+    return dict(backbone_kwargs)
+
+
+def advise(
+    data: Any,
+    backbone: str,
+    *,
+    weights: str | None = "imagenet",
+    backbone_kwargs: dict[str, Any] | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    config: AdvisorConfig | None = None,
+    verbose: bool = False,
+) -> Advice:
+    """Recommend a strategy for fine-tuning ``backbone`` on ``data``, with the evidence.
+
+    One forward pass of the frozen pretrained backbone and one of the same architecture with random
+    weights over the labelled images (train + validation splits; never test) give the LogME scores
+    and the linear-probe accuracies; their gain decides *similar*, the image count decides *small*,
+    and ``recipe`` turns the case into settings for ``tlkeras.build_model`` / ``training.fit``.
+
+    Args:
+        data: a ``tlkeras.data.sources.ImageData`` or anything ``tlkeras.data.load`` accepts (then loaded
+            whole, at ``image_size``: default ``"auto"``, chosen from the data's resolution by
+            ``tlkeras.models.weights.auto_image_size``).
+        backbone: a ``tlkeras.backbone_names()`` entry.
+        weights: ``"imagenet"``, a weights file, or ``"source:TASK"`` (``tlkeras.models.weights``).
+        backbone_kwargs: constructor arguments, e.g. ``{"alpha": 0.25}``.
+        config: thresholds and recipes (``AdvisorConfig``).
+        verbose: print the summary.
+
+    Returns:
+        An ``Advice``.
+    """
+    started = time.perf_counter()
+    config = config or AdvisorConfig()
+    if not isinstance(config, AdvisorConfig):
+        raise TypeError(f"config: expected an AdvisorConfig, received {type(config).__name__}")
+    spec = get_backbone(backbone)
+    if weights is None:
+        raise ValueError(
+            "weights: advise compares pretrained with random features; expected 'imagenet', a "
+            "weights file or 'source:TASK', received None"
+        )
+    backbone_kwargs = _check_kwargs(backbone_kwargs)
+    data = _as_data(data, image_size, spec.name, weights, config)
+    sample = _labelled_images(data, config)
+    resolved = _resolve_weights(weights, spec.name, backbone_kwargs, sample.image_size)
+
+    pretrained, num_blocks = _features(sample, spec.name, resolved, backbone_kwargs)
+    keras.utils.set_random_seed(config.seed)
+    random_feats, _ = _features(sample, spec.name, None, backbone_kwargs)
+
+    y = sample.labels
+    acc, acc_std = probe_accuracy(
+        pretrained, y, folds=config.probe_folds, c=config.probe_c, seed=config.seed
+    )
+    acc_random, _ = probe_accuracy(
+        random_feats, y, folds=config.probe_folds, c=config.probe_c, seed=config.seed
+    )
+    chance = float(np.bincount(y).max() / len(y))  # majority-class accuracy
+    gain = probe_gain(acc, acc_random, chance)
+    num_images = sum(sample.counts.values())
+    case = decide(num_images, gain, config)
+    r = recipe(case, num_blocks, config)
+    advice = Advice(
+        case=case,
+        strategy=r.strategy,
+        fine_tune_at=r.fine_tune_at,
+        learning_rate=r.learning_rate,
+        fine_tune_learning_rate=r.fine_tune_learning_rate,
+        augment=r.augment,
+        backbone=spec.name,
+        backbone_kwargs=backbone_kwargs,
+        weights=None if resolved is None else str(resolved),
+        image_size=tuple(sample.image_size),
+        num_images=num_images,
+        images_per_class=sample.counts,
+        num_blocks=num_blocks,
+        small=case in (Case.SMALL_SIMILAR, Case.SMALL_DISSIMILAR),
+        similar=case in (Case.LARGE_SIMILAR, Case.SMALL_SIMILAR),
+        logme=logme(pretrained, y),
+        logme_random=logme(random_feats, y),
+        probe_accuracy=acc,
+        probe_accuracy_std=acc_std,
+        probe_accuracy_random=acc_random,
+        chance=chance,
+        probe_gain=gain,
+        images_scored=len(y),
+        seconds=time.perf_counter() - started,
+        config=config,
+    )
+    if verbose:
+        print(advice.summary(), flush=True)
+    return advice
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking backbones
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One candidate backbone's transferability to the data (higher LogME first)."""
+
+    backbone: str
+    backbone_kwargs: dict[str, Any]
+    weights: str | None
+    logme: float
+    probe_accuracy: float
+    feature_dim: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_candidate(candidate: Any) -> tuple[str, dict[str, Any], Any]:
+    if isinstance(candidate, str):
+        return candidate, {}, "imagenet"
+    if not isinstance(candidate, (tuple, list)) or not 1 <= len(candidate) <= 3:
+        raise ValueError(
+            f"candidates: expected (name, kwargs, weights) tuples, received {candidate!r}"
+        )
+    name, kwargs, weights = (*candidate, {}, "imagenet")[:3]
+    return name, _check_kwargs(kwargs), weights
+
+
+def rank_backbones(
+    data: Any,
+    candidates: Sequence[tuple[str, dict[str, Any] | None, str | None] | str],
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    config: AdvisorConfig | None = None,
+) -> list[Ranking]:
+    """Rank candidate backbones for ``data`` by LogME, one forward pass each (best first).
+
+    Each candidate is ``(name, backbone_kwargs, weights)`` (a bare name means ``{}`` and
+    ``"imagenet"``). All candidates see the same images at the same size (``data``'s, or
+    ``image_size``, default the first candidate's size), so the scores compare. The probe
+    accuracy is reported alongside (cross-validated, as in ``advise``).
+    """
+    config = config or AdvisorConfig()
+    if (
+        isinstance(candidates, (str, bytes))
+        or not isinstance(candidates, Sequence)
+        or not candidates
+    ):
+        raise ValueError(
+            f"candidates: expected a non-empty list of (name, kwargs, weights), received "
+            f"{candidates!r}"
+        )
+    parsed = [_check_candidate(c) for c in candidates]
+    for name, _, _ in parsed:
+        get_backbone(name)
+    data = _as_data(data, image_size, parsed[0][0], parsed[0][2], config)
+    sample = _labelled_images(data, config)
+    rows = []
+    for name, kwargs, weights in parsed:
+        started = time.perf_counter()
+        resolved = _resolve_weights(weights, name, kwargs, sample.image_size)
+        keras.utils.set_random_seed(config.seed)  # random-init candidates: the same draw each call
+        feats, _ = _features(sample, name, resolved, kwargs)
+        acc, _ = probe_accuracy(
+            feats, sample.labels, folds=config.probe_folds, c=config.probe_c, seed=config.seed
+        )
+        rows.append(
+            Ranking(
+                backbone=get_backbone(name).name,
+                backbone_kwargs=kwargs,
+                weights=None if resolved is None else str(resolved),
+                logme=logme(feats, sample.labels),
+                probe_accuracy=acc,
+                feature_dim=int(feats.shape[1]),
+                seconds=time.perf_counter() - started,
+            )
+        )
+    return sorted(rows, key=lambda r: r.logme, reverse=True)
+
+
+def _short(weights: str | None) -> str:
+    text = "random init" if weights is None else Path(weights).name
+    return text if len(text) < 27 else text[:12] + "..." + text[-12:]
+
+
+def ranking_table(rows: Sequence[Ranking]) -> str:
+    """The ranking as a fixed-width table."""
+    header = (
+        f"{'#':>2}  {'backbone':<28}{'weights':<28}{'LogME':>10}{'probe acc':>11}{'dim':>7}"
+        f"{'sec':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for i, r in enumerate(rows, start=1):
+        kw = ",".join(f"{k}={v}" for k, v in r.backbone_kwargs.items())
+        name = f"{r.backbone}({kw})" if kw else r.backbone
+        lines.append(
+            f"{i:>2}  {name:<28}{_short(r.weights):<28}{r.logme:>10.4f}{r.probe_accuracy:>11.3f}{r.feature_dim:>7}"
+            f"{r.seconds:>7.1f}"
+        )
+    return "\n".join(lines)
