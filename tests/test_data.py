@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlkeras.data.sources import DataConfig, load
 from tlkeras.data import sources as data
+from tlkeras.data.sources import DataConfig, load
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "data" / "hymenoptera" / "train"

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from tlkeras.data.sources import load
 from tlkeras.data import sources as data_lib
+from tlkeras.data.sources import load
 from tlkeras.models import weights as weights_lib
 from tlkeras.models.builder import build_model
 

@@ -127,7 +127,7 @@ def apply_deprecated_aliases(flag_values: Any = None) -> None:
 
 
 def define_max_bad_fraction() -> None:
-    """Define ``--max_bad_fraction`` (``tlkeras.data.sources.DataConfig``'s default) in this module; a
+    """Define ``--max_bad_fraction`` (``tlkeras.data.DataConfig``'s default) in this module; a
     script adopts it with ``flags.adopt_module_key_flags(cli)``."""
     from absl import flags
 

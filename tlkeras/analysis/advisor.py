@@ -109,7 +109,7 @@ class AdvisorConfig:
         probe_c: inverse L2 strength of the probe's ``LogisticRegression``.
         seed: seeds the sample, the folds and the random backbone.
         max_bad_fraction: a data folder fails to load when more than this fraction of its files
-            are unusable (``tlkeras.data.sources.DataConfig``).
+            are unusable (``tlkeras.data.DataConfig``).
     """
 
     small_max_images: int = DEFAULT_SMALL_MAX_IMAGES
@@ -512,7 +512,7 @@ def advise(
     and ``recipe`` turns the case into settings for ``tlkeras.build_model`` / ``training.fit``.
 
     Args:
-        data: a ``tlkeras.data.sources.ImageData`` or anything ``tlkeras.data.load`` accepts (then loaded
+        data: a ``tlkeras.data.ImageData`` or anything ``tlkeras.data.load`` accepts (then loaded
             whole, at ``image_size``: default ``"auto"``, chosen from the data's resolution by
             ``tlkeras.models.weights.auto_image_size``).
         backbone: a ``tlkeras.backbone_names()`` entry.

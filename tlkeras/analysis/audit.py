@@ -601,7 +601,7 @@ def audit(
     started = time.perf_counter()
     if not isinstance(data, ImageData):
         raise TypeError(
-            f"data: expected a tlkeras.data.sources.ImageData, received {type(data).__name__}"
+            f"data: expected a tlkeras.data.ImageData, received {type(data).__name__}"
         )
     config = _check_config(config)
     fn = _embedding_function(embed)

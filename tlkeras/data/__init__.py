@@ -4,6 +4,7 @@ Sits on ``models`` (augmentation layers need the model spec); the layers above i
 this package's names.
 """
 
+from tlkeras.data.arrays import dataset_arrays
 from tlkeras.data.sources import (
     AUTOTUNE,
     DIGITS,
@@ -26,6 +27,7 @@ from tlkeras.data.sources import (
 )
 
 __all__ = [
+    "dataset_arrays",
     "AUTOTUNE",
     "DIGITS",
     "DataConfig",

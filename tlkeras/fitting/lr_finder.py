@@ -291,7 +291,7 @@ def find_lr(
 
     Args:
         model: a ``tlkeras.build_model`` model (trainable flags and weights are read, not changed).
-        data: a ``tlkeras.data.sources.ImageData`` (its ``train`` split; int or multi-hot labels).
+        data: a ``tlkeras.data.ImageData`` (its ``train`` split; int or multi-hot labels).
         strategy, fine_tune_at: which blocks train; ``fine_tune_at`` defaults to the model's own
             for ``partial``.
         config: ``label_smoothing``, ``weight_decay``, ``class_weight`` and the optimizer come

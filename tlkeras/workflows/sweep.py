@@ -453,7 +453,7 @@ def sweep(
     measures the freeze point and not a missing warm-up.
 
     Args:
-        data: a ``tlkeras.data.sources.ImageData`` with a validation split, or anything
+        data: a ``tlkeras.data.ImageData`` with a validation split, or anything
             ``tlkeras.data.load`` accepts (loaded at ``image_size`` with ``validation_split``,
             ``test_split``, ``batch_size``, ``seed`` and ``max_bad_fraction``).
         validation_data: validation data in any form ``tlkeras.data.load`` accepts, instead of

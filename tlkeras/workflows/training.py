@@ -574,7 +574,7 @@ def fit(
     Args:
         model: a model from ``tlkeras.build_model`` (or any model with a ``predictions`` layer and
             a ``backbone`` nested model the strategy functions understand).
-        data: a ``tlkeras.data.sources.ImageData``.
+        data: a ``tlkeras.data.ImageData``.
         config: hyper-parameters; ``TrainConfig()`` when ``None``.
         run_dir: the run directory (created; see the module docstring).
         strategy: ``scratch``/``feature_extraction``/``partial``/``full``; defaults to the model's

@@ -160,7 +160,7 @@ def compare_strategies(
     verbose: int = 0,
     report: bool = True,
 ) -> Comparison:
-    """Train each strategy on the same ``data`` (one ``tlkeras.data.sources.ImageData``, so one split).
+    """Train each strategy on the same ``data`` (one ``tlkeras.data.ImageData``, so one split).
 
     ``scratch`` uses random init (``weights`` is ignored for it); the other strategies start from
     ``weights`` (anything ``resolve_weights`` takes). Each run goes through
@@ -168,7 +168,7 @@ def compare_strategies(
     and is scored on ``data.test``.
 
     Args:
-        data: a ``tlkeras.data.sources.ImageData``.
+        data: a ``tlkeras.data.ImageData``.
         fine_tune_at: the ``partial`` boundary (default: half the backbone's blocks).
         config: a ``tlkeras.workflows.training.TrainConfig`` shared by every strategy.
         augment: an ``AugmentConfig`` or ``None``.
