@@ -50,7 +50,7 @@ FLAGS.set_default("test_split", 0.2)
 
 def auto_size(data: str) -> tuple[int, str]:
     """What ``--image_size=auto`` chooses for ``data`` on MobileNet, and why."""
-    from tlkeras.data.sources import source_resolution
+    from tlkeras.data import source_resolution
     from tlkeras.models.weights import auto_image_size
 
     return auto_image_size(source_resolution(data), "MobileNet", "imagenet")

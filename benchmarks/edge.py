@@ -66,8 +66,8 @@ FLAGS = flags.FLAGS
 
 def _photos(data: str, n: int, size: int, skip: int = 0):
     """``n`` real photos of ``data`` (both classes, interleaved), decoded as the export decodes."""
+    from tlkeras.data.decoding import reference_decode
     from tlkeras.exports.loading import image_files
-    from tlkeras.exports.signatures import reference_decode
 
     classes = sorted(p for p in Path(data).iterdir() if p.is_dir())
     files = [image_files([c]) for c in classes]
@@ -201,9 +201,9 @@ def mobilenet(work: Path) -> str:
     import numpy as np
 
     import tlkeras
+    from tlkeras.data.decoding import reference_decode
     from tlkeras.exports import edge
     from tlkeras.exports import loading as exported
-    from tlkeras.exports.signatures import reference_decode
 
     counts = make_holdout(FLAGS.data, 0.3, 0, work / "holdout")
     start = time.perf_counter()

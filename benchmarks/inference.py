@@ -51,7 +51,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     import tensorflow as tf
 
     import tlkeras
-    from tlkeras.data import sources as data_lib
+    from tlkeras import data as data_lib
     from tlkeras.exports import signatures
 
     n, repeats = (64, 2) if quick else (256, 5)

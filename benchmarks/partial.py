@@ -5,7 +5,7 @@
 
 The data is split once (``common.make_split``: train / validation for early stopping / held-out
 test). For every seed two workers run back to back, each in its own fresh process, through the
-library's one phase runner (``tlkeras.fitting.phase.run_phase``): the same head warm-up (phase 1, fast
+library's one phase runner (``tlkeras.fitting.runner.run_phase``): the same head warm-up (phase 1, fast
 path, the same seed), then phase 2 ``partial(fine_tune_at)`` at ``learning_rate / 10``:
 
 - ``cached``: ``Phase(fast=True)``: the frozen prefix runs once, to the block boundary (clean and
@@ -52,7 +52,8 @@ def _worker(mode: str, job_path: str) -> None:
     import keras
 
     from tlkeras.data import sources as data_lib
-    from tlkeras.fitting.phase import FEATURE_EXTRACTION, PARTIAL, Phase, run_phase
+    from tlkeras.fitting.config import FEATURE_EXTRACTION, PARTIAL, Phase
+    from tlkeras.fitting.runner import run_phase
     from tlkeras.models.builder import AugmentConfig, build_model
     from tlkeras.models.task import encode_labels
 

@@ -75,7 +75,7 @@ FLAGS = flags.FLAGS
 class _Timer:
     """Accumulates the seconds spent in one function, patched on its owner (instrumentation only).
 
-    The tlkeras workers time ``tlkeras.fitting.features.cache_features`` (the fast path's one-off feature
+    The tlkeras workers time ``tlkeras.fitting.fast_path``'s ``cache_features`` (the fast path's one-off feature
     pass) and ``ModelCheckpoint._save_model`` (the per-epoch best-model checkpoint), to say where a
     phase's time goes.
     """
@@ -97,13 +97,13 @@ class _Timer:
 
 
 def _run_tlkeras(job: dict[str, Any], strategy: str, augment: bool) -> dict[str, Any]:
-    from tlkeras.fitting import features
+    from tlkeras.fitting import fast_path, frozen
     from tlkeras.workflows import training
 
     config = BenchConfig.from_dict(job["config"])
     import keras
 
-    cache = _Timer(features, "cache_features")
+    cache = _Timer(fast_path, "cache_features")
     checkpoint = _Timer(keras.callbacks.ModelCheckpoint, "_save_model")
     started = time.perf_counter()
     result = training.train(
@@ -135,7 +135,7 @@ def _run_tlkeras(job: dict[str, Any], strategy: str, augment: bool) -> dict[str,
         "mode": phases[0].get("fast_path") or "full model",
         "cache_s": cache.seconds,
         "checkpoint_s": checkpoint.seconds,
-        "augment_views": features.DEFAULT_AUGMENT_VIEWS if augment else 0,
+        "augment_views": frozen.DEFAULT_AUGMENT_VIEWS if augment else 0,
         "accuracy": float(result.metrics["accuracy"]),
         "val_accuracy": val_accuracy,
         "end_to_end_s": end_to_end,

@@ -15,9 +15,10 @@ from absl import flags
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
 from tlkeras.analysis import audit
-from tlkeras.data.sources import DataConfig
+from tlkeras.analysis.audit_result import AuditConfig
+from tlkeras.data import DataConfig
 
-_A = audit.AuditConfig()
+_A = AuditConfig()
 _D = DataConfig()
 
 flags.DEFINE_string("data", None, "Image folder (one subfolder per class), tfds:NAME or digits.")
@@ -53,7 +54,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"expected only --flags, received extra arguments {argv[1:]}")
-    config = audit.AuditConfig(
+    config = AuditConfig(
         duplicate_threshold=FLAGS.duplicate_threshold,
         mislabel_confidence=FLAGS.mislabel_confidence,
         folds=FLAGS.folds,

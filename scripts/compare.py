@@ -1,7 +1,7 @@
 """Train every strategy on the same data and split; print one table and plot it.
 
 With no flags it runs the offline transfer story: a MobileNet(alpha=0.25) pre-trained on digits 0-4
-(``tlkeras.models.weights``) is transferred to digits 5-9 with each strategy, next to ``scratch``.
+(``tlkeras.fitting.pretrain``) is transferred to digits 5-9 with each strategy, next to ``scratch``.
 
     python scripts/compare.py
     python scripts/compare.py --data=../shared/data/hymenoptera/train --backbone=MobileNet \\
@@ -18,8 +18,8 @@ from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
-from tlkeras.data.sources import DataConfig, load
-from tlkeras.models import weights as weights_lib
+from tlkeras.data import DataConfig, image_size_for, load
+from tlkeras.fitting import pretrain
 from tlkeras.models.builder import AugmentConfig
 from tlkeras.workflows import transfer
 from tlkeras.workflows.training import TrainConfig
@@ -56,9 +56,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"expected only --flags, received positional arguments {argv[1:]}")
     transfer.check_strategies(FLAGS.strategies)  # before any data loading or pre-training
     backbone_kwargs = cli.parse_kwargs(FLAGS.backbone_kwargs)
-    size, _ = weights_lib.image_size_for(
-        FLAGS.image_size, FLAGS.weights, FLAGS.backbone, FLAGS.data
-    )
+    size, _ = image_size_for(FLAGS.image_size, FLAGS.weights, FLAGS.backbone, FLAGS.data)
     config = TrainConfig(
         epochs=FLAGS.epochs,
         fine_tune_epochs=FLAGS.fine_tune_epochs,
@@ -67,7 +65,7 @@ def main(argv: list[str]) -> None:
         fast=FLAGS.fast,
         seed=FLAGS.seed,
     )
-    weights = weights_lib.resolve(FLAGS.weights, FLAGS.backbone, backbone_kwargs, (size, size, 3))
+    weights = pretrain.resolve(FLAGS.weights, FLAGS.backbone, backbone_kwargs, (size, size, 3))
     data = load(
         FLAGS.data,
         validation=FLAGS.validation_data,

@@ -18,8 +18,8 @@ from absl import flags
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
 from tlkeras.analysis import tta
-from tlkeras.data.sources import DataConfig
-from tlkeras.workflows import training
+from tlkeras.data import DataConfig
+from tlkeras.workflows import evaluate
 
 flags.DEFINE_string(
     "model",
@@ -57,8 +57,8 @@ def main(argv: list[str]) -> None:
         raise FileNotFoundError(
             f"--model: expected a SavedModel directory, received {FLAGS.model!r} (not found)"
         )
-    output_dir = FLAGS.output_dir or training.default_evaluate_dir(model)
-    training.evaluate_export(
+    output_dir = FLAGS.output_dir or evaluate.default_evaluate_dir(model)
+    evaluate.evaluate_export(
         model,
         FLAGS.data,
         batch_size=FLAGS.batch_size,

@@ -25,10 +25,10 @@ as it costs time (MobileNet(0.25) at 224 px: export 2.1 -> 3.6 s, ``tf.saved_mod
 from absl import flags, logging
 
 import tlkeras.cli
-from tlkeras.analysis import calibration, tta
-from tlkeras.exports import edge, layout, savedmodel, signatures
+from tlkeras.analysis import calibration, decoding, tta
+from tlkeras.exports import edge, layout, savedmodel
 from tlkeras.exports import loading as exported
-from tlkeras.workflows import training
+from tlkeras.workflows import export_run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -44,9 +44,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("version", None, "Version number (default: the next free one).", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --version.")
-flags.DEFINE_integer(
-    "top_k", signatures.DEFAULT_TOP_K, "Classes returned per image.", lower_bound=1
-)
+flags.DEFINE_integer("top_k", decoding.DEFAULT_TOP_K, "Classes returned per image.", lower_bound=1)
 flags.DEFINE_multi_string(
     "images", [], "Image files or folders for verification and TF Serving warmup."
 )
@@ -145,7 +143,7 @@ def main(argv: list[str]) -> None:
 
 def _export_edge() -> None:
     config = edge.EdgeConfig(FLAGS.format, FLAGS.quantization, FLAGS.io_type)
-    result = training.export_edge_files(
+    result = export_run.export_edge_files(
         FLAGS.model,
         config,
         out_dir=FLAGS.output_dir,

@@ -22,7 +22,7 @@ from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
-from tlkeras.data.sources import DataConfig
+from tlkeras.data import DataConfig
 from tlkeras.fitting import lr_finder
 from tlkeras.models.strategy import Strategy
 from tlkeras.workflows import training

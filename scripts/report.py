@@ -17,8 +17,8 @@ from absl import flags
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
 from tlkeras.analysis import tta
-from tlkeras.data.sources import DataConfig
-from tlkeras.workflows import training
+from tlkeras.data import DataConfig
+from tlkeras.workflows import evaluate, report
 
 flags.DEFINE_string("run_dir", None, "A finished run directory: rebuild its report.html.")
 flags.DEFINE_string("model", None, "An export (SavedModel base or version directory) to score.")
@@ -46,15 +46,15 @@ def main(argv: list[str]) -> None:
     if (FLAGS.run_dir is None) == (FLAGS.model is None):
         raise ValueError("expected exactly one of --run_dir or --model (with --data)")
     if FLAGS.run_dir is not None:
-        path = training.report_run(FLAGS.run_dir, FLAGS.data, audit=FLAGS.audit)
+        path = report.report_run(FLAGS.run_dir, FLAGS.data, audit=FLAGS.audit)
     else:
         if FLAGS.data is None:
             raise ValueError("--model: expected --data (a labelled folder) to score it on")
-        metrics = training.evaluate_export(
+        metrics = evaluate.evaluate_export(
             FLAGS.model,
             FLAGS.data,
             batch_size=FLAGS.batch_size,
-            output_dir=FLAGS.output_dir or training.default_evaluate_dir(FLAGS.model),
+            output_dir=FLAGS.output_dir or evaluate.default_evaluate_dir(FLAGS.model),
             max_bad_fraction=FLAGS.max_bad_fraction,
             tta=tta.parse(FLAGS.tta),
             verbose=0,

@@ -16,18 +16,18 @@ from absl import flags
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
-from tlkeras.data.sources import DataConfig
+from tlkeras.data import DataConfig
 from tlkeras.models.builder import AugmentConfig
 from tlkeras.workflows.sweep import (
     DEFAULT_EPOCHS,
     DEFAULT_FINE_TUNE_LEARNING_RATE,
     DEFAULT_KS,
     DEFAULT_LEARNING_RATE,
-    DEFAULT_NOISE_SIGMAS,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_PATIENCE,
     sweep,
 )
+from tlkeras.workflows.sweep_report import DEFAULT_NOISE_SIGMAS
 
 _D = DataConfig()
 

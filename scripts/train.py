@@ -22,8 +22,8 @@ from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
+from tlkeras.data import DataConfig
 from tlkeras.data.augment import PRESET_HELP
-from tlkeras.data.sources import DataConfig
 from tlkeras.exports import edge
 from tlkeras.fitting.distribute import DistributeConfig, Distribution
 from tlkeras.fitting.head_solver import SOLVERS

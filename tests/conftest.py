@@ -133,10 +133,10 @@ def bad_input_env(tmp_path: Path, env: Mapping[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """One KERAS_HOME for a module whose tests pre-train the source task: it runs once, 1 epoch."""
-    from tlkeras.models import weights as weights_lib
+    from tlkeras.fitting import pretrain
 
     path = tmp_path_factory.mktemp("keras_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KERAS_HOME", str(path))
-        mp.setattr(weights_lib, "DEFAULT_PRETRAIN_EPOCHS", 1)
+        mp.setattr(pretrain, "DEFAULT_PRETRAIN_EPOCHS", 1)
         yield path

@@ -20,7 +20,7 @@ from conftest import (
 )
 
 from tlkeras import cli
-from tlkeras.analysis import advisor
+from tlkeras.analysis import advisor, transferability
 from tlkeras.analysis.advisor import AdvisorConfig, Case
 
 ADVISE = REPO / "scripts" / "advise.py"
@@ -129,11 +129,11 @@ def _separable(n: int, d: int, classes: int = 3, seed: int = 0):
 @pytest.mark.parametrize("n,d", [(120, 16), (40, 64)])  # more samples than dims, and fewer
 def test_logme_matches_the_reference_form_and_prefers_true_labels(n, d):
     f, y = _separable(n, d)
-    score = advisor.logme(f, y)
+    score = transferability.logme(f, y)
     assert score == pytest.approx(_reference_logme(f, y), abs=2e-3)
     shuffled = np.random.default_rng(1).permutation(y)
-    assert score > advisor.logme(f, shuffled) + 0.3
-    assert advisor.logme(f * 1000.0, y) == pytest.approx(score, abs=1e-4)  # scale-invariant
+    assert score > transferability.logme(f, shuffled) + 0.3
+    assert transferability.logme(f * 1000.0, y) == pytest.approx(score, abs=1e-4)  # scale-invariant
 
 
 @pytest.mark.parametrize(
@@ -146,16 +146,16 @@ def test_logme_matches_the_reference_form_and_prefers_true_labels(n, d):
 )
 def test_logme_rejects_bad_inputs(features, labels):
     with pytest.raises(ValueError, match="logme: expected"):
-        advisor.logme(features, np.asarray(labels))
+        transferability.logme(features, np.asarray(labels))
 
 
 def test_probe_accuracy_separable_beats_shuffled_and_needs_two_per_class():
     f, y = _separable(90, 8, classes=2)
-    acc, _ = advisor.probe_accuracy(f, y)
-    shuffled, _ = advisor.probe_accuracy(f, np.random.default_rng(0).permutation(y))
+    acc, _ = transferability.probe_accuracy(f, y)
+    shuffled, _ = transferability.probe_accuracy(f, np.random.default_rng(0).permutation(y))
     assert acc > 0.9 and shuffled < 0.75
     with pytest.raises(ValueError, match="at least 2 images in every class"):
-        advisor.probe_accuracy(f[:5], np.array([0, 0, 0, 0, 1]))
+        transferability.probe_accuracy(f[:5], np.array([0, 0, 0, 0, 1]))
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_probe_accuracy_separable_beats_shuffled_and_needs_two_per_class():
     [(0.85, 0.46, 0.5, 0.7), (0.85, 0.6, 0.5, 0.625), (0.5, 0.6, 0.5, -0.25), (1.0, 1.0, 0.5, 0.0)],
 )
 def test_probe_gain(acc, random_acc, chance, expected):
-    assert advisor.probe_gain(acc, random_acc, chance) == pytest.approx(expected)
+    assert transferability.probe_gain(acc, random_acc, chance) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,10 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, check_bad_flags_fail_in_one_line, run_python
 
-from tlkeras.analysis import audit
-from tlkeras.analysis.audit import AuditConfig, audit_features
-from tlkeras.data.sources import decode_image, load
+from tlkeras.analysis import audit, audit_probes
+from tlkeras.analysis.audit_probes import audit_features
+from tlkeras.analysis.audit_result import DEFAULT_DUPLICATE_THRESHOLD, AuditConfig
+from tlkeras.data import decode_image, load
 
 AUDIT = REPO / "scripts" / "audit.py"
 CLASSES = ["a", "b", "c"]
@@ -118,7 +119,7 @@ def test_a_duplicate_across_splits_is_a_leak_naming_both_splits(tmp_path):
 
     record = json.loads(result.write_json(tmp_path / "out" / "audit.json").read_text())
     assert record["leak_count"] == 1 and record["leaks"][0]["b"]["split"] == "test"
-    assert record["config"]["duplicate_threshold"] == audit.DEFAULT_DUPLICATE_THRESHOLD
+    assert record["config"]["duplicate_threshold"] == DEFAULT_DUPLICATE_THRESHOLD
     assert record["num_images"] == 92 and len(record["checked"]) == 2
 
 
@@ -160,7 +161,7 @@ def test_blocked_pairs_equal_the_full_matrix():
     full = x @ x.T
     expected = {(i, j) for i, j in zip(*np.nonzero(full >= 0.6), strict=True) if i < j}
     found = set()
-    for i, j, s in audit.similar_pairs(x, 0.6, block_elements=120):  # 2 rows per block
+    for i, j, s in audit_probes.similar_pairs(x, 0.6, block_elements=120):  # 2 rows per block
         found |= set(zip(i.tolist(), j.tolist(), strict=True))
         np.testing.assert_allclose(s, full[i, j], rtol=1e-6)
     assert found == expected and (2, 30) in found

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tlkeras.data import augment
-from tlkeras.fitting import features
+from tlkeras.fitting import feature_cache, frozen
 from tlkeras.models.builder import build_model
 from tlkeras.models.spec import PRESETS, AugmentConfig, HeadConfig, ModelSpec, get_spec
 from tlkeras.models.strategy import apply_strategy
@@ -178,12 +178,12 @@ def test_a_tiny_model_trains_with_each_preset(preset):
 def test_the_fast_path_caches_strong_views():
     model = _model(AugmentConfig(seed=0, preset="strong"))
     apply_strategy(model, "feature_extraction")
-    plan = features.fast_path_plan(model)
-    assert plan.mode == features.MODE_CACHED_VIEWS
+    plan = frozen.fast_path_plan(model)
+    assert plan.mode == frozen.MODE_CACHED_VIEWS
     assert "strong" in plan.augmentation and "strong" in plan.describe()
-    prefix, _ = features.split_at_block(model, None)
+    prefix, _ = frozen.split_at_block(model, None)
     data = _encoded("multiclass", n=8, batch_size=4)
-    arrays = features.feature_arrays(
+    arrays = feature_cache.feature_arrays(
         prefix, data, views=2, augmentation=model.get_layer("augmentation")
     )
     assert arrays is not None and len(arrays.views) == 2
@@ -210,9 +210,9 @@ def test_fast_path_note(config, expected):
 def test_the_fast_path_plan_says_mixing_is_end_to_end_only():
     model = _model(AugmentConfig(seed=0, preset="mixup"))
     apply_strategy(model, "feature_extraction")
-    plan = features.fast_path_plan(model)
+    plan = frozen.fast_path_plan(model)
     assert "mixup is applied only end to end" in plan.describe()
-    assert features.fast_path_plan(model, augment_views=0).augmentation is None
+    assert frozen.fast_path_plan(model, augment_views=0).augmentation is None
 
 
 @pytest.mark.parametrize("preset", PRESETS)

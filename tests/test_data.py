@@ -1,4 +1,4 @@
-"""Tests for tlkeras.data.sources: every source, the split, the pipeline, and every bad file kind."""
+"""Tests for tlkeras.data: every source, the split, the pipeline, and every bad file kind."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlkeras.data import sources as data
-from tlkeras.data.sources import DataConfig, load
+from tlkeras.data import DataConfig, load
+from tlkeras.data import files as data
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HYMENOPTERA = SHARED / "data" / "hymenoptera" / "train"

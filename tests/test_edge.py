@@ -11,9 +11,10 @@ import pytest
 from conftest import REPO, SHARED, check_bad_flags_fail_in_one_line, run_python
 
 import tlkeras
-from tlkeras.exports import edge, savedmodel
+from tlkeras.data.decoding import reference_decode
+from tlkeras.exports import edge, edge_convert, edge_verify, savedmodel
 from tlkeras.exports import loading as exported
-from tlkeras.exports.signatures import _resolve_head, reference_decode
+from tlkeras.exports.signatures import resolve_head
 
 SIZE = 32
 CLASSES = ["ants", "bees"]
@@ -78,13 +79,13 @@ def _run(path, pixels, tmp_path, delegates=None):
     work = tmp_path / f"run-{Path(path).parent.name}"
     work.mkdir(exist_ok=True)
     delegates = edge.uses_delegates(path) if delegates is None else delegates
-    out = edge._run_fresh(Path(path), pixels, work, delegates)
+    out = edge_verify._run_fresh(Path(path), pixels, work, delegates)
     assert "error" not in out, out
     return out["probabilities"]
 
 
 def _keras_probabilities(model, pixels):
-    return _resolve_head(model, None, None).probabilities(model(pixels, training=False)).numpy()
+    return resolve_head(model, None, None).probabilities(model(pixels, training=False)).numpy()
 
 
 def test_float32_tflite_agrees_with_keras_and_writes_its_files(model, images, tmp_path):
@@ -189,13 +190,13 @@ def test_onnx_of_a_backbone_with_captured_constants(tmp_path):
 def test_a_float_conversion_that_disagrees_is_refused_and_nothing_written(
     model, images, tmp_path, monkeypatch
 ):
-    real = edge._run_fresh
+    real = edge_verify._run_fresh
 
     def off_by_a_bit(model_file, pixels, work, delegates):
         out = real(model_file, pixels, work, delegates)
         return {**out, "probabilities": out["probabilities"] + 1e-3}
 
-    monkeypatch.setattr(edge, "_run_fresh", off_by_a_bit)
+    monkeypatch.setattr(edge_verify, "_run_fresh", off_by_a_bit)
     with pytest.raises(
         edge.EdgeExportError, match="disagrees with the SavedModel.*nothing written"
     ):
@@ -207,7 +208,7 @@ def test_default_delegate_failure_falls_back_to_reference_kernels(
     model, images, tmp_path, monkeypatch
 ):
     calls = []
-    real = edge._run_fresh
+    real = edge_verify._run_fresh
 
     def xnnpack_aborts(model_file, pixels, work, delegates):
         calls.append(delegates)
@@ -215,7 +216,7 @@ def test_default_delegate_failure_falls_back_to_reference_kernels(
             return {"error": "killed by signal 6 (double free or corruption (!prev))"}
         return real(model_file, pixels, work, delegates)
 
-    monkeypatch.setattr(edge, "_run_fresh", xnnpack_aborts)
+    monkeypatch.setattr(edge_verify, "_run_fresh", xnnpack_aborts)
     result = tlkeras.export_tflite(model, tmp_path / "out", class_names=CLASSES, images=images[0])
     assert calls == [True, False]
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
@@ -231,20 +232,24 @@ def test_default_delegate_failure_falls_back_to_reference_kernels(
 def test_a_runtime_that_dies_is_reported_in_one_line(tmp_path):
     bad = tmp_path / "model.tflite"
     bad.write_bytes(b"not a flatbuffer")
-    result = edge._run_fresh(bad, np.zeros((1, 8, 8, 3), "float32"), tmp_path, delegates=True)
+    result = edge_verify._run_fresh(
+        bad, np.zeros((1, 8, 8, 3), "float32"), tmp_path, delegates=True
+    )
     assert set(result) == {"error"} and "\n" not in result["error"]
 
 
 def test_conversion_errors_name_the_backbone_format_and_ops():
-    source = edge._Source(None, None, CLASSES, (32, 32), {"backbone": "NASNetMobile"})
+    source = edge_convert.Source(None, None, CLASSES, (32, 32), {"backbone": "NASNetMobile"})
     error = RuntimeError(
         "<unknown>:0: error: loc(...): 'tf.Foo' op is neither a custom op nor a flex op\n"
         "<unknown>:0: note: see current operation\n'tf.Bar' op is neither..."
     )
-    message = str(edge._conversion_error(source, edge.EXPORT_FORMATS["tflite_int8"], error))
+    message = str(edge_convert._conversion_error(source, edge.EXPORT_FORMATS["tflite_int8"], error))
     assert message.startswith("NASNetMobile: cannot convert to tflite_int8: ")
     assert "tf.Bar, tf.Foo" in message and "\n" not in message
-    plain = edge._conversion_error(source, edge.EdgeConfig(), ValueError("line one\nline two"))
+    plain = edge_convert._conversion_error(
+        source, edge.EdgeConfig(), ValueError("line one\nline two")
+    )
     assert str(plain) == "NASNetMobile: cannot convert to tflite: line one"
 
 
@@ -427,15 +432,15 @@ def test_export_bad_flags_exit_2_with_one_line(saved, tmp_path):
 
 
 def test_evaluate_output_folder_is_named_after_the_export_folder(tmp_path):
-    from tlkeras.workflows import training
+    from tlkeras.workflows import evaluate
 
     edge_file = tmp_path / "m" / "edge" / "1" / "tflite_int8" / "model.tflite"
     edge_file.parent.mkdir(parents=True)
     edge_file.write_bytes(b"")
-    assert training.default_evaluate_dir(edge_file) == Path("runs/evaluate/1/tflite_int8")
-    assert training.default_evaluate_dir(edge_file.parent) == Path("runs/evaluate/1/tflite_int8")
+    assert evaluate.default_evaluate_dir(edge_file) == Path("runs/evaluate/1/tflite_int8")
+    assert evaluate.default_evaluate_dir(edge_file.parent) == Path("runs/evaluate/1/tflite_int8")
     (tmp_path / "m" / "3").mkdir()
-    assert training.default_evaluate_dir(tmp_path / "m" / "3") == Path("runs/evaluate/m/3")
+    assert evaluate.default_evaluate_dir(tmp_path / "m" / "3") == Path("runs/evaluate/m/3")
 
 
 def test_edge_versions_sit_beside_the_savedmodel_versions(tmp_path):

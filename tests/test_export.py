@@ -22,8 +22,8 @@ from conftest import (
 from tensorflow.core.framework import tensor_pb2
 
 import tlkeras
-from tlkeras.analysis import calibration
-from tlkeras.data import sources as data_lib
+from tlkeras import data as data_lib
+from tlkeras.analysis import calibration, decoding
 from tlkeras.exports import layout, savedmodel, signatures, verify
 from tlkeras.exports import loading as exported
 
@@ -49,7 +49,7 @@ def jpegs(n: int = 3, size: tuple[int, int] = (40, 56)) -> list[bytes]:
 
 
 def pixels_of(images: list[bytes]) -> np.ndarray:
-    """The training pipeline's decoding (tlkeras.data.sources) of ``images`` as float32."""
+    """The training pipeline's decoding (tlkeras.data) of ``images`` as float32."""
     return np.stack([data_lib.decode_image(tf.constant(b), SIZE).numpy() for b in images]).astype(
         "float32"
     )
@@ -100,7 +100,7 @@ def test_signatures_give_probabilities_classes_scores(tmp_path, head):
         for row in range(len(images)):
             for name, score in zip(out["classes"][row], out["scores"][row], strict=True):
                 assert abs(expected[row, names.index(name.decode())] - score) < 1e-5
-    task = signatures._resolve_head(model, export_kwargs.get("task"), None).task
+    task = signatures.resolve_head(model, export_kwargs.get("task"), None).task
     assert loaded.metadata["task"] == task
     if task == "multiclass" or task == "binary":
         np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-5)
@@ -317,14 +317,14 @@ def test_export_killed_mid_write_leaves_no_version_directory(tmp_path):
 @pytest.mark.parametrize("case", badfiles.DECODED_CASES, ids=lambda c: c.name)
 def test_bytes_signature_decodes_what_training_decodes(case):
     data = case.make()
-    got = signatures.decode_and_resize(tf.constant(data), SIZE).numpy()
+    got = decoding.decode_and_resize(tf.constant(data), SIZE).numpy()
     assert got.shape == (*SIZE, 3) and got.dtype == np.float32
     np.testing.assert_array_equal(got, pixels_of([data])[0])
 
 
 @pytest.mark.parametrize("case", badfiles.BAD_CASES, ids=lambda c: c.name)
 def test_bytes_signature_rejects_bad_files_with_a_clear_error(case):
-    decode = tf.function(lambda x: signatures.decode_and_resize(x, SIZE), autograph=False)
+    decode = tf.function(lambda x: decoding.decode_and_resize(x, SIZE), autograph=False)
     with pytest.raises(tf.errors.InvalidArgumentError) as info:
         decode(tf.constant(case.make()))
     message = exported.tf_error_message(info.value)
@@ -337,7 +337,7 @@ def test_bytes_signature_rejects_bad_files_with_a_clear_error(case):
 
 def test_byte_cap_is_checked_in_the_graph():
     with pytest.raises(tf.errors.InvalidArgumentError, match="larger than 100 bytes"):
-        signatures.decode_and_resize(tf.constant(jpegs(1)[0]), SIZE, max_bytes=100)
+        decoding.decode_and_resize(tf.constant(jpegs(1)[0]), SIZE, max_bytes=100)
 
 
 @pytest.mark.parametrize(
@@ -356,7 +356,7 @@ def test_declared_pixels_read_from_every_supported_header(fmt, kwargs, mode):
     from PIL import Image
 
     data = badfiles.encode(Image.new(mode, (301, 123)), fmt, **kwargs)
-    assert int(signatures._declared_pixels(tf.constant(data))) == 301 * 123
+    assert int(decoding._declared_pixels(tf.constant(data))) == 301 * 123
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_temperature_is_applied_in_the_signatures_and_recorded(tmp_path):
 
 
 def test_temperature_and_tta_pass_the_fresh_process_verification(tmp_path):
-    """The verifier's in-memory side serves the same way (``_Head.served``): one verified export
+    """The verifier's in-memory side serves the same way (``Head.served``): one verified export
     with both; the mean over the image and its mirror of each view's scaled probabilities."""
     model, images = tiny_model(), jpegs(3)
     result = savedmodel.export(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlkeras.fitting import features
+from tlkeras.fitting import fast_path, feature_cache, frozen
 from tlkeras.models.blocks import blocks
 from tlkeras.models.builder import AugmentConfig, build_model
 from tlkeras.models.strategy import apply_strategy
@@ -59,41 +59,41 @@ def test_prediction_parity(name, size):
     n = len(blocks(model))
     for k in (None, n // 2):
         apply_strategy(model, "feature_extraction" if k is None else "partial", k)
-        assert features.fast_path_plan(model, k).valid
-        prefix, suffix = features.split_at_block(model, k)
+        assert frozen.fast_path_plan(model, k).valid
+        prefix, suffix = frozen.split_at_block(model, k)
         out = suffix(prefix(x, training=False), training=False).numpy()
         np.testing.assert_allclose(out, reference, atol=1e-5)
         # Shared layers: the suffix's trainable variables are the model's own.
         assert {id(v) for v in suffix.trainable_weights} <= {id(v) for v in model.trainable_weights}
         assert suffix.trainable_weights
     if name == "NASNetMobile":
-        assert len(features.fast_path_plan(model, n // 2).boundary) > 1
+        assert len(frozen.fast_path_plan(model, n // 2).boundary) > 1
 
 
 def test_k_none_caches_pooled_features():
     model = _model()
-    prefix, suffix = features.split_at_block(model, None)
+    prefix, suffix = frozen.split_at_block(model, None)
     assert prefix.output.shape[1:] == (model.get_layer("pool").output.shape[-1],)
-    assert features.fast_path_plan(model).boundary == ("pool",)
+    assert frozen.fast_path_plan(model).boundary == ("pool",)
 
 
 def test_plan_invalid_when_prefix_trains():
     model = _model(strategy="full")
-    plan = features.fast_path_plan(model)
-    assert not plan.valid and plan.mode == features.MODE_FULL_MODEL
+    plan = frozen.fast_path_plan(model)
+    assert not plan.valid and plan.mode == frozen.MODE_FULL_MODEL
     assert "trainable" in plan.reason
     apply_strategy(model, "partial", 3)
-    assert not features.fast_path_plan(model, 4).valid  # block 3 trains but sits before k=4
-    assert features.fast_path_plan(model, 3).valid
-    assert features.fast_path_plan(model, 2).valid  # a frozen block may sit after the boundary
+    assert not frozen.fast_path_plan(model, 4).valid  # block 3 trains but sits before k=4
+    assert frozen.fast_path_plan(model, 3).valid
+    assert frozen.fast_path_plan(model, 2).valid  # a frozen block may sit after the boundary
 
 
 def test_plan_modes_with_augmentation():
     model = _model(augment=AugmentConfig())
-    assert features.fast_path_plan(model).mode == features.MODE_CACHED_VIEWS
-    assert features.fast_path_plan(model).augment_views == features.DEFAULT_AUGMENT_VIEWS
-    assert features.fast_path_plan(model, augment_views=0).mode == features.MODE_CACHED_CLEAN
-    assert features.fast_path_plan(_model()).mode == features.MODE_CACHED
+    assert frozen.fast_path_plan(model).mode == frozen.MODE_CACHED_VIEWS
+    assert frozen.fast_path_plan(model).augment_views == frozen.DEFAULT_AUGMENT_VIEWS
+    assert frozen.fast_path_plan(model, augment_views=0).mode == frozen.MODE_CACHED_CLEAN
+    assert frozen.fast_path_plan(_model()).mode == frozen.MODE_CACHED
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_plan_modes_with_augmentation():
 )
 def test_plan_bad_arguments(kwargs, error):
     with pytest.raises(error, match="expected"):
-        features.fast_path_plan(_model(), **kwargs)
+        frozen.fast_path_plan(_model(), **kwargs)
 
 
 def test_not_a_tlkeras_model():
@@ -115,31 +115,31 @@ def test_not_a_tlkeras_model():
         alpha=0.25, include_top=False, weights=None, input_shape=(32, 32, 3)
     )
     with pytest.raises(ValueError, match="expected a model from tlkeras.build_model"):
-        features.fast_path_plan(bare)
+        frozen.fast_path_plan(bare)
 
 
 def test_cache_features_views_and_memory_equivalence(tmp_path):
     model = _model(augment=AugmentConfig(flip="horizontal", rotation=0.0, zoom=0.0, contrast=0.0))
-    prefix, _ = features.split_at_block(model, None)
+    prefix, _ = frozen.split_at_block(model, None)
     data = _dataset(n=20, batch_size=8)
-    clean = features.cache_features(prefix, data)
+    clean = feature_cache.cache_features(prefix, data)
     f, y = next(iter(clean))
     assert f.shape == (8, prefix.output.shape[-1]) and y.shape == (8, 3)
     expected = prefix(next(iter(data))[0], training=False).numpy()
     np.testing.assert_allclose(f.numpy(), expected, atol=1e-6)
     # The file-backed cache yields the same features.
-    on_disk = features.cache_features(prefix, data, cache_dir=tmp_path)
+    on_disk = feature_cache.cache_features(prefix, data, cache_dir=tmp_path)
     np.testing.assert_allclose(next(iter(on_disk))[0].numpy(), expected, atol=1e-6)
     assert any(tmp_path.iterdir())
     # Views: every example keeps its label; the features vary between passes (random view).
-    viewed = features.cache_features(
+    viewed = feature_cache.cache_features(
         prefix, data, views=3, augmentation=model.get_layer("augmentation"), seed=1
     )
     assert sum(int(b[1].shape[0]) for b in viewed) == 20
     with pytest.raises(ValueError, match="expected an augmentation layer"):
-        features.cache_features(prefix, data, views=2)
+        feature_cache.cache_features(prefix, data, views=2)
     with pytest.raises(ValueError, match="views"):
-        features.cache_features(prefix, data, views=0)
+        feature_cache.cache_features(prefix, data, views=0)
 
 
 @pytest.mark.parametrize("augment,k", [(AugmentConfig(), None), (None, -2)])
@@ -157,7 +157,7 @@ def test_fit_frozen_trains_the_full_model(augment, k, tmp_path):
             seen.append(self.model.name)
 
     best = tmp_path / "best.keras"
-    history = features.fit_frozen(
+    history = fast_path.fit_frozen(
         model,
         data,
         data,
@@ -169,11 +169,11 @@ def test_fit_frozen_trains_the_full_model(augment, k, tmp_path):
         callbacks=[
             Spy(),
             keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True),
-            features.SaveFullModel(model, best, monitor="val_loss", save_best_only=True),
+            fast_path.SaveFullModel(model, best, monitor="val_loss", save_best_only=True),
         ],
         verbose=0,
     )
-    expected_mode = features.MODE_CACHED_VIEWS if augment else features.MODE_CACHED
+    expected_mode = frozen.MODE_CACHED_VIEWS if augment else frozen.MODE_CACHED
     assert history.fast_path["mode"] == expected_mode
     assert len(history.history["loss"]) == 2 and "val_accuracy" in history.history
     assert seen == ["suffix"]
@@ -189,7 +189,7 @@ def test_fit_frozen_trains_the_full_model(augment, k, tmp_path):
 def test_fit_frozen_falls_back_to_the_full_model():
     model = _model(strategy="full")
     # epochs=0: the routing is under test, not Keras's fit (an XLA compile of the whole backbone).
-    history = features.fit_frozen(
+    history = fast_path.fit_frozen(
         model,
         _dataset(n=16),
         None,
@@ -198,13 +198,13 @@ def test_fit_frozen_falls_back_to_the_full_model():
         loss="categorical_crossentropy",
         verbose=0,
     )
-    assert history.fast_path["mode"] == features.MODE_FULL_MODEL
+    assert history.fast_path["mode"] == frozen.MODE_FULL_MODEL
     assert not history.fast_path["valid"]
     assert model.optimizer is not None and model.compiled  # compiled and fitted as a whole
 
 
 def _val_loss_fit(model, train, validation, epochs, callbacks=(), **kwargs):
-    return features.fit_frozen(
+    return fast_path.fit_frozen(
         model,
         train,
         validation,
@@ -228,7 +228,7 @@ def test_save_full_model_defers_on_cached_features_and_records_the_saved_value(t
 
     model.save = counting_save
     best = tmp_path / "best.keras"
-    checkpoint = features.SaveFullModel(model, best, monitor="val_loss", save_best_only=True)
+    checkpoint = fast_path.SaveFullModel(model, best, monitor="val_loss", save_best_only=True)
     stopping = keras.callbacks.EarlyStopping(patience=50, restore_best_weights=True)
     history = _val_loss_fit(model, _dataset(), _dataset(seed=1), 6, [stopping, checkpoint], seed=0)
     assert checkpoint.defers  # Keras handed it the suffix
@@ -237,7 +237,7 @@ def test_save_full_model_defers_on_cached_features_and_records_the_saved_value(t
     losses = history.history["val_loss"]
     assert record["value"] == pytest.approx(min(losses))
     assert record["epoch"] == int(np.argmin(losses)) + 1
-    assert features.saved_value(best) == pytest.approx(min(losses))
+    assert fast_path.saved_value(best) == pytest.approx(min(losses))
     # The saved model is the best epoch's, which EarlyStopping restored in memory.
     x = _images()
     saved = keras.models.load_model(best)
@@ -247,25 +247,25 @@ def test_save_full_model_defers_on_cached_features_and_records_the_saved_value(t
 def test_save_full_model_saves_at_once_when_the_full_model_trains(tmp_path):
     model = _model(strategy="full")
     best = tmp_path / "best.keras"
-    checkpoint = features.SaveFullModel(model, best, monitor="loss", save_best_only=True)
+    checkpoint = fast_path.SaveFullModel(model, best, monitor="loss", save_best_only=True)
     checkpoint.set_model(model)
     assert not checkpoint.defers
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     checkpoint.on_train_begin()
     checkpoint.on_epoch_end(0, {"loss": 0.7})
-    assert best.is_file() and features.saved_value(best) == pytest.approx(0.7)
+    assert best.is_file() and fast_path.saved_value(best) == pytest.approx(0.7)
     checkpoint.on_epoch_end(1, {"loss": 0.9})  # no improvement: the record stays
-    assert features.saved_value(best) == pytest.approx(0.7)
-    assert features.saved_value(tmp_path / "missing.keras") is None
+    assert fast_path.saved_value(best) == pytest.approx(0.7)
+    assert fast_path.saved_value(tmp_path / "missing.keras") is None
 
 
 def test_best_epochs_counts_to_the_lowest_validation_loss():
     history = keras.callbacks.History()
     history.history = {"loss": [1, 1, 1, 1], "val_loss": [0.9, 0.5, float("nan"), 0.7]}
     history.epoch = [3, 4, 5, 6]  # the phase started at epoch 3 (earlier phases)
-    assert features.best_epochs(history, initial_epoch=3) == 2
+    assert fast_path.best_epochs(history, initial_epoch=3) == 2
     history.history = {"loss": [1.0, 0.9, 0.8]}
-    assert features.best_epochs(history) == 3  # no validation: every epoch
+    assert fast_path.best_epochs(history) == 3  # no validation: every epoch
 
 
 @pytest.mark.parametrize("augment", [None, AugmentConfig()])
@@ -284,7 +284,7 @@ def test_refit_retrains_from_the_start_on_train_and_validation(augment):
     )
     best = stopping.best_weights
     refit = history.fast_path["refit"]
-    assert refit == {"epochs": features.best_epochs(history), "examples": 48 + 24}
+    assert refit == {"epochs": fast_path.best_epochs(history), "examples": 48 + 24}
     # Not the best-validation weights any more, and not the start either: retrained.
     head = model.get_layer("predictions").get_weights()
     assert not all(np.allclose(a, b) for a, b in zip(head, start, strict=True))
@@ -301,13 +301,13 @@ def test_refit_needs_validation_and_the_fast_path():
 
 def test_clean_and_augmented_views_share_one_trace():
     model = _model(augment=AugmentConfig(flip="horizontal", rotation=0.0, zoom=0.0, contrast=0.0))
-    prefix, _ = features.split_at_block(model, None)
+    prefix, _ = frozen.split_at_block(model, None)
     augmentation = model.get_layer("augmentation")
     images = next(iter(_dataset(n=8, batch_size=8)))[0]
-    with_views = features._feature_function(prefix, augmentation)
+    with_views = feature_cache._feature_function(prefix, augmentation)
     # A clean-only caller (the validation pass) reuses the augmenting function: one trace in all.
-    assert features._feature_function(prefix, None) is with_views
-    features_of = features._features_fn(prefix, augmentation)
+    assert feature_cache._feature_function(prefix, None) is with_views
+    features_of = feature_cache._features_fn(prefix, augmentation)
     clean = features_of(images, False)
     np.testing.assert_allclose(clean, prefix(images, training=False), atol=1e-6)
     flipped = prefix(tf.reverse(images, axis=[2]), training=False).numpy()

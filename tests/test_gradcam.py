@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import small_input
 
 import tlkeras
-from tlkeras.analysis import gradcam
+from tlkeras.data import decoding, gradcam
 from tlkeras.exports import layout, savedmodel, signatures
 from tlkeras.exports import loading as exported
 from tlkeras.models.backbones import BACKBONES
@@ -213,7 +213,7 @@ def test_explain_signature_matches_the_in_memory_model(tmp_path):
     ]
     out = loaded.explain_bytes(images)
     assert set(out) == set(signatures.EXPLAIN_OUTPUTS)
-    pixels = signatures.reference_decode(images, (64, 64))
+    pixels = decoding.reference_decode(images, (64, 64))
     assert out["heatmaps"].shape == (2, 64, 64)
     np.testing.assert_allclose(out["heatmaps"], gradcam.gradcam(model, pixels), atol=1e-4)
     served = loaded.predict_bytes(images)

@@ -12,7 +12,7 @@ from conftest import MOBILENET_WEIGHTS, needs_shared_weights
 
 from tlkeras.data import sources as data_lib
 from tlkeras.fitting import lr_finder
-from tlkeras.fitting.phase import TrainConfig
+from tlkeras.fitting.config import TrainConfig
 from tlkeras.models.builder import build_model
 
 

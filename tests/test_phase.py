@@ -1,4 +1,4 @@
-"""Tests for tlkeras.fitting.phase: TrainConfig, the phase plan for every strategy, and the one runner."""
+"""Tests for tlkeras.fitting.config, plan and runner: TrainConfig, the phase plan, the one runner."""
 
 import dataclasses
 import json
@@ -9,19 +9,11 @@ import pytest
 
 import tlkeras
 from tlkeras.data import sources as data_lib
-from tlkeras.fitting import features
-from tlkeras.fitting import phase as phase_lib
-from tlkeras.fitting.phase import (
-    FEATURE_EXTRACTION,
-    FULL,
-    PARTIAL,
-    SCRATCH,
-    LossNotFinite,
-    Phase,
-    TrainConfig,
-    plan_phases,
-    run_phase,
-)
+from tlkeras.fitting import config as config_lib
+from tlkeras.fitting import fast_path, runner
+from tlkeras.fitting.config import FEATURE_EXTRACTION, FULL, PARTIAL, SCRATCH, Phase, TrainConfig
+from tlkeras.fitting.plan import plan_phases
+from tlkeras.fitting.runner import LossNotFinite, run_phase
 from tlkeras.models.strategy import SCRATCH_BN_MOMENTUM
 from tlkeras.models.task import encode_labels
 
@@ -222,7 +214,7 @@ def test_plan_converges_the_head_and_refits_only_a_last_head_phase(strategy, con
 def test_plan_solves_only_the_head_warm_up(strategy, solver):
     config = TrainConfig(epochs=2, fine_tune_epochs=3, head_solver=solver)
     phases = plan_phases(strategy, -1 if strategy == PARTIAL else None, config)
-    expected = [solver if p.name == phase_lib.HEAD_WARM_UP else "gradient" for p in phases]
+    expected = [solver if p.name == config_lib.HEAD_WARM_UP else "gradient" for p in phases]
     assert [p.solver for p in phases] == expected
     assert TrainConfig().head_solver == "lbfgs"
     with pytest.raises(ValueError, match="Phase.solver: expected one of"):
@@ -351,8 +343,8 @@ def test_run_phase_turns_a_nan_loss_into_loss_not_finite(digits):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_run_phase_converges_the_head_on_cached_features(digits, fast, monkeypatch):
-    monkeypatch.setattr(phase_lib, "CONVERGE_MAX_EPOCHS", 40)
-    monkeypatch.setattr(phase_lib, "CONVERGE_PATIENCE", 3)
+    monkeypatch.setattr(runner, "CONVERGE_MAX_EPOCHS", 40)
+    monkeypatch.setattr(runner, "CONVERGE_PATIENCE", 3)
     model = tlkeras.build_model("MobileNet", 3, **SMALL)
     phase = Phase("head", FEATURE_EXTRACTION, None, 3e-2, epochs=2, fast=fast, converge=True)
     theirs = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
@@ -375,7 +367,7 @@ def test_run_phase_refits_on_train_and_validation(digits):
     train, validation = _datasets(digits)
     result = run_phase(model, phase, train, validation)
     n = sum(int(y.shape[0]) for _, y in train) + sum(int(y.shape[0]) for _, y in validation)
-    assert result.refit == {"epochs": features.best_epochs(result.history), "examples": n}
+    assert result.refit == {"epochs": fast_path.best_epochs(result.history), "examples": n}
 
 
 @pytest.mark.parametrize("refit", [False, True])
@@ -386,7 +378,7 @@ def test_run_phase_solves_a_linear_head_as_one_logged_epoch(digits, tmp_path, re
     )
     train, validation = _datasets(digits)
     csv = tmp_path / "log.csv"
-    saver = features.SaveFullModel(
+    saver = fast_path.SaveFullModel(
         model, tmp_path / "best.keras", monitor="val_loss", save_best_only=True
     )
     result = run_phase(
@@ -446,7 +438,7 @@ def test_run_phase_with_ema_ends_and_checkpoints_with_the_averaged_weights(
         "ft", strategy, fine_tune_at, 1e-2, epochs=2, fast=fast, ema=True, ema_momentum=0.9
     )
     keep = _KeepOptimizer()
-    saver = features.SaveFullModel(model, tmp_path / "last.keras", monitor="val_loss")
+    saver = fast_path.SaveFullModel(model, tmp_path / "last.keras", monitor="val_loss")
     result = run_phase(model, phase, *_datasets(digits), callbacks=[saver, keep])
     assert (result.fast_path is not None) == fast
     optimizer = keep.optimizer
@@ -480,9 +472,7 @@ def test_run_phase_follows_a_cosine_schedule_with_per_block_rates(digits):
     )
     before = [np.array(w) for w in model.get_weights()]
     keep = _KeepOptimizer()
-    result = run_phase(
-        model, phase, *_datasets(digits), callbacks=[phase_lib.LogLearningRate(), keep]
-    )
+    result = run_phase(model, phase, *_datasets(digits), callbacks=[runner.LogLearningRate(), keep])
     rates = result.history.history["learning_rate"]
     # Logged at each epoch's end: the end of the warm-up (the peak), half-way down, zero.
     assert rates[0] == pytest.approx(1e-2, rel=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlkeras.workflows import report_html
+from tlkeras.workflows import report_content, report_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Chromium and sets this: there the browser test must run, not skip.
@@ -49,19 +49,21 @@ class Page(HTMLParser):
 def test_top_losses_rank_the_most_wrong_first():
     y = np.array([0, 1, 1, 0])
     p = np.array([[0.9, 0.1], [0.2, 0.8], [0.99, 0.01], [0.4, 0.6]])
-    assert report_html.top_losses(y, p, "multiclass", 2).tolist() == [2, 3]
+    assert report_content.top_losses(y, p, "multiclass", 2).tolist() == [2, 3]
     multi_y = np.array([[1, 0], [1, 1]])
     multi_p = np.array([[0.9, 0.1], [0.1, 0.2]])
-    assert report_html.top_losses(multi_y, multi_p, "multilabel", 1).tolist() == [1]
-    assert np.all(np.isfinite(report_html.per_example_loss(y, np.eye(2)[[1, 0, 0, 1]], "binary")))
+    assert report_content.top_losses(multi_y, multi_p, "multilabel", 1).tolist() == [1]
+    assert np.all(
+        np.isfinite(report_content.per_example_loss(y, np.eye(2)[[1, 0, 0, 1]], "binary"))
+    )
 
 
 def test_most_confused_lists_off_diagonal_pairs_by_count():
-    pairs = report_html.most_confused([[5, 2, 0], [7, 3, 1], [0, 0, 9]], ["a", "b", "c"])
+    pairs = report_content.most_confused([[5, 2, 0], [7, 3, 1], [0, 0, 9]], ["a", "b", "c"])
     assert pairs == [("b", "a", 7), ("a", "b", 2), ("b", "c", 1)]
 
 
-def _content(task: str, rng: np.random.Generator) -> report_html.ReportContent:
+def _content(task: str, rng: np.random.Generator) -> report_content.ReportContent:
     names = ["ants", "bees", "wasps"] if task != "binary" else ["ants", "bees"]
     n = 12
     if task == "multilabel":
@@ -74,8 +76,8 @@ def _content(task: str, rng: np.random.Generator) -> report_html.ReportContent:
         confusion = np.eye(len(names), dtype=int).tolist()
         confusion[0][1] = 3
     images = rng.integers(0, 255, (4, 40, 30, 3), dtype=np.uint8)
-    idx = report_html.top_losses(y, p, task, 4)
-    gallery = report_html.gallery_items(
+    idx = report_content.top_losses(y, p, task, 4)
+    gallery = report_content.gallery_items(
         idx, y, p, task, names, [f"f{i}.jpg" for i in range(n)], images, images
     )
     metrics = {
@@ -100,14 +102,14 @@ def _content(task: str, rng: np.random.Generator) -> report_html.ReportContent:
         ],
         "run": {"backbone": "MobileNet", "strategy": "full", "fine_tune_at": 0},
     }
-    return report_html.ReportContent(
+    return report_content.ReportContent(
         title=f"{task} run",
         metrics=metrics,
         task=task,
-        history_png=report_html.png_bytes(images[0]),
+        history_png=report_content.png_bytes(images[0]),
         gallery=gallery,
         calibration={"temperature": 1.7, "ece_before": 0.12, "ece_after": 0.03},
-        reliability_png=report_html.png_bytes(images[1]),
+        reliability_png=report_content.png_bytes(images[1]),
         tta={"views": "flip", "accuracy": 0.5, "accuracy_with_tta": 0.55},
         audit={
             "summary": "1 leak",
@@ -150,7 +152,7 @@ def test_every_section_renders(task):
 
 
 def test_empty_sections_say_why():
-    content = report_html.ReportContent(
+    content = report_content.ReportContent(
         title="t", metrics={}, notes={"top-losses": "No test split: nothing held out."}
     )
     page = Page(report_html.render(content))

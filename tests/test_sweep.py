@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from conftest import REPO, bad_input_cases, bad_input_env, check_bad_flags_fail_in_one_line
 
-from tlkeras.workflows.sweep import (
+from tlkeras.workflows.sweep import sweep
+from tlkeras.workflows.sweep_report import (
     FINE_TUNED,
     FROZEN,
     SCRATCH,
     SweepRow,
     binomial_noise,
     recommend,
-    sweep,
 )
 
 SWEEP = REPO / "scripts" / "sweep.py"

@@ -15,9 +15,11 @@ import tensorflow as tf
 from conftest import MOBILENET_WEIGHTS, needs_shared_weights
 
 import tlkeras
-from tlkeras.data import sources as data_lib
+from tlkeras import data as data_lib
 from tlkeras.exports import verify
-from tlkeras.workflows import training
+from tlkeras.fitting import rundir
+from tlkeras.fitting.config import resolve_class_weight
+from tlkeras.workflows import report, training
 from tlkeras.workflows.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,15 +39,15 @@ def test_class_weight_auto_is_balanced_from_train_counts():
     x = np.random.default_rng(0).integers(0, 255, (80, 32, 32, 3)).astype("uint8")
     y = np.array([0] * 60 + [1] * 20)
     data = data_lib.load((x, y), image_size=(32, 32), seed=0)
-    weights = training.resolve_class_weight(TrainConfig(class_weight="auto"), data, "multiclass")
+    weights = resolve_class_weight(TrainConfig(class_weight="auto"), data, "multiclass")
     n = data.counts["train"]
     total = sum(n.values())
     for i, name in enumerate(data.class_names):
         assert weights[i] == pytest.approx(total / (2 * n[name]))
     assert weights[1] > weights[0]
-    assert training.resolve_class_weight(TrainConfig(), data, "multiclass") is None
+    assert resolve_class_weight(TrainConfig(), data, "multiclass") is None
     with pytest.raises(ValueError, match="class indices"):
-        training.resolve_class_weight(TrainConfig(class_weight={5: 1.0}), data, "multiclass")
+        resolve_class_weight(TrainConfig(class_weight={5: 1.0}), data, "multiclass")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def test_nan_loss_raises_a_clear_error_and_frees_the_run_dir(digits, tmp_path):
         training.fit(model, digits, config, run_dir=tmp_path, verbose=0, report=False)
     assert json.loads((tmp_path / "run_state.json").read_text())["status"] == "failed"
     # A failed run is no finished run: the same directory can be reused with a fixed setting.
-    state = training.prepare_run_dir(tmp_path, {"other": 1})
+    state = rundir.prepare_run_dir(tmp_path, {"other": 1})
     assert state["resumes"] == 0 and not (tmp_path / "history_phase1.csv").exists()
 
 
@@ -312,7 +314,7 @@ def test_every_run_writes_a_report_with_every_section(task, tmp_path):
     from test_report_html import CHROMIUM, REQUIRE_BROWSER, Page, open_in_browser
 
     from tlkeras.models.builder import AugmentConfig, HeadConfig
-    from tlkeras.workflows import report_html
+    from tlkeras.workflows import report_content, report_html
 
     data = _head_data(task, tmp_path / "photos")
     units = {"multiclass": 3, "binary": 2, "multilabel": 3}[task]
@@ -331,9 +333,9 @@ def test_every_run_writes_a_report_with_every_section(task, tmp_path):
     page = Page((run_dir / report_html.REPORT_HTML).read_text(encoding="utf-8"))
     assert list(page.sections) == [sid for sid, _ in report_html.SECTIONS]
     n_test = sum(data.counts["test"].values()) if task != "multilabel" else len(data.items["test"])
-    assert page.sections["top-losses"].count("loss ") == min(report_html.GALLERY_SIZE, n_test)
+    assert page.sections["top-losses"].count("loss ") == min(report_content.GALLERY_SIZE, n_test)
     assert "Test accuracy" in page.sections["tta"] or "test accuracy" in page.sections["tta"]
-    audit = json.loads((run_dir / report_html.AUDIT_JSON).read_text())
+    audit = json.loads((run_dir / report_content.AUDIT_JSON).read_text())
     assert set(result.metrics["audit"]) == {"leak_count", "duplicate_count", "mislabel_count"}
     assert audit["splits"] == {s: len(v) for s, v in data.items.items() if v}
     assert result.metrics["report"] == str(run_dir / report_html.REPORT_HTML)
@@ -341,7 +343,7 @@ def test_every_run_writes_a_report_with_every_section(task, tmp_path):
     assert cal is None and result.metrics["calibration_note"] or cal["temperature"] > 0
     if task == "multilabel":
         with pytest.raises(ValueError, match="in-memory arrays"):
-            training.report_run(run_dir)
+            report.report_run(run_dir)
     if task != "multiclass":
         return
     # The real page in a real browser: loads without console errors, every image decodes.

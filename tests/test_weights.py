@@ -1,4 +1,5 @@
-"""Weights: the one resolver of ``weights`` values and the cached source-task pre-training."""
+"""Weights: the one resolver of ``weights`` values (tlkeras.models.weights, tlkeras.fitting.pretrain),
+the cached source-task pre-training and the input size ``"auto"`` picks (tlkeras.data.sizing)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from tlkeras.data import sources as data_lib
-from tlkeras.data.sources import load
+from tlkeras import data as data_lib
+from tlkeras.data import load
+from tlkeras.fitting import pretrain
 from tlkeras.models import weights as weights_lib
 from tlkeras.models.builder import build_model
 
@@ -15,10 +17,10 @@ KWARGS = {"alpha": 0.25}
 
 
 def test_pretrained_weights_are_cached_and_transfer(home):
-    path = weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32)
+    path = pretrain.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32)
     assert path.is_file() and path.name.endswith(".weights.h5")
     assert path.parent == home / "tlkeras" / "pretrained"
-    record = weights_lib.pretrained_record(path)
+    record = pretrain.pretrained_record(path)
     assert record["source"] == "digits:0-4" and record["class_names"] == list("01234")
     assert (record["epochs"], record["image_size"], record["seed"]) == (1, 32, 0)
     # An accuracy over the source task's validation split: a whole number of its images.
@@ -27,10 +29,10 @@ def test_pretrained_weights_are_cached_and_transfer(home):
     correct = record["source_val_accuracy"] * n
     assert 0 <= correct <= n and abs(correct - round(correct)) < 1e-3, (correct, n)
     mtime = path.stat().st_mtime_ns
-    assert weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32) == path
+    assert pretrain.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32) == path
     assert path.stat().st_mtime_ns == mtime  # reused, not retrained
     # Another recipe is another file (found in the cache or not: never the same name).
-    assert weights_lib._cache_key(a=1) != weights_lib._cache_key(a=2)
+    assert pretrain._cache_key(a=1) != pretrain._cache_key(a=2)
     # The weights land in a new model's backbone, at any input size.
     for size in (32, 48):
         model = build_model(
@@ -54,19 +56,30 @@ def test_pretrained_weights_are_cached_and_transfer(home):
 
 
 def test_resolve_weights_forms(home, tmp_path):  # after the test above: the cache is warm
-    assert weights_lib.resolve(None) is None
-    assert weights_lib.resolve("none") is None
-    assert weights_lib.resolve("ImageNet") == "imagenet"
+    assert pretrain.resolve(None) is None
+    assert pretrain.resolve("none") is None
+    assert pretrain.resolve("ImageNet") == "imagenet"
     file = tmp_path / "w.weights.h5"
     keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(file)
-    assert weights_lib.resolve(str(file)) == str(file)
+    assert pretrain.resolve(str(file)) == str(file)
     empty = tmp_path / "empty.weights.h5"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="is empty"):
-        weights_lib.resolve(str(empty))
-    resolved = weights_lib.resolve("source:digits:0-4", "MobileNet", KWARGS, (32, 32, 3))
-    assert resolved == str(weights_lib.pretrained_weights("digits:0-4", "MobileNet", KWARGS))
+        pretrain.resolve(str(empty))
+    resolved = pretrain.resolve("source:digits:0-4", "MobileNet", KWARGS, (32, 32, 3))
+    assert resolved == str(pretrain.pretrained_weights("digits:0-4", "MobileNet", KWARGS))
     assert resolved.startswith(str(home)) and resolved.endswith(".weights.h5")
+
+
+def test_check_trains_nothing(tmp_path, monkeypatch):
+    """``models.weights.check`` (parsing ``--weights``) leaves ``source:`` values to the
+    pre-training: nothing is trained or cached."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert weights_lib.check(" source:digits:0-4 ", (32, 32, 3)) == "source:digits:0-4"
+    assert weights_lib.check("ImageNet") == "imagenet" and weights_lib.check("none") is None
+    assert not (tmp_path / "tlkeras").exists()
+    with pytest.raises(ValueError, match=r"input_shape: expected \(height, width, 3\)"):
+        weights_lib.check("source:digits:0-4", (32, 32, 1))
 
 
 @pytest.mark.parametrize(
@@ -80,7 +93,7 @@ def test_resolve_weights_forms(home, tmp_path):  # after the test above: the cac
 )
 def test_resolve_weights_errors(home, weights, error, match):
     with pytest.raises(error, match=match):
-        weights_lib.resolve(weights, "MobileNet", KWARGS, (32, 32, 3))
+        pretrain.resolve(weights, "MobileNet", KWARGS, (32, 32, 3))
 
 
 @pytest.mark.parametrize(
@@ -88,7 +101,7 @@ def test_resolve_weights_errors(home, weights, error, match):
 )
 def test_pretrained_weights_bad_arguments(home, kwargs):
     with pytest.raises((ValueError, TypeError), match="expected"):
-        weights_lib.pretrained_weights(
+        pretrain.pretrained_weights(
             "digits:0-4", "MobileNet", **{"backbone_kwargs": KWARGS, **kwargs}
         )
 
@@ -122,13 +135,13 @@ def test_parse_is_syntax_only(text, expected):
     ],
 )
 def test_image_size_for(image_size, weights, expected):
-    assert weights_lib.image_size_for(image_size, weights, "MobileNet") == expected
+    assert data_lib.image_size_for(image_size, weights, "MobileNet") == expected
 
 
 @pytest.mark.parametrize("bad", [0, -3, (32,), (32, 0), "big", "auto2", 2.5])
 def test_image_size_for_rejects(bad):
     with pytest.raises(ValueError, match="image_size: expected 'auto', a positive int"):
-        weights_lib.image_size_for(bad, None, "MobileNet")
+        data_lib.image_size_for(bad, None, "MobileNet")
 
 
 @pytest.mark.parametrize(
@@ -157,9 +170,9 @@ def test_image_size_auto_reads_the_data(tmp_path):
         for i in range(3):
             Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / label / f"{i}.png")
     assert data_lib.source_resolution(tmp_path) == (30, 40)
-    size, why = weights_lib.choose_image_size("auto", "imagenet", "MobileNet", str(tmp_path))
+    size, why = data_lib.choose_image_size("auto", "imagenet", "MobileNet", str(tmp_path))
     assert size == (96, 96) and "30x40" in why  # 3 x 30 = 90, rounded up to 96
-    assert weights_lib.choose_image_size(64, "imagenet", "MobileNet", str(tmp_path)) == (
+    assert data_lib.choose_image_size(64, "imagenet", "MobileNet", str(tmp_path)) == (
         (64, 64),
         None,
     )
@@ -171,13 +184,13 @@ def test_image_size_auto_reads_the_data(tmp_path):
 
 def test_pretraining_prints_progress_once_and_not_when_cached(home, tmp_path, capsys):
     args = ("digits:0-4", "MobileNet", KWARGS, 32, 2)
-    weights_lib.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
+    pretrain.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("Pre-training MobileNet") and "digits:0-4" in lines[0]
     epochs = [ln for ln in lines if ln.strip().startswith("source digits:0-4: epoch")]
     assert [ln.split("epoch ")[1].split()[0] for ln in epochs] == ["1/2", "2/2"]
     assert "validation accuracy" in epochs[-1]
-    weights_lib.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
+    pretrain.pretrained_weights(*args, cache_dir=tmp_path, progress=True)
     assert "Pre-training" not in capsys.readouterr().out  # cached: nothing to wait for
 
 

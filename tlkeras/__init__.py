@@ -17,7 +17,8 @@ from tlkeras import (
 _compat.install()
 
 from tlkeras import data  # noqa: E402
-from tlkeras.analysis.advisor import Advice, AdvisorConfig, advise, logme, rank_backbones  # noqa: E402
+from tlkeras.analysis.advisor import Advice, AdvisorConfig, advise, rank_backbones  # noqa: E402
+from tlkeras.analysis.transferability import logme  # noqa: E402
 from tlkeras.exports.edge import (  # noqa: E402
     EdgeConfig,
     EdgeExportResult,
@@ -27,9 +28,12 @@ from tlkeras.exports.edge import (  # noqa: E402
 )
 from tlkeras.exports.loading import load_exported  # noqa: E402
 from tlkeras.exports.savedmodel import ExportResult, export  # noqa: E402
+from tlkeras.fitting.config import Phase, TrainConfig  # noqa: E402
 from tlkeras.fitting.distribute import DistributeConfig, Distribution  # noqa: E402
 from tlkeras.fitting.lr_finder import LRFinderResult, find_lr  # noqa: E402
-from tlkeras.fitting.phase import Phase, plan_phases, run_phase  # noqa: E402
+from tlkeras.fitting.plan import plan_phases  # noqa: E402
+from tlkeras.fitting.run import RunResult  # noqa: E402
+from tlkeras.fitting.runner import run_phase  # noqa: E402
 from tlkeras.models.backbones import (  # noqa: E402
     BackboneSpec,
     backbone_names,
@@ -45,7 +49,7 @@ from tlkeras.models.builder import (  # noqa: E402
     get_spec,
 )
 from tlkeras.models.strategy import Strategy, apply_strategy  # noqa: E402
-from tlkeras.workflows.training import RunResult, TrainConfig, fit, train  # noqa: E402
+from tlkeras.workflows.training import fit, train  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tlkeras.data.sources import DataConfig
+from tlkeras.data import DataConfig
 from tlkeras.models import weights as weights_lib
 
 EXIT_USAGE = 2
@@ -214,7 +214,7 @@ IMAGE_SIZE_HELP = (
 
 
 def define_image_size() -> None:
-    """``--image_size``: an int or ``auto`` (``tlkeras.models.weights.choose_image_size``)."""
+    """``--image_size``: an int or ``auto`` (``tlkeras.data.sizing.choose_image_size``)."""
     from absl import flags
 
     flags.DEFINE_string("image_size", weights_lib.AUTO_SIZE, IMAGE_SIZE_HELP)

@@ -28,7 +28,7 @@ The model is cut right after the map into a prefix (image → the map, plus any 
 over it) and a suffix (→ the output layer's input), both sharing the model's layers (a map inside
 the nested backbone: the backbone is cut and the outer graph rebuilt around its halves). Only the
 suffix runs under the gradient tape, in inference mode. Built once per model and cached on it. Why
-not ``tlkeras.fitting.features.split_at_block``: its suffix ends in the softmax, its ``k=None`` cut lies
+not ``tlkeras.fitting.frozen.split_at_block``: its suffix ends in the softmax, its ``k=None`` cut lies
 after the global pooling, and its cuts require every graph node to be a block layer, which
 ConvNeXt's residual adds (``keras.ops`` calls) are not, so it fails on ConvNeXt.
 """

@@ -39,7 +39,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
-from tlkeras.exports.signatures import DEFAULT_TOP_K, reference_decode  # noqa: E402
+from tlkeras.data.decoding import DEFAULT_TOP_K, reference_decode  # noqa: E402
 
 CROP_COUNTS = (0, 5)
 DEFAULT_CROP_FRACTION = 0.875

@@ -1,30 +1,36 @@
-"""data: data configs and ``ImageData``, decoding, folder/TFDS/array/digits sources, augmentation.
+"""data: data configs and ImageData, decoding, folder/TFDS/array sources, augmentation
 
 Sits on ``models`` (augmentation layers need the model spec); the layers above import data through
 this package's names.
 """
 
 from tlkeras.data.arrays import dataset_arrays
-from tlkeras.data.sources import (
+from tlkeras.data.config import (
     AUTOTUNE,
     DIGITS,
-    IGNORED_NAMES,
-    PROGRESS_MIN_FILES,
-    RESOLUTION_SAMPLE,
     SPLIT_FOLDERS,
     SPLITS,
-    SUPPORTED_FORMATS,
     DataConfig,
     ImageData,
     Skipped,
+    is_digits,
+)
+from tlkeras.data.files import (
+    IGNORED_NAMES,
+    PROGRESS_MIN_FILES,
+    SUPPORTED_FORMATS,
     check_image_file,
     declared_dimensions,
     decode_image,
-    is_digits,
-    load,
     resize_image,
+)
+from tlkeras.data.sizing import (
+    RESOLUTION_SAMPLE,
+    choose_image_size,
+    image_size_for,
     source_resolution,
 )
+from tlkeras.data.sources import load
 
 __all__ = [
     "dataset_arrays",
@@ -40,8 +46,10 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "Skipped",
     "check_image_file",
+    "choose_image_size",
     "declared_dimensions",
     "decode_image",
+    "image_size_for",
     "is_digits",
     "load",
     "resize_image",

@@ -1,5 +1,4 @@
-"""exports: the export layout, serving signatures, SavedModel writing, fresh-process verification,
-edge formats (TFLite, ONNX), loading an export.
+"""exports: export layout, serving signatures, SavedModel, verification, edge, loading
 
 Sits on ``analysis`` (calibration, Grad-CAM and TTA go into the signatures) and below.
 """

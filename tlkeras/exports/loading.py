@@ -26,6 +26,7 @@ import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.analysis.gradcam import overlay  # noqa: E402
+from tlkeras.data.decoding import DEFAULT_TOP_K, MAX_IMAGE_BYTES, reference_decode  # noqa: E402
 from tlkeras.exports.edge import is_edge_path, load_edge_model  # noqa: E402
 from tlkeras.exports.edge_runtime import EdgeRunner  # noqa: E402
 from tlkeras.exports.layout import (  # noqa: E402
@@ -38,12 +39,9 @@ from tlkeras.exports.layout import (  # noqa: E402
 from tlkeras.exports.signatures import (  # noqa: E402
     BYTES_INPUT,
     BYTES_SIGNATURE,
-    DEFAULT_TOP_K,
     EXPLAIN_SIGNATURE,
     FLOAT_INPUT,
     FLOAT_SIGNATURE,
-    MAX_IMAGE_BYTES,
-    reference_decode,
 )
 from tlkeras.models import builder as _model  # noqa: E402, F401  (registers tlkeras layers for loading)
 from tlkeras.models.backbones import check_file  # noqa: E402

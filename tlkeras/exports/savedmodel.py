@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402  isort: skip
 from tlkeras.analysis import gradcam  # noqa: E402
 from tlkeras.analysis import tta as tta_lib  # noqa: E402
 from tlkeras.analysis.calibration import check_temperature  # noqa: E402
+from tlkeras.data.decoding import DEFAULT_TOP_K, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS  # noqa: E402
 from tlkeras.exports.layout import (  # noqa: E402
     ASSETS_EXTRA,
     DEFAULT_BASE_DIR,
@@ -45,15 +46,12 @@ from tlkeras.exports.layout import (  # noqa: E402
 from tlkeras.exports.signatures import (  # noqa: E402
     BYTES_INPUT,
     BYTES_SIGNATURE,
-    DEFAULT_TOP_K,
     EXPLAIN_SIGNATURE,
     FLOAT_INPUT,
     FLOAT_SIGNATURE,
-    MAX_IMAGE_BYTES,
-    MAX_IMAGE_PIXELS,
     SIGNATURES,
-    _resolve_head,
     input_size,
+    resolve_head,
     write_serving_model,
 )
 from tlkeras.exports.verify import start_verifier, verify_export  # noqa: E402
@@ -373,7 +371,7 @@ def _check_export_args(
         isinstance(version, bool) or not isinstance(version, int) or version < 1
     ):
         raise ValueError(f"version: expected a positive int or None, received {version!r}")
-    head = _resolve_head(model, task, from_logits)
+    head = resolve_head(model, task, from_logits)
     if head.num_classes != len(class_names):
         raise ValueError(
             f"class_names: expected {head.num_classes} names for this {head.task} model "

@@ -9,9 +9,9 @@ Owns what a served request means, not where it is written (``tlkeras.exports.sav
 
 Both return ``probabilities`` float32 [None, C], ``classes`` string [None, k] and ``scores``
 float32 [None, k] (top-k by score). How the model's output becomes probabilities (task inference
-from ``tlkeras.models.task``: ``_Head``/``_resolve_head``) lives here too, in one section, with what an
+from ``tlkeras.models.task``: ``Head``/``resolve_head``) lives here too, in one section, with what an
 export may add on top: a calibration temperature (``tlkeras.analysis.calibration``) and the mean over
-test-time augmentation views (``tlkeras.analysis.tta``), both in the graph (``_Head.served``).
+test-time augmentation views (``tlkeras.analysis.tta``), both in the graph (``Head.served``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
 from tlkeras.analysis import gradcam  # noqa: E402
 from tlkeras.analysis.calibration import EPSILON, TINY  # noqa: E402
-from tlkeras.data.sources import decode_image  # noqa: E402
+from tlkeras.data.decoding import decode_and_resize  # noqa: E402
 from tlkeras.models.task import check_task, infer, infer_from_layer, probabilities  # noqa: E402
 
 BYTES_SIGNATURE = "serving_default"
@@ -40,97 +38,11 @@ EXPLAIN_OUTPUTS = ("heatmaps", "classes", "scores")
 BYTES_INPUT = "image_bytes"
 FLOAT_INPUT = "images"
 OUTPUTS = ("probabilities", "classes", "scores")
-DEFAULT_TOP_K = 5
-# Caps on one encoded image in the bytes signature (the pixel cap is the training scan's default).
-MAX_IMAGE_BYTES = 32 * 2**20
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 # --------------------------------------------------------------------------------------------------
-# Decoding: one implementation for the training pipeline's reference and the serving graph.
-
-
-def _declared_pixels(data: tf.Tensor) -> tf.Tensor:
-    """Width × height an encoded image declares in its header (0 for unknown formats), int64.
-
-    Read before decoding so a decompression bomb (a tiny file declaring a huge canvas) is refused
-    without allocating it. JPEG via TF's own SOF parser; the other formats' headers are fixed
-    offsets (PNG IHDR, GIF logical screen, BMP info header, WebP VP8/VP8L/VP8X).
-    """
-    head = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 32)]), 0, 32)
-    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
-    shr, band = tf.bitwise.right_shift, tf.bitwise.bitwise_and
-
-    def le(i, n):
-        return sum(b[i + j] * 2 ** (8 * j) for j in range(n))
-
-    def be32(i):
-        return b[i] * 2**24 + b[i + 1] * 2**16 + b[i + 2] * 2**8 + b[i + 3]
-
-    def bmp():  # height is negative for top-down bitmaps
-        w, h = le(18, 4), le(22, 4)
-        return tf.abs(tf.where(w >= 2**31, w - 2**32, w)) * tf.abs(
-            tf.where(h >= 2**31, h - 2**32, h)
-        )
-
-    def webp():
-        chunk = tf.strings.substr(head, 12, 4)
-        vp8 = band(le(26, 2), 0x3FFF) * band(le(28, 2), 0x3FFF)
-        lossless = (1 + band(le(21, 2), 0x3FFF)) * (1 + band(shr(le(22, 4), 6), 0x3FFF))
-        extended = (1 + le(24, 3)) * (1 + le(27, 3))
-        return tf.case(
-            [
-                (tf.equal(chunk, b"VP8 "), lambda: vp8),
-                (tf.equal(chunk, b"VP8L"), lambda: lossless),
-                (tf.equal(chunk, b"VP8X"), lambda: extended),
-            ],
-            default=lambda: tf.constant(0, tf.int64),
-        )
-
-    def jpeg():
-        return tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64))
-
-    def starts(prefix: bytes, at: int = 0) -> tf.Tensor:
-        return tf.equal(tf.strings.substr(head, at, len(prefix)), prefix)
-
-    return tf.case(
-        [
-            (starts(b"\xff\xd8"), jpeg),
-            (starts(b"\x89PNG"), lambda: be32(16) * be32(20)),
-            (starts(b"GIF"), lambda: le(6, 2) * le(8, 2)),
-            (starts(b"BM"), bmp),
-            (tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8)), webp),
-        ],
-        default=lambda: tf.constant(0, tf.int64),
-        exclusive=False,
-    )
-
-
-def decode_and_resize(
-    data: tf.Tensor,
-    image_size: tuple[int, int],
-    *,
-    max_bytes: int = MAX_IMAGE_BYTES,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-) -> tf.Tensor:
-    """One encoded image (scalar tf.string) → float32 [H, W, 3] RGB pixels 0–255, graph-safe.
-
-    The byte and declared-pixel caps are checked first; the decoding and resizing are the training
-    pipeline's own (``tlkeras.data.decode_image``), so served and trained pixels are identical.
-    """
-    size = tf.strings.length(data)
-    checks = [
-        tf.debugging.Assert(size > 0, ["image is empty (0 bytes)"]),
-        tf.debugging.Assert(size <= max_bytes, [f"image is larger than {max_bytes} bytes"]),
-    ]
-    with tf.control_dependencies(checks):
-        pixels = _declared_pixels(data)
-    cap = tf.debugging.Assert(
-        pixels <= max_pixels, [f"image declares more than {max_pixels} pixels"]
-    )
-    with tf.control_dependencies([cap]):
-        data = tf.identity(data)
-    return tf.cast(decode_image(data, image_size), tf.float32)
+# Decoding: the batch of ``image_bytes``, each image as ``tlkeras.data.decoding`` decodes it
+# (one implementation for the training pipeline's reference and the serving graph).
 
 
 def _decode_batch(images: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
@@ -141,19 +53,12 @@ def _decode_batch(images: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     )
 
 
-def reference_decode(images: Sequence[bytes], image_size: tuple[int, int]) -> np.ndarray:
-    """The training pipeline's decoding of ``images``, eagerly: float32 [N, H, W, 3]."""
-    return np.stack([decode_and_resize(tf.constant(b), image_size).numpy() for b in images]).astype(
-        "float32"
-    )
-
-
 # --------------------------------------------------------------------------------------------------
 # What the model's output means: the head (task inference from the output layer).
 
 
 @dataclass(frozen=True)
-class _Head:
+class Head:
     task: str
     from_logits: bool
     units: int
@@ -203,7 +108,7 @@ def _with_temperature(p: tf.Tensor, temperature: float, task: str) -> tf.Tensor:
     return tf.nn.softmax(tf.math.log(tf.maximum(p, TINY)) / temperature, axis=-1)
 
 
-def _resolve_head(model: Any, task: str | None, from_logits: bool | None) -> _Head:
+def resolve_head(model: Any, task: str | None, from_logits: bool | None) -> Head:
     """The head of ``model``: ``task``/``from_logits`` as given, else as ``tlkeras.models.task`` infers."""
     if len(model.outputs) != 1:
         raise ValueError(f"expected a model with one output, received {len(model.outputs)}")
@@ -216,7 +121,7 @@ def _resolve_head(model: Any, task: str | None, from_logits: bool | None) -> _He
             )
         task = inferred_task if task is None else task
         from_logits = inferred_logits if from_logits is None else from_logits
-    return _Head(task=task, from_logits=bool(from_logits), units=int(model.outputs[0].shape[-1]))
+    return Head(task=task, from_logits=bool(from_logits), units=int(model.outputs[0].shape[-1]))
 
 
 def input_size(model: Any) -> tuple[int, int]:
@@ -237,7 +142,7 @@ def input_size(model: Any) -> tuple[int, int]:
 def write_serving_model(
     model: Any,
     class_names: Sequence[str],
-    head: _Head,
+    head: Head,
     top_k: int,
     path: str,
     *,
@@ -291,7 +196,7 @@ def write_serving_model(
     tf.saved_model.save(root, path, signatures=signatures)
 
 
-def _explain_function(model: Any, names: list[str], head: _Head, size: tuple[int, int]) -> Any:
+def _explain_function(model: Any, names: list[str], head: Head, size: tuple[int, int]) -> Any:
     """``EXPLAIN_SIGNATURE``: ``image_bytes`` as ``serving_default`` takes them →
     ``heatmaps`` float32 [None, H, W] (``tlkeras.analysis.gradcam``, in [0, 1]) for each image's top class,
     that class's name ``classes`` string [None] and probability ``scores`` float32 [None].

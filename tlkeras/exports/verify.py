@@ -31,6 +31,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras.data.decoding import reference_decode  # noqa: E402
 from tlkeras.exports.layout import ASSETS_EXTRA, LABELS_FILE  # noqa: E402
 from tlkeras.exports.signatures import (  # noqa: E402
     BYTES_INPUT,
@@ -39,10 +40,9 @@ from tlkeras.exports.signatures import (  # noqa: E402
     FLOAT_SIGNATURE,
     OUTPUTS,
     SIGNATURES,
-    _Head,
-    _resolve_head,
+    Head,
     input_size,
-    reference_decode,
+    resolve_head,
 )
 
 FLOAT_TOLERANCE = 1e-5
@@ -127,7 +127,7 @@ def verify_export(
     model: Any,
     images: Sequence[bytes],
     *,
-    head: _Head | None = None,
+    head: Head | None = None,
     class_names: Sequence[str] | None = None,
     timeout: float = 600,
     process: subprocess.Popen | None = None,
@@ -145,7 +145,7 @@ def verify_export(
     images = [bytes(b) for b in images]
     if not images:
         raise ValueError("images: expected at least one encoded image, received none")
-    head = head or _resolve_head(model, None, None)
+    head = head or resolve_head(model, None, None)
     size = input_size(model)
     pixels = reference_decode(images, size)
     # A plain call, not model.predict: under a multi-worker strategy predict gathers from every

@@ -1,5 +1,4 @@
-"""fitting: ``TrainConfig`` and phases, the one runner, the frozen cut and feature cache, the head
-solver, optimizers, the LR finder, tf.distribute, source pre-training, the run directory.
+"""fitting: TrainConfig and phases, the runner, the feature cache, optimizers, the run dir
 
 Sits on ``models`` and ``data``.
 """

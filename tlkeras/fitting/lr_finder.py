@@ -5,7 +5,7 @@ grows exponentially from ``min_lr`` to ``max_lr``, with the loss, optimizer and 
 the phase it stands for, and records the exponentially smoothed loss. It stops
 once the smoothed loss exceeds ``diverge_factor`` × its minimum (or is not finite). For the head
 warm-up (``feature_extraction``) the sweep runs on cached features of the frozen backbone when the
-fast path is valid (``tlkeras.fitting.features``): only the head trains, so a batch costs microseconds.
+fast path is valid (``tlkeras.fitting.frozen``): only the head trains, so a batch costs microseconds.
 
 **Suggestion rule** (:data:`RULE`): the learning rate at the minimum of the smoothed loss divided by
 10 (fastai's ``lr_min / 10``: the minimum is already at the edge of divergence), clipped into
@@ -28,8 +28,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlkeras.fitting import features, reports
-from tlkeras.fitting.phase import (
+from tlkeras.fitting import reports
+from tlkeras.fitting.compiling import compile_args, compile_model, set_trainable
+from tlkeras.fitting.config import (
     FEATURE_EXTRACTION,
     FULL,
     PARTIAL,
@@ -38,9 +39,11 @@ from tlkeras.fitting.phase import (
     TrainConfig,
     resolve_class_weight,
 )
+from tlkeras.fitting.feature_cache import cache_features
+from tlkeras.fitting.frozen import fast_path_plan, split_at_block
 from tlkeras.models.spec import get_spec
-from tlkeras.models.strategy import Strategy, apply_strategy, scratch_batchnorm
-from tlkeras.models.task import encode_labels, infer, loss_for
+from tlkeras.models.strategy import Strategy
+from tlkeras.models.task import encode_labels, infer
 
 DEFAULT_MIN_LR = 1e-7
 DEFAULT_MAX_LR = 1.0
@@ -115,7 +118,7 @@ class LRFinderResult:
 
     def plot(self, path: str | Path) -> Path:
         """A PNG of the loss against the learning rate (log scale), the suggestion marked."""
-        plt = reports._matplotlib()
+        plt = reports.pyplot()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -270,7 +273,7 @@ def find_lr(
     exponentially over ``steps`` batches (the training split cycled when shorter), with
     ``strategy``'s trainable blocks (``tlkeras.apply_strategy``; ``scratch``: its BatchNorm rule),
     the task's loss with ``config.label_smoothing`` and ``config.class_weight``, and the phase's
-    optimizer (``tlkeras.fitting.phase.Phase.optimizer``: ``config.weight_decay``, the optimizer family
+    optimizer (``tlkeras.fitting.config.Phase.optimizer``: ``config.weight_decay``, the optimizer family
     and, for fine-tuning, the per-block learning rates training uses; no schedule). The sweep
     stops once the smoothed loss exceeds ``diverge_factor`` × its minimum or a loss is not
     finite.
@@ -322,22 +325,20 @@ def find_lr(
     keras.utils.set_random_seed(int(seed))
 
     copy = _copy(model)
-    apply_strategy(copy, strategy, fine_tune_at, train_bn=_train_bn(model))
-    if strategy == SCRATCH:
-        scratch_batchnorm(copy)
-    task, from_logits = infer(copy)
-    loss = loss_for(task, from_logits=from_logits, label_smoothing=config.label_smoothing)
+    set_trainable(copy, strategy, fine_tune_at, train_bn=_train_bn(model))
+    task = infer(copy)[0]
     train = encode_labels(data.train, task, len(data.class_names))
     trained, batches, cached = copy, train, False
     if fast and strategy == FEATURE_EXTRACTION:
-        plan = features.fast_path_plan(copy, None, augment_views=0)
+        plan = fast_path_plan(copy, None, augment_views=0)
         if plan.valid:
-            prefix, trained = features.split_at_block(copy, None)
+            prefix, trained = split_at_block(copy, None)
             # In memory when it fits, else in a temporary file cache; reshuffled on every pass.
-            batches = features.cache_features(prefix, train, seed=int(seed), shuffle=True)
+            batches = cache_features(prefix, train, seed=int(seed), shuffle=True)
             cached = True
-    # Its blocks give the per-block rates; a float16 copy is loss-scaled as run_phase's.
-    trained.compile(optimizer=phase.optimizer(copy), loss=loss)
+    # As run_phase compiles: the copy's blocks give the per-block rates, a float16 copy is
+    # loss-scaled; the sweep sets every batch's learning rate and reads the loss only (no metrics).
+    compile_model(trained, compile_args(copy, phase, config.label_smoothing, metrics=False))
 
     lrs = min_lr * (max_lr / min_lr) ** (np.arange(steps) / (steps - 1))
     recorded, smoothed, raw, why = _sweep(

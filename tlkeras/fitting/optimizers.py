@@ -36,7 +36,7 @@ OPTIMIZERS = (ADAMW, SGD_NAME)
 CONSTANT, COSINE, AUTO_SCHEDULE = "constant", "cosine", "auto"
 SCHEDULES = (CONSTANT, COSINE)
 # What a TrainConfig may say: "auto" is cosine with warm-up for fine-tuning phases of two epochs or
-# more (not with ReduceLROnPlateau), constant otherwise (tlkeras.fitting.phase.plan_phases).
+# more (not with ReduceLROnPlateau), constant otherwise (tlkeras.fitting.plan.plan_phases).
 TRAIN_SCHEDULES = (AUTO_SCHEDULE, CONSTANT, COSINE)
 SGD_MOMENTUM = 0.9
 # Decay only kernels: decaying biases and BN scale/offset hurts and is not what L2 intends.

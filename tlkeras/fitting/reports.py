@@ -158,7 +158,8 @@ def write_history(
     return json_path, csv_path
 
 
-def _matplotlib():
+def pyplot():
+    """matplotlib's ``pyplot`` on the Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -174,7 +175,7 @@ def plot_history(
     title: str | None = None,
 ) -> Path:
     """Loss and accuracy curves (train and validation) with the phase boundary as a dashed line."""
-    plt = _matplotlib()
+    plt = pyplot()
     path = Path(path)
     epochs = list(history.get("epoch") or range(len(history.get("loss", []))))
     epochs = [e + 1 for e in epochs]  # 1-based, as Keras prints them
@@ -210,7 +211,7 @@ def plot_confusion(
     """The confusion matrix as a PNG via scikit-learn's ``ConfusionMatrixDisplay``."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _matplotlib()
+    plt = pyplot()
     path = Path(path)
     n = len(class_names)
     size = min(max(4.0, 0.5 * n + 2.0), 20.0)

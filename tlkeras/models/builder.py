@@ -89,7 +89,7 @@ def build_model(
     weights-file path, or ``None`` (required by ``scratch``). ``train_bn`` defaults to False for pretrained
     strategies and True for ``scratch`` (the BatchNorm rule in ``tlkeras.models.strategy``).
     ``dtype_policy``: one of ``DTYPE_POLICIES``; under ``mixed_float16`` the phase runner scales
-    the loss (``tlkeras.fitting.phase``).
+    the loss (``tlkeras.fitting.compiling``).
     """
     strategy = Strategy.parse(strategy)
     check_fine_tune_at(strategy, fine_tune_at)

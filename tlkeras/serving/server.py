@@ -30,8 +30,8 @@ from tlkeras.serving.app import (
     METRICS_PATH,
     ServingConfig,
     create_app,
-    too_large_message,
 )
+from tlkeras.serving.request import too_large_message
 
 DEFAULT_THREADS = 32
 DEFAULT_CONNECTION_LIMIT = 256

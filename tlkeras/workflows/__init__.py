@@ -1,5 +1,4 @@
-"""workflows: what the scripts call, about one module per script: a training run, evaluation,
-export of a run, the report, strategy comparison, the sweep.
+"""workflows: what the scripts call: train, evaluate, export, report, compare, sweep
 
 The top layer: it may import every other one.
 """

@@ -2,7 +2,7 @@
 
 ``compare_strategies`` trains each strategy on the same data and split and returns one table
 (strategy, trainable params, wall time, test accuracy); ``transfer_story`` runs it on digits 5–9 with
-a backbone pre-trained on 0–4 (``tlkeras.models.weights.pretrained_weights``), so the scratch row shows what
+a backbone pre-trained on 0–4 (``tlkeras.fitting.pretrain.pretrained_weights``), so the scratch row shows what
 transfer bought. ``train_with_baselines`` is ``tlkeras.train`` followed by the two baselines a
 transferred model must be judged against, on the same split: the same network from scratch with the
 same budget, and a logistic regression on the raw pixels (the main job's closing table).
@@ -24,11 +24,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras.data.sources import DataConfig, is_digits, load
-from tlkeras.fitting.phase import trainable_params
+from tlkeras.data import dataset_arrays, is_digits
+from tlkeras.fitting.loading import DataRequest, ModelRequest, load_and_build, load_data
+from tlkeras.fitting.pretrain import pretrained_record, pretrained_weights
+from tlkeras.fitting.runner import trainable_params
 from tlkeras.models.backbones import get_backbone
 from tlkeras.models.blocks import blocks
-from tlkeras.models.builder import build_model
 from tlkeras.models.strategy import Strategy
 from tlkeras.models.weights import (
     DEFAULT_BACKBONE,
@@ -37,9 +38,6 @@ from tlkeras.models.weights import (
     DEFAULT_SOURCE,
     DEFAULT_TARGET,
     backbone_kwargs_for,
-    pretrained_record,
-    pretrained_weights,
-    resolve,
 )
 from tlkeras.workflows import training
 
@@ -180,10 +178,9 @@ def compare_strategies(
     check_strategies(strategies)
     if data.test is None:
         raise ValueError("data: expected a test split to score every strategy on, received none")
-    backbone_kwargs = dict(backbone_kwargs or {})
-    image_size = tuple(data.train.element_spec[0].shape[1:3])
-    input_shape = (*image_size, 3)
-    resolved = resolve(weights, backbone, backbone_kwargs, input_shape)
+    # As given (no source model's width filled in): the weights may be a pre-trained file.
+    request = ModelRequest(backbone, dict(backbone_kwargs or {}), weights, augment=augment)
+    resolved = load_and_build(request, data, build=False).weights
     config = config or training.TrainConfig()
     root = (
         Path(output_dir)
@@ -193,15 +190,14 @@ def compare_strategies(
     rows = []
     for strategy in strategies:
         init = None if strategy == "scratch" else resolved
-        model = build_model(
-            backbone,
-            len(data.class_names),
-            strategy="feature_extraction" if strategy == "partial" else strategy,
-            weights=init,
-            input_shape=input_shape,
-            backbone_kwargs=backbone_kwargs,
-            augment=augment,
-        )
+        model = load_and_build(
+            dataclasses.replace(
+                request,
+                weights=init,
+                strategy="feature_extraction" if strategy == "partial" else strategy,
+            ),
+            data,
+        ).model
         k = (fine_tune_at or _default_fine_tune_at(model)) if strategy == "partial" else None
         keras.utils.set_random_seed(config.seed)
         started = time.perf_counter()
@@ -267,7 +263,9 @@ def transfer_story(
         source, spec.name, backbone_kwargs, image_size, pretrain_epochs, seed=config.seed
     )
     size = max(image_size, spec.min_size)
-    data = load(target, image_size=(size, size), batch_size=config.batch_size, seed=config.seed)
+    data = load_data(
+        DataRequest(target, batch_size=config.batch_size, seed=config.seed), (size, size)
+    )
     table = compare_strategies(
         data,
         backbone=spec.name,
@@ -301,18 +299,13 @@ def pixel_baseline(data: Any, size: int = PIXEL_SIZE) -> dict[str, Any]:
     scored on the test split: what no deep learning at all reaches on the same images."""
     from sklearn.linear_model import LogisticRegression
 
-    def arrays(*datasets: Any) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for ds in datasets:
-            for images, labels in ds:
-                small = tf.image.resize(tf.cast(images, tf.float32), (size, size), "area")
-                xs.append(tf.reduce_mean(small, axis=-1).numpy().reshape(len(small), -1) / 255.0)
-                ys.append(np.asarray(labels))
-        return np.concatenate(xs), np.concatenate(ys)
+    def grey(images: Any) -> np.ndarray:
+        small = tf.image.resize(tf.cast(images, tf.float32), (size, size), "area")
+        return tf.reduce_mean(small, axis=-1).numpy().reshape(len(small), -1) / 255.0
 
     started = time.perf_counter()
-    x, y = arrays(*(d for d in (data.train, data.validation) if d is not None))
-    tx, ty = arrays(data.test)
+    x, y = dataset_arrays([data.train, data.validation], map_images=grey)
+    tx, ty = dataset_arrays(data.test, map_images=grey)
     model = LogisticRegression(max_iter=5000).fit(x, y)
     return {
         "accuracy": float(model.score(tx, ty)),
@@ -342,17 +335,17 @@ def train_with_baselines(
         args["config"], args["weights"], **args.pop("config_overrides")
     )
     size = tuple(int(s) for s in result.model.input_shape[1:3])
-    data = load(
-        data_source,
-        validation=args["validation_data"],
-        config=DataConfig(
-            image_size=size,
-            batch_size=config.batch_size,
+    data = load_data(
+        DataRequest(
+            data_source,
+            validation=args["validation_data"],
             validation_split=args["validation_split"],
             test_split=args["test_split"],
-            seed=config.seed,
             max_bad_fraction=args["max_bad_fraction"],
+            batch_size=config.batch_size,
+            seed=config.seed,
         ),
+        size,
     )
     if data.test is None:
         raise ValueError("baselines: expected a test split to score them on, received none")
