@@ -465,7 +465,7 @@ def profile(runs: dict[str, list[dict]]) -> str:
     )
     return (
         f"{table}\n\nThe checkpoint column is `ModelCheckpoint` saving the *full* model "
-        "(`_FullModelCheckpoint` in `tlkeras/workflows/training.py`) after every improving epoch; once the "
+        "(`SaveFullModel` in `tlkeras/fitting/fast_path.py`) after every improving epoch; once the "
         "features are cached an epoch of head training costs far less than that save."
     )
 

@@ -23,25 +23,16 @@ import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
 from tlkeras.analysis import advisor
 
-_A = advisor.AdvisorConfig()
-
 cli.define_model_flags()
-flags.adopt_module_key_flags(cli)
 flags.DEFINE_string(
     "candidates",
     None,
     "Also rank backbones by LogME: NAME[(key=value,...)][@WEIGHTS] separated by ';' "
     "(weights default to --weights).",
 )
-flags.DEFINE_integer(
-    "small_max_images", _A.small_max_images, "Data with at most this many images is small."
-)
-flags.DEFINE_float(
-    "min_probe_gain", _A.min_probe_gain, "Linear-probe gain at or above which data is similar."
-)
-flags.DEFINE_integer("max_images", _A.max_images, "Score at most this many images (a sample).")
-flags.DEFINE_integer("seed", _A.seed, "Seeds the sample, the probe folds and the random backbone.")
+ADVISOR = cli.define_config_flags(advisor.AdvisorConfig)
 flags.DEFINE_string("output", None, "Also write the advice (and ranking) as JSON to this file.")
+flags.adopt_module_key_flags(cli)
 
 FLAGS = flags.FLAGS
 
@@ -52,11 +43,7 @@ def main(argv: list[str]) -> None:
     weights = cli.parse_weights(FLAGS.weights)
     candidates = cli.parse_candidates(FLAGS.candidates, weights) if FLAGS.candidates else None
     config = advisor.AdvisorConfig(
-        small_max_images=FLAGS.small_max_images,
-        min_probe_gain=FLAGS.min_probe_gain,
-        max_images=FLAGS.max_images,
-        seed=FLAGS.seed,
-        max_bad_fraction=FLAGS.max_bad_fraction,
+        **cli.config_values(ADVISOR), max_bad_fraction=FLAGS.max_bad_fraction
     )
     advice = advisor.advise(
         FLAGS.data,

@@ -30,14 +30,9 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "data", None, "Folder with one subfolder per class (or tfds:NAME:SPLIT).", required=True
 )
-flags.DEFINE_integer("batch_size", DataConfig().batch_size, "Batch size.")
-flags.DEFINE_string(
-    "tta",
-    "none",
-    "Test-time augmentation: none, flip, crops or flip,crops (crops=5, crop_fraction=F); reports "
-    "the accuracy with and without it.",
-)
+cli.define_config_flags(DataConfig, only=("batch_size",))
 cli.define_max_bad_fraction()
+cli.define_tta("reports the accuracy with and without it.")
 flags.adopt_module_key_flags(cli)
 flags.DEFINE_string(
     "output_dir",

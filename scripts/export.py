@@ -25,7 +25,8 @@ as it costs time (MobileNet(0.25) at 224 px: export 2.1 -> 3.6 s, ``tf.saved_mod
 from absl import flags, logging
 
 import tlkeras.cli
-from tlkeras.analysis import calibration, decoding, tta
+from tlkeras.analysis import calibration, tta
+from tlkeras.data import decoding
 from tlkeras.exports import edge, layout, savedmodel
 from tlkeras.exports import loading as exported
 from tlkeras.workflows import export_run
@@ -56,12 +57,7 @@ flags.DEFINE_float(
     "Calibration temperature the signatures apply to the probabilities (logits / T; fit it on "
     "validation data with tlkeras.analysis.calibration.fit_temperature); 1: unchanged.",
 )
-flags.DEFINE_string(
-    "tta",
-    "none",
-    "Test-time augmentation in the graph: none, flip, crops or flip,crops (crops=5, "
-    "crop_fraction=F); the signatures average over the views.",
-)
+tlkeras.cli.define_tta("in the graph: the signatures average over the views.")
 flags.DEFINE_bool(
     "explain",
     False,
@@ -69,16 +65,7 @@ flags.DEFINE_bool(
     "scripts/predict.py --explain.",
 )
 flags.DEFINE_enum("format", "saved_model", ["saved_model", *edge.FORMATS], "What to write.")
-flags.DEFINE_enum(
-    "quantization",
-    "none",
-    list(edge.QUANTIZATIONS),
-    "TFLite: none (float32) | float16 | "
-    "dynamic (int8 weights) | int8 (full integer; needs --calibration_data).",
-)
-flags.DEFINE_enum(
-    "io_type", None, list(edge.IO_TYPES), "int8: the input/output type (default uint8)."
-)
+tlkeras.cli.define_config_flags(edge.EdgeConfig, only=("quantization", "io_type"))
 flags.DEFINE_string(
     "calibration_data", None, "int8: training images (one subfolder per class) to calibrate on."
 )

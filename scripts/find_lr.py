@@ -22,48 +22,21 @@ from absl import logging as absl_logging
 
 import tlkeras  # noqa: F401  (first: quiets TensorFlow's start-up logs)
 from tlkeras import cli
-from tlkeras.data import DataConfig
 from tlkeras.fitting import lr_finder
 from tlkeras.models.strategy import Strategy
 from tlkeras.workflows import training
 
-_C = training.TrainConfig()
-_D = DataConfig()
-
-flags.DEFINE_string(
-    "data", training.DEFAULT_DATA, "Image folder, tfds:NAME[/CONFIG][:SPLIT], or digits[:A-B]."
-)
-flags.DEFINE_float(
-    "validation_split", _D.validation_split, "Fraction of --data held out for validation."
-)
-flags.DEFINE_float(
-    "test_split", _D.test_split, "Fraction of --data held out for the final test score."
-)
-cli.define_max_bad_fraction()
-flags.DEFINE_string("backbone", training.DEFAULT_BACKBONE, "A keras.applications model name.")
-flags.DEFINE_string(
-    "backbone_kwargs",
-    training.DEFAULT_BACKBONE_KWARGS,
-    "Backbone constructor arguments, e.g. alpha=0.25.",
-)
-flags.DEFINE_string("weights", training.DEFAULT_WEIGHTS, cli.WEIGHTS_HELP + " | none")
-cli.define_image_size()
-flags.DEFINE_enum(
-    "strategy",
+cli.define_model_flags(cli.WEIGHTS_HELP + " | none")
+cli.define_split_flags()
+cli.define_strategy_flags(
     Strategy.FEATURE_EXTRACTION.value,
-    [s.value for s in Strategy],
     "Which blocks train during the sweep: feature_extraction is the head warm-up "
     "(train.py's --learning_rate); partial/full fine-tuning; scratch everything.",
 )
-flags.DEFINE_integer(
-    "fine_tune_at",
-    None,
-    "partial only: first trainable block (negative counts from the end; default: the top half).",
-)
-flags.DEFINE_integer("batch_size", _C.batch_size, "Batch size.")
-flags.DEFINE_integer("seed", _C.seed, "Seeds Python, NumPy, TensorFlow and the data split.")
-flags.DEFINE_float(
-    "label_smoothing", _C.label_smoothing, "Label smoothing of the cross-entropy loss."
+TRAIN = cli.define_config_flags(
+    training.TrainConfig,
+    only=("batch_size", "seed", "label_smoothing", "fast"),
+    notes={"fast": "(feature_extraction: the head's sweep)"},
 )
 flags.DEFINE_float("min_lr", lr_finder.DEFAULT_MIN_LR, "Learning rate of the first batch.")
 flags.DEFINE_float("max_lr", lr_finder.DEFAULT_MAX_LR, "Learning rate of the last batch.")
@@ -73,9 +46,6 @@ flags.DEFINE_integer(
     f"Batches at most (>= {lr_finder.MIN_STEPS}; the training split is cycled when shorter).",
 )
 flags.DEFINE_string("output", "lr_find.png", "Where to write the plot of loss against LR.")
-flags.DEFINE_boolean(
-    "fast", _C.fast, "feature_extraction: sweep the head on cached backbone features."
-)
 
 flags.adopt_module_key_flags(cli)
 
@@ -88,14 +58,7 @@ def main(argv: list[str]) -> None:
     strategy = Strategy.parse(FLAGS.strategy)
     weights = cli.weights_for_strategy(strategy.value, FLAGS.weights, FLAGS["weights"].present)
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep TF's INFO lines off the console
-    config = training.resolve_config(
-        None,
-        weights,
-        batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        label_smoothing=FLAGS.label_smoothing,
-        fast=FLAGS.fast,
-    )
+    config = training.resolve_config(None, weights, **cli.config_values(TRAIN))
     result = training.find_lr_for(
         FLAGS.data,
         backbone=FLAGS.backbone,

@@ -38,11 +38,7 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool("json", False, "Print one JSON document instead of a table.")
 flags.DEFINE_integer("batch_size", 16, "Images per call to the model.", lower_bound=1)
-flags.DEFINE_string(
-    "tta",
-    "none",
-    "Test-time augmentation: none, flip, crops or flip,crops; the mean over the views is shown.",
-)
+tlkeras.cli.define_tta("the mean over the views is shown.")
 flags.DEFINE_float(
     "min_score",
     0.0,
@@ -59,6 +55,7 @@ flags.DEFINE_string(
     "explain_dir", "explain", "Where --explain writes <stem>.gradcam.png (created if missing)."
 )
 flags.mark_flag_as_required("model")
+flags.adopt_module_key_flags(tlkeras.cli)
 
 
 def main(argv: list[str]) -> int:

@@ -31,9 +31,9 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "output_dir", None, "With --model: where to write (default: runs/evaluate/NAME/VERSION)."
 )
-flags.DEFINE_string("tta", "none", "With --model: test-time augmentation (none, flip, crops).")
+cli.define_tta("with --model.")
 flags.DEFINE_boolean("audit", True, "With --run_dir: audit the data again (audit.json).")
-flags.DEFINE_integer("batch_size", DataConfig().batch_size, "Batch size.")
+cli.define_config_flags(DataConfig, only=("batch_size",))
 cli.define_max_bad_fraction()
 flags.adopt_module_key_flags(cli)
 

@@ -29,15 +29,10 @@ from tlkeras.workflows.sweep import (
 )
 from tlkeras.workflows.sweep_report import DEFAULT_NOISE_SIGMAS
 
-_D = DataConfig()
-
 cli.define_model_flags()
-flags.adopt_module_key_flags(cli)
-flags.DEFINE_float("validation_split", _D.validation_split, "Fraction held out to choose k on.")
-flags.DEFINE_string(
-    "validation_data", None, "Validation folder or tfds split to choose k on (default: a split)."
+cli.define_split_flags(
+    validation_data="(k is chosen on it)", notes={"validation_split": "(k is chosen on it)"}
 )
-flags.DEFINE_float("test_split", _D.test_split, "Fraction held out for the test accuracy.")
 flags.DEFINE_list(
     "ks",
     [str(k) for k in DEFAULT_KS],
@@ -57,10 +52,10 @@ flags.DEFINE_integer("patience", DEFAULT_PATIENCE, "Early stopping patience; 0 d
 flags.DEFINE_float(
     "noise_sigmas", DEFAULT_NOISE_SIGMAS, "Rows within this many noise stds of the best tie."
 )
-flags.DEFINE_integer("batch_size", _D.batch_size, "Batch size.")
-flags.DEFINE_integer("seed", _D.seed, "Seeds the split, the heads and the shuffling.")
+cli.define_config_flags(DataConfig, only=("batch_size", "seed"), notes={"seed": "(and the heads)"})
 flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Where sweep.json/.csv/.png go.")
 flags.DEFINE_integer("verbose", 1, "0 quiet, 1 a line per model, 2 also per epoch.")
+flags.adopt_module_key_flags(cli)
 
 FLAGS = flags.FLAGS
 

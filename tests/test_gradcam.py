@@ -13,7 +13,8 @@ import tensorflow as tf
 from conftest import small_input
 
 import tlkeras
-from tlkeras.data import decoding, gradcam
+from tlkeras.analysis import gradcam
+from tlkeras.data import decoding
 from tlkeras.exports import layout, savedmodel, signatures
 from tlkeras.exports import loading as exported
 from tlkeras.models.backbones import BACKBONES

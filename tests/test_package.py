@@ -219,3 +219,11 @@ def test_every_name_of_the_flat_modules_still_imports(old):
     module = importlib.import_module("tlkeras" if old == "__init__" else f"tlkeras.{old}")
     missing = [name for name in OLD_NAMES[old] if not hasattr(module, name)]
     assert not missing, f"tlkeras.{old} lost {missing}"
+
+
+def test_an_old_module_name_never_replaces_a_public_function():
+    import tlkeras
+
+    old_blocks = importlib.import_module("tlkeras.blocks")  # the flat module's name: a view
+    assert callable(tlkeras.blocks) and tlkeras.blocks.__module__ == "tlkeras.models.blocks"
+    assert old_blocks.resolve_block_index is tlkeras.models.blocks.resolve_block_index

@@ -57,6 +57,7 @@ LEGACY: dict[str, tuple[str, ...]] = {
         "tlkeras.fitting.plan",
         "tlkeras.fitting.runner",
         "tlkeras.fitting.compiling",
+        "tlkeras.fitting.optimizers",  # check_choice, which phase imported
     ),
     "report_html": ("tlkeras.workflows.report_html", "tlkeras.workflows.report_content"),
     "reports": ("tlkeras.fitting.reports",),
@@ -130,8 +131,13 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
+    """Register the old names, and create every view now: importing a submodule binds it on its
+    package, so a view first imported later would replace ``tlkeras.blocks`` (the function) with
+    the module of the same old name."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+    for name in LEGACY:
+        importlib.import_module(f"tlkeras.{name}")
 
 
 def legacy_module(name: str) -> types.ModuleType:

@@ -2,22 +2,27 @@
 
 Scripts define flags and call library functions; this module only turns a script's ``main`` into a
 process that ends with one line on stderr and exit code 2 for usage/configuration errors (never a
-traceback), parses the few flag *value formats* the scripts share, and defines the data/backbone
-flags the experiment scripts share (:func:`define_model_flags`). It never reads flag values.
+traceback), parses the few flag *value formats* the scripts share, and defines the flags the
+scripts share: the data/backbone flags (:func:`define_model_flags`) and one flag per option of a
+config dataclass (:func:`define_config_flags`; the option's type, default, choices and help live on
+its field, ``field(metadata={"help": ...})``), read back parsed by :func:`config_values`.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import enum
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tlkeras.data import DataConfig
 from tlkeras.models import weights as weights_lib
+from tlkeras.models.strategy import Strategy
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -126,16 +131,161 @@ def apply_deprecated_aliases(flag_values: Any = None) -> None:
         fv[new].present = fv[new].present or 1
 
 
-def define_max_bad_fraction() -> None:
-    """Define ``--max_bad_fraction`` (``tlkeras.data.DataConfig``'s default) in this module; a
-    script adopts it with ``flags.adopt_module_key_flags(cli)``."""
+# --------------------------------------------------------------------------------------------------
+# Flags generated from the config dataclasses: each option is defined once, on its field
+# (``field(metadata={"help": ...})``; optional ``"choices"``, ``"flag"``: absl's kind where the
+# annotation is not enough, ``"name"``: the flag's name where it is not the field's (TF Serving's),
+# ``"lower_bound"``), and every script that takes it asks for it here. The library only describes
+# its options; it never mentions flags.
+
+HELP, CHOICES, FLAG_TYPE, FLAG_NAME, LOWER_BOUND = "help", "choices", "flag", "name", "lower_bound"
+
+
+def flag_type(field: dataclasses.Field) -> str:
+    """absl's kind of flag for ``field``: its metadata's ``flag``, ``enum`` with ``choices``, else
+    from the annotation's first type (``bool``, ``int``, ``float``; anything else is a string)."""
+    if FLAG_TYPE in field.metadata:
+        return field.metadata[FLAG_TYPE]
+    if CHOICES in field.metadata:
+        return "enum"
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    first = annotation.replace(" ", "").split("|")[0]
+    return {"bool": "boolean", "int": "integer", "float": "float"}.get(first, "string")
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """The library's default of ``field`` (an enum as its value; ``None`` where there is none)."""
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        default = None
+    return default.value if isinstance(default, enum.Enum) else default
+
+
+def config_options(config_cls: type) -> list[dataclasses.Field]:
+    """The fields of ``config_cls`` that are options: those whose metadata carries a ``help``."""
+    return [f for f in dataclasses.fields(config_cls) if HELP in f.metadata]
+
+
+def define_config_flags(
+    config_cls: type,
+    *,
+    only: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    notes: Mapping[str, str] | None = None,
+    flag_values: Any = None,
+) -> dict[str, str]:
+    """Define one flag per option of ``config_cls`` (``only`` those fields, none of ``exclude``):
+    its kind, default, choices and help from the field. ``defaults`` replaces a flag's default
+    (``None``: the library decides; ``notes`` says how), ``notes`` are appended to a flag's help.
+    Returns ``{field name: flag name}`` for :func:`config_values`."""
     from absl import flags
 
-    flags.DEFINE_float(
-        "max_bad_fraction",
-        DataConfig.max_bad_fraction,
-        "Fail when more than this fraction of a data folder's files are unusable (fewer are "
-        "skipped and listed).",
+    fv = flags.FLAGS if flag_values is None else flag_values
+    defaults, notes = dict(defaults or {}), dict(notes or {})
+    names: dict[str, str] = {}
+    for field in config_options(config_cls):
+        if (only is not None and field.name not in only) or field.name in exclude:
+            continue
+        name = field.metadata.get(FLAG_NAME, field.name)
+        default = defaults.get(field.name, field_default(field))
+        help_text = with_note(field.metadata[HELP], notes.get(field.name))
+        kind = flag_type(field)
+        if kind == "enum":
+            choices = [str(c) for c in field.metadata[CHOICES]]
+            flags.DEFINE_enum(name, default, choices, help_text, flag_values=fv)
+        elif kind == "string":
+            text = None if default is None else str(default)
+            flags.DEFINE_string(name, text, help_text, flag_values=fv)
+        elif kind in ("integer", "float"):
+            bound = field.metadata.get(LOWER_BOUND)
+            define = getattr(flags, f"DEFINE_{kind}")
+            define(name, default, help_text, lower_bound=bound, flag_values=fv)
+        else:
+            getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=fv)
+        names[field.name] = name
+    return names
+
+
+def with_note(help_text: str, note: str | None) -> str:
+    """``help_text`` with a script's ``note``: ``"(...)"`` goes inside the help's closing
+    parenthesis or sentence, ``", ..."``/``"; ..."`` continues its sentence, else a new one."""
+    if not note:
+        return help_text
+    if note.startswith("(") and help_text.endswith(")."):
+        return f"{help_text[:-2]}; {note[1:]}."
+    if note.startswith("(") and help_text.endswith("."):
+        return f"{help_text[:-1]} {note}."
+    if note[0] in ",;" and help_text.endswith("."):
+        return help_text[:-1] + note
+    return f"{help_text} {note}"
+
+
+def config_values(names: Mapping[str, str], flag_values: Any = None) -> dict[str, Any]:
+    """``{field name: value}`` of the flags :func:`define_config_flags` defined (``names``, its
+    return), each parsed for the library by its parser in ``PARSERS``, if any."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    out = {}
+    for field_name, name in names.items():
+        value = fv[name].value
+        out[field_name] = PARSERS[name](value) if name in PARSERS else value
+    return out
+
+
+def define_max_bad_fraction() -> None:
+    """Define ``--max_bad_fraction`` (``tlkeras.data.DataConfig``'s option) in this module; a
+    script adopts it with ``flags.adopt_module_key_flags(cli)``."""
+    define_config_flags(DataConfig, only=("max_bad_fraction",))
+
+
+def define_split_flags(
+    validation_data: str | None = None, notes: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``--validation_split --test_split`` (``DataConfig``'s options); with ``validation_data`` (a
+    note on its help, may be ``""``) also ``--validation_data``."""
+    from absl import flags
+
+    if validation_data is not None:
+        help_text = "Validation folder or tfds split (default: a stratified split of --data)."
+        flags.DEFINE_string("validation_data", None, with_note(help_text, validation_data))
+    return define_config_flags(DataConfig, only=("validation_split", "test_split"), notes=notes)
+
+
+FINE_TUNE_AT_HELP = (
+    "partial only: first trainable block (negative counts from the end; default: the top half)."
+)
+
+
+def define_strategy_flags(default: str, help_text: str) -> None:
+    """``--strategy`` (one of ``tlkeras.Strategy``, ``default``) and ``--fine_tune_at``."""
+    from absl import flags
+
+    flags.DEFINE_enum("strategy", default, [s.value for s in Strategy], help_text)
+    define_fine_tune_at()
+
+
+def define_fine_tune_at() -> None:
+    """``--fine_tune_at``: ``partial``'s first trainable block (``tlkeras.build_model``)."""
+    from absl import flags
+
+    flags.DEFINE_integer("fine_tune_at", None, FINE_TUNE_AT_HELP)
+
+
+def define_tta(note: str) -> None:
+    """``--tta``: test-time views, as ``tlkeras.analysis.tta.parse`` reads them; ``note``: what
+    the script does with them."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "tta",
+        "none",
+        "Test-time augmentation: none, flip, crops or flip,crops (crops=5, crop_fraction=F); "
+        + note,
     )
 
 
@@ -181,28 +331,34 @@ def weights_for_strategy(strategy: str, text: str | None, given: bool) -> str | 
 WEIGHTS_HELP = "Pretrained weights: imagenet | PATH to a weights file | source:TASK."
 
 
-def define_model_flags(weights_help: str = WEIGHTS_HELP) -> None:
+DATA_HELP = "Image folder (one subfolder per class), tfds:NAME[/CONFIG][:SPLIT], or digits[:A-B]."
+
+
+def define_model_flags(weights_help: str = WEIGHTS_HELP, **defaults: Any) -> None:
     """Define ``--data --max_bad_fraction --backbone --backbone_kwargs --weights --image_size``
-    with the offline transfer story's defaults (``tlkeras.models.weights``). Call at a script's module
-    level, then ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's
-    own."""
+    with the offline transfer story's defaults (``tlkeras.models.weights``) unless ``defaults``
+    (by flag name) says otherwise. Call at a script's module level, then
+    ``flags.adopt_module_key_flags(cli)`` so ``--help`` lists them with the script's own."""
     from absl import flags
 
-    flags.DEFINE_string(
-        "data", weights_lib.DEFAULT_TARGET, "Image folder, tfds:NAME[:SPLIT] or digits[:A-B]."
-    )
+    defaults = {
+        "data": weights_lib.DEFAULT_TARGET,
+        "backbone": weights_lib.DEFAULT_BACKBONE,
+        "backbone_kwargs": ",".join(
+            f"{k}={v}" for k, v in weights_lib.DEFAULT_BACKBONE_KWARGS.items()
+        ),
+        "weights": weights_lib.SOURCE_PREFIX + weights_lib.DEFAULT_SOURCE,
+        **defaults,
+    }
+    flags.DEFINE_string("data", defaults["data"], DATA_HELP)
     define_max_bad_fraction()
-    flags.DEFINE_string(
-        "backbone", weights_lib.DEFAULT_BACKBONE, "A keras.applications model name."
-    )
+    flags.DEFINE_string("backbone", defaults["backbone"], "A keras.applications model name.")
     flags.DEFINE_string(
         "backbone_kwargs",
-        ",".join(f"{k}={v}" for k, v in weights_lib.DEFAULT_BACKBONE_KWARGS.items()),
+        defaults["backbone_kwargs"],
         "Backbone constructor arguments, e.g. alpha=0.25.",
     )
-    flags.DEFINE_string(
-        "weights", weights_lib.SOURCE_PREFIX + weights_lib.DEFAULT_SOURCE, weights_help
-    )
+    flags.DEFINE_string("weights", defaults["weights"], weights_help)
     define_image_size()
 
 
@@ -277,3 +433,10 @@ def parse_class_weight(text: str | None) -> str | dict[int, float] | None:
                 f"received {text!r}"
             )
     return out
+
+
+# Flags whose text the library cannot take as is (flag name -> its parser; ``config_values``).
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "learning_rate": parse_learning_rate,
+    "class_weight": parse_class_weight,
+}

@@ -38,6 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tlkeras import checks
 from tlkeras.analysis.inputs import as_image_data
 from tlkeras.analysis.transferability import (
     DEFAULT_BATCH_SIZE,
@@ -78,24 +79,6 @@ class Case(enum.IntEnum):
         return cls.LARGE_SIMILAR if similar else cls.LARGE_DISSIMILAR
 
 
-def _fraction(name: str, value: Any, *, open_low: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0)
-    if not ok:
-        bound = "(0, 1]" if open_low else "[0, 1]"
-        raise ValueError(f"AdvisorConfig.{name}: expected a number in {bound}, received {value!r}")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, received {value!r}")
-
-
-def _positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"AdvisorConfig.{name}: expected a number > 0, received {value!r}")
-
-
 @dataclass(frozen=True)
 class AdvisorConfig:
     """Thresholds and recipes of ``advise``. Every number the decision uses is here.
@@ -116,35 +99,42 @@ class AdvisorConfig:
             are unusable (``tlkeras.data.DataConfig``).
     """
 
-    small_max_images: int = DEFAULT_SMALL_MAX_IMAGES
-    min_probe_gain: float = DEFAULT_MIN_PROBE_GAIN
+    # metadata: the options as scripts/advise.py shows them (tlkeras.cli.define_config_flags).
+    small_max_images: int = field(
+        default=DEFAULT_SMALL_MAX_IMAGES,
+        metadata={"help": "Data with at most this many images is small."},
+    )
+    min_probe_gain: float = field(
+        default=DEFAULT_MIN_PROBE_GAIN,
+        metadata={"help": "Linear-probe gain at or above which data is similar."},
+    )
     large_similar_trainable_fraction: float = 0.25
     small_dissimilar_trainable_fraction: float = 1 / 3
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-4
     full_learning_rate: float = 1e-5
-    max_images: int = DEFAULT_MAX_IMAGES
+    max_images: int = field(
+        default=DEFAULT_MAX_IMAGES,
+        metadata={"help": "Score at most this many images (a sample)."},
+    )
     probe_folds: int = DEFAULT_PROBE_FOLDS
     probe_c: float = 1.0
-    seed: int = 0
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seeds the sample, the probe folds and the random backbone."},
+    )
     max_bad_fraction: float = DataConfig.max_bad_fraction
 
     def __post_init__(self) -> None:
-        _positive_int("AdvisorConfig.small_max_images", self.small_max_images)
-        _fraction("min_probe_gain", self.min_probe_gain, open_low=False)
-        _fraction(
-            "large_similar_trainable_fraction", self.large_similar_trainable_fraction, open_low=True
-        )
-        _fraction(
-            "small_dissimilar_trainable_fraction",
-            self.small_dissimilar_trainable_fraction,
-            open_low=True,
-        )
+        checks.integer("AdvisorConfig.small_max_images", self.small_max_images, 1)
+        checks.interval("AdvisorConfig.min_probe_gain", self.min_probe_gain, 0, 1)
+        for name in ("large_similar_trainable_fraction", "small_dissimilar_trainable_fraction"):
+            checks.interval(f"AdvisorConfig.{name}", getattr(self, name), 0, 1, low_open=True)
         for name in ("learning_rate", "fine_tune_learning_rate", "full_learning_rate", "probe_c"):
-            _positive_float(name, getattr(self, name))
-        _positive_int("AdvisorConfig.max_images", self.max_images, 4)
-        _positive_int("AdvisorConfig.probe_folds", self.probe_folds, 2)
-        _positive_int("AdvisorConfig.seed", self.seed, 0)
+            checks.number(f"AdvisorConfig.{name}", getattr(self, name), low=0, low_open=True)
+        checks.integer("AdvisorConfig.max_images", self.max_images, 4)
+        checks.integer("AdvisorConfig.probe_folds", self.probe_folds, 2)
+        checks.integer("AdvisorConfig.seed", self.seed, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,7 +268,7 @@ def recipe(case: Case | int, num_blocks: int, config: AdvisorConfig | None = Non
     """The strategy, ``fine_tune_at``, learning rates and augmentation of ``case``."""
     config = config or AdvisorConfig()
     case = Case(case)
-    _positive_int("num_blocks", num_blocks, 2)
+    checks.integer("num_blocks", num_blocks, 2)
     small = case in (Case.SMALL_SIMILAR, Case.SMALL_DISSIMILAR)
     if case is Case.LARGE_SIMILAR:
         k = _trainable_tail(num_blocks, config.large_similar_trainable_fraction)
@@ -294,7 +284,7 @@ def recipe(case: Case | int, num_blocks: int, config: AdvisorConfig | None = Non
 def decide(num_images: int, gain: float, config: AdvisorConfig | None = None) -> Case:
     """The case for ``num_images`` labelled images and a linear-probe gain of ``gain``."""
     config = config or AdvisorConfig()
-    _positive_int("num_images", num_images, 0)
+    checks.integer("num_images", num_images, 0)
     return Case.of(
         small=num_images <= config.small_max_images, similar=gain >= config.min_probe_gain
     )
@@ -303,11 +293,7 @@ def decide(num_images: int, gain: float, config: AdvisorConfig | None = None) ->
 def _check_kwargs(backbone_kwargs: Any) -> dict[str, Any]:
     if backbone_kwargs is None:
         return {}
-    if not isinstance(backbone_kwargs, dict):
-        raise TypeError(
-            f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
-        )
-    return dict(backbone_kwargs)
+    return dict(checks.instance("backbone_kwargs", backbone_kwargs, dict, "a dict"))
 
 
 def advise(
@@ -342,8 +328,7 @@ def advise(
     """
     started = time.perf_counter()
     config = config or AdvisorConfig()
-    if not isinstance(config, AdvisorConfig):
-        raise TypeError(f"config: expected an AdvisorConfig, received {type(config).__name__}")
+    checks.instance("config", config, AdvisorConfig, "an AdvisorConfig")
     spec = get_backbone(backbone)
     if weights is None:
         raise ValueError(

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.analysis.audit_probes import audit_features
 from tlkeras.analysis.audit_result import AuditConfig, AuditResult, check_config
 from tlkeras.data import SPLITS, DataConfig, ImageData
@@ -76,8 +77,7 @@ def audit(
     ``[B, dim]``: the backbone's pooled output, what the head sees (``embedding_model``).
     """
     started = time.perf_counter()
-    if not isinstance(data, ImageData):
-        raise TypeError(f"data: expected a tlkeras.data.ImageData, received {type(data).__name__}")
+    checks.instance("data", data, ImageData, "a tlkeras.data.ImageData")
     config = check_config(config)
     fn = _embedding_function(embed)
     feats, labels, items = {}, {}, {}
@@ -182,10 +182,8 @@ def audit_data(
     started = time.perf_counter()
     config = check_config(config)
     spec = get_backbone(backbone)
-    if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
-        raise TypeError(
-            f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
-        )
+    if backbone_kwargs is not None:
+        checks.instance("backbone_kwargs", backbone_kwargs, dict, "a dict")
     request = ModelRequest(
         spec.name, backbone_kwargs, weights, image_size, strategy="feature_extraction"
     )

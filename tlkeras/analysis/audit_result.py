@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras import checks
+
 # Cosine similarity of L2-normalised pooled features at which two images are near-duplicates.
 # Measured on the 245 ants/bees photos with MobileNet(alpha=0.25) ImageNet features at 224x224: two
 # different photos reach at most 0.906 (the closest pair: two bare-sand shots; nearest neighbours'
@@ -29,14 +31,6 @@ DEFAULT_FOLDS = 5
 DEFAULT_MAX_PAIRS = 100
 # Items printed per list by summary(); audit.json has up to max_pairs / max_mislabels.
 SUMMARY_LINES = 10
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -57,25 +51,40 @@ class AuditConfig:
         seed: seeds the probe's folds.
     """
 
-    duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD
-    mislabel_confidence: float = DEFAULT_MISLABEL_CONFIDENCE
-    folds: int = DEFAULT_FOLDS
-    max_pairs: int = DEFAULT_MAX_PAIRS
+    # metadata: the options as scripts/audit.py shows them (tlkeras.cli.define_config_flags).
+    duplicate_threshold: float = field(
+        default=DEFAULT_DUPLICATE_THRESHOLD,
+        metadata={
+            "help": "Cosine similarity of pooled features at or above which two images are "
+            "near-duplicates."
+        },
+    )
+    mislabel_confidence: float = field(
+        default=DEFAULT_MISLABEL_CONFIDENCE,
+        metadata={
+            "help": "List an image when the cross-validated probe gives another class at least "
+            "this probability."
+        },
+    )
+    folds: int = field(
+        default=DEFAULT_FOLDS, metadata={"help": "Cross-validation folds of the mislabel probe."}
+    )
+    max_pairs: int = field(
+        default=DEFAULT_MAX_PAIRS, metadata={"help": "Near-duplicate pairs listed per kind."}
+    )
     max_mislabels: int = DEFAULT_MAX_PAIRS
     probe_c: float | None = None
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seeds the folds of the mislabel probe."})
 
     def __post_init__(self) -> None:
         for name in ("duplicate_threshold", "mislabel_confidence"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 < value <= 1.0:
-                raise ValueError(f"{name}: expected a number in (0, 1], received {value!r}")
+            checks.interval(name, getattr(self, name), 0, 1, low_open=True)
         for name, minimum in (("folds", 2), ("max_pairs", 0), ("max_mislabels", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise ValueError(f"{name}: expected an int >= {minimum}, received {value!r}")
+            checks.integer(name, getattr(self, name), minimum)
         if self.probe_c is not None and (
-            not _is_number(self.probe_c) or not math.isfinite(self.probe_c) or self.probe_c <= 0
+            not checks.is_number(self.probe_c)
+            or not math.isfinite(self.probe_c)
+            or self.probe_c <= 0
         ):
             raise ValueError(
                 f"probe_c: expected a positive number or None, received {self.probe_c!r}"
@@ -248,6 +257,4 @@ def check_config(config: Any) -> AuditConfig:
     """``config``, or the default ``AuditConfig`` for ``None``."""
     if config is None:
         return AuditConfig()
-    if not isinstance(config, AuditConfig):
-        raise TypeError(f"config: expected an AuditConfig, received {type(config).__name__}")
-    return config
+    return checks.instance("config", config, AuditConfig, "an AuditConfig")

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras import checks
+
 DEFAULT_BINS = 15
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
@@ -53,36 +55,10 @@ UNKNOWN = "unknown"
 # Argument checks: "expected … received …".
 
 
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task: expected one of {TASKS}, received {task!r}")
-    return task
-
-
-def _check_bins(n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins: expected a positive int, received {n_bins!r}")
-    return int(n_bins)
-
-
 def check_temperature(temperature: Any, name: str = "temperature") -> float:
     """``temperature`` as a float, or a ``ValueError``: a number in the fitting bounds."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float, np.integer, np.floating))
-        or not MIN_TEMPERATURE <= float(temperature) <= MAX_TEMPERATURE
-    ):
-        raise ValueError(
-            f"{name}: expected a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (1 = unchanged), "
-            f"received {_short(temperature)}"
-        )
-    return float(temperature)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters (values can come from a request body)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+    note = " (1 = unchanged)"
+    return float(checks.interval(name, temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, note=note))
 
 
 def _probabilities(y_prob: Any, task: str, *, sums: bool = True) -> np.ndarray:
@@ -150,7 +126,7 @@ def _labels(y_true: Any, n: int, num_classes: int, task: str) -> np.ndarray:
 def _inputs(
     y_true: Any, y_prob: Any, task: str, *, sums: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    p = _probabilities(y_prob, _check_task(task), sums=sums)
+    p = _probabilities(y_prob, checks.choice("task", task, TASKS, as_repr=True), sums=sums)
     return _labels(y_true, p.shape[0], p.shape[1], task), p
 
 
@@ -210,7 +186,7 @@ def reliability_curve(
     ``y_prob``: probabilities ``[N, C]``; a binary model's two columns ``[1 - p, p]`` (or ``[N]``/
     ``[N, 1]`` P(class 1) with ``task="binary"``).
     """
-    n_bins = _check_bins(n_bins)
+    n_bins = int(checks.positive_int("n_bins", n_bins))
     y, p = _inputs(y_true, y_prob, task, sums=False)
     confidence, correct = _confidence_and_correct(y, p, task)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -320,7 +296,7 @@ def apply_temperature(y_prob: Any, temperature: float, task: str) -> np.ndarray:
     """
     temperature = check_temperature(temperature)
     raw = np.asarray(y_prob)
-    p = _probabilities(raw, _check_task(task))
+    p = _probabilities(raw, checks.choice("task", task, TASKS, as_repr=True))
     out = _scaled(_logits(p, task), temperature, task)
     if task == "binary" and (raw.ndim == 1 or raw.shape[1] == 1):
         out = out[:, 1].reshape(raw.shape)
@@ -393,7 +369,7 @@ def evaluate_temperature(
 ) -> Calibration:
     """ECE and NLL of ``y_prob`` before and after ``temperature``, on the split they come from."""
     temperature = check_temperature(temperature)
-    n_bins = _check_bins(n_bins)
+    n_bins = int(checks.positive_int("n_bins", n_bins))
     y, p = _inputs(y_true, y_prob, task)
     z = _logits(p, task)
     after = _scaled(z, temperature, task)
@@ -429,13 +405,7 @@ def calibrate(
 
 def check_min_score(value: Any, name: str = "min_score") -> float:
     """``value`` as a float in [0, 1] (0: off), or a ``ValueError``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not 0.0 <= float(value) <= 1.0
-    ):
-        raise ValueError(f"{name}: expected a number in [0, 1] (0 = off), received {_short(value)}")
-    return float(value)
+    return float(checks.interval(name, value, 0, 1, note=" (0 = off)"))
 
 
 def withhold_low_scores(classes: Any, scores: Any, min_score: float) -> np.ndarray:

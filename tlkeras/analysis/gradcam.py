@@ -44,6 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.models.blocks import Block, get_backbone_model
 from tlkeras.models.blocks import blocks as list_blocks
 from tlkeras.models.spec import get_spec
@@ -288,8 +289,7 @@ def _explainer(model: keras.Model) -> _Explainer:
     cached = getattr(model, _CACHE_ATTR, None)
     if cached is not None:
         return cached
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model: expected a keras.Model, received {type(model).__name__}")
+    checks.instance("model", model, keras.Model, "a keras.Model")
     size = _input_size(model)
     end, to_logits, activation, from_logits = _output_head(model)
     try:
@@ -465,8 +465,7 @@ def overlay(
         raise ValueError(f"image: expected RGB pixels of shape (H, W, 3), received {pixels.shape}")
     if heat.ndim != 2:
         raise ValueError(f"heatmap: expected shape (h, w), received {heat.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: expected a number in [0, 1], received {alpha!r}")
+    checks.interval("alpha", alpha, 0, 1)
     if heat.shape != pixels.shape[:2]:
         heat = tf.image.resize(heat[..., None], pixels.shape[:2], method="bilinear")[..., 0]
         heat = np.asarray(heat)

@@ -39,6 +39,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import checks  # noqa: E402
 from tlkeras.data.decoding import DEFAULT_TOP_K, reference_decode  # noqa: E402
 
 CROP_COUNTS = (0, 5)
@@ -55,19 +56,9 @@ class TTAConfig:
     crop_fraction: float = DEFAULT_CROP_FRACTION
 
     def __post_init__(self) -> None:
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"tta flip: expected True or False, received {self.flip!r}")
-        if isinstance(self.crops, bool) or self.crops not in CROP_COUNTS:
-            raise ValueError(f"tta crops: expected one of {CROP_COUNTS}, received {self.crops!r}")
-        fraction = self.crop_fraction
-        if (
-            isinstance(fraction, bool)
-            or not isinstance(fraction, (int, float))
-            or not 0.5 <= fraction < 1
-        ):
-            raise ValueError(
-                f"tta crop_fraction: expected a number in [0.5, 1), received {fraction!r}"
-            )
+        checks.boolean("tta flip", self.flip)
+        checks.choice("tta crops", self.crops, CROP_COUNTS, as_repr=True)
+        checks.interval("tta crop_fraction", self.crop_fraction, 0.5, 1, high_open=True)
         if not self.flip and not self.crops:
             raise ValueError(
                 "tta: expected at least one view besides the image (flip=True or crops=5), "

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
@@ -47,11 +49,22 @@ class DataConfig:
     """
 
     image_size: tuple[int, int] = (224, 224)
-    batch_size: int = 32
-    validation_split: float = 0.2
-    test_split: float = 0.2
-    seed: int = 0
-    max_bad_fraction: float = 0.1
+    # metadata: the options as the scripts show them (tlkeras.cli.define_config_flags).
+    batch_size: int = field(default=32, metadata={"help": "Batch size."})
+    validation_split: float = field(
+        default=0.2, metadata={"help": "Fraction of --data held out for validation."}
+    )
+    test_split: float = field(
+        default=0.2, metadata={"help": "Fraction of --data held out for the final test score."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds the split and the shuffle."})
+    max_bad_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Fail when more than this fraction of a data folder's files are unusable "
+            "(fewer are skipped and listed)."
+        },
+    )
     cache: bool = True
     shuffle_buffer: int = 1024
     max_pixels: int = 40_000_000
@@ -59,12 +72,12 @@ class DataConfig:
 
     def __post_init__(self):
         size = self.image_size
-        if _is_int(size):
+        if checks.is_int(size):
             size = (size, size)
         if (
             not isinstance(size, Sequence)
             or len(size) != 2
-            or not all(_is_int(s) and s >= 1 for s in size)
+            or not all(checks.is_int(s) and s >= 1 for s in size)
         ):
             raise ValueError(
                 f"image_size: expected (height, width) positive ints, received {self.image_size!r}"
@@ -76,26 +89,19 @@ class DataConfig:
             ("max_pixels", 1),
             ("max_file_bytes", 1),
         ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise ValueError(f"{name}: expected an int >= {minimum}, received {value!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed: expected an int, received {self.seed!r}")
+            checks.integer(name, getattr(self, name), minimum)
+        checks.integer("seed", self.seed)
         for name in ("validation_split", "test_split"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}: expected a fraction in [0, 1), received {value!r}")
+            checks.fraction(name, getattr(self, name), kind="a fraction")
         if self.validation_split + self.test_split >= 1.0:
             raise ValueError(
                 "validation_split + test_split: expected a sum below 1 (something must be left to "
                 f"train on), received {self.validation_split} + {self.test_split}"
             )
-        if not _is_number(self.max_bad_fraction) or not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(
-                f"max_bad_fraction: expected a fraction in [0, 1], received {self.max_bad_fraction!r}"
-            )
-        if not isinstance(self.cache, bool):
-            raise ValueError(f"cache: expected True or False, received {self.cache!r}")
+        checks.fraction(
+            "max_bad_fraction", self.max_bad_fraction, upper_inclusive=True, kind="a fraction"
+        )
+        checks.boolean("cache", self.cache)
 
 
 @dataclass
@@ -141,8 +147,7 @@ class ImageData:
         resizing and cache as the split (the training split's own dataset stays shuffled); ``None``
         for a split the data does not have. A folder file changed since the scan so that it no
         longer decodes is dropped with a warning, which shifts the order: compare the count."""
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {list(SPLITS)}, received {split!r}")
+        checks.choice("split", split, list(SPLITS), as_repr=True)
         if split != "train":
             return getattr(self, split)  # evaluation splits are never shuffled
         if self._train_ordered is None:
@@ -236,11 +241,3 @@ def _grouped(title: str, items: list[Skipped], limit: int) -> list[str]:
 def is_digits(source: Any) -> bool:
     """Whether ``source`` names the embedded digits (``"digits"`` or ``"digits:A-B"``)."""
     return isinstance(source, str) and (source == DIGITS or source.startswith(DIGITS + ":"))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.number) and not isinstance(value, bool)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.data.config import AUTOTUNE, SPLITS, DataConfig, ImageData, is_digits
 from tlkeras.data.files import folder_layout
 from tlkeras.data.pools import Pool, folder_pool, source_pool
@@ -133,8 +134,8 @@ def load(
     unknown = sorted(set(config_overrides) - fields)
     if unknown:
         raise TypeError(f"load(): expected DataConfig options {sorted(fields)}, received {unknown}")
-    if config is not None and not isinstance(config, DataConfig):
-        raise TypeError(f"config: expected a DataConfig, received {type(config).__name__}")
+    if config is not None:
+        checks.instance("config", config, DataConfig, "a DataConfig")
     config = dataclasses.replace(config or DataConfig(), **config_overrides)
 
     pool, given = _pools(source, validation, config, class_names)

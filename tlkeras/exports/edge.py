@@ -46,6 +46,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import checks  # noqa: E402
 from tlkeras.data.decoding import reference_decode  # noqa: E402
 from tlkeras.exports import edge_runtime  # noqa: E402
 from tlkeras.exports.edge_convert import Source, convert, load_source  # noqa: E402
@@ -117,8 +118,7 @@ def export_edge(
     ``out_dir`` appears complete or not at all.
     """
     config = config or EdgeConfig()
-    if not isinstance(config, EdgeConfig):
-        raise TypeError(f"config: expected an EdgeConfig, received {type(config).__name__}")
+    checks.instance("config", config, EdgeConfig, "an EdgeConfig")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(

@@ -5,9 +5,11 @@ each, the ``--export_formats`` names, and the result of an export (``tlkeras.exp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tlkeras import checks
 
 FORMATS = ("tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -35,17 +37,24 @@ class EdgeConfig:
     images used for ``int8``."""
 
     format: str = "tflite"
-    quantization: str = "none"
-    io_type: str | None = None
+    # metadata: the options as scripts/export.py shows them (tlkeras.cli.define_config_flags).
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "TFLite: none (float32) | float16 | dynamic (int8 weights) | int8 (full "
+            "integer; needs --calibration_data).",
+            "choices": QUANTIZATIONS,
+        },
+    )
+    io_type: str | None = field(
+        default=None,
+        metadata={"help": "int8: the input/output type (default uint8).", "choices": IO_TYPES},
+    )
     calibration_size: int = DEFAULT_CALIBRATION_SIZE
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format: expected one of {FORMATS}, received {self.format!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(
-                f"quantization: expected one of {QUANTIZATIONS}, received {self.quantization!r}"
-            )
+        checks.choice("format", self.format, FORMATS, as_repr=True)
+        checks.choice("quantization", self.quantization, QUANTIZATIONS, as_repr=True)
         if self.format == "onnx" and self.quantization != "none":
             raise ValueError(
                 "quantization: the onnx format is written float32 only, expected 'none', "
@@ -55,19 +64,13 @@ class EdgeConfig:
             object.__setattr__(
                 self, "io_type", "uint8" if self.quantization == "int8" else "float32"
             )
-        if self.io_type not in IO_TYPES:
-            raise ValueError(f"io_type: expected one of {IO_TYPES}, received {self.io_type!r}")
+        checks.choice("io_type", self.io_type, IO_TYPES, as_repr=True)
         if self.io_type != "float32" and self.quantization != "int8":
             raise ValueError(
                 f"io_type: {self.io_type!r} needs quantization='int8' (full integer), received "
                 f"quantization={self.quantization!r}; expected io_type='float32'"
             )
-        if isinstance(self.calibration_size, bool) or not (
-            isinstance(self.calibration_size, int) and self.calibration_size >= 1
-        ):
-            raise ValueError(
-                f"calibration_size: expected a positive int, received {self.calibration_size!r}"
-            )
+        checks.positive_int("calibration_size", self.calibration_size)
 
     @property
     def name(self) -> str:

@@ -31,6 +31,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 import keras  # noqa: E402  isort: skip
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import checks  # noqa: E402
 from tlkeras.analysis import gradcam  # noqa: E402
 from tlkeras.analysis import tta as tta_lib  # noqa: E402
 from tlkeras.analysis.calibration import check_temperature  # noqa: E402
@@ -365,12 +366,8 @@ def _check_export_args(
         raise ValueError("class_names: expected at least one name, received none")
     if len(set(class_names)) != len(class_names):
         raise ValueError(f"class_names: expected unique names, received {class_names}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k: expected a positive int, received {top_k!r}")
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int) or version < 1
-    ):
-        raise ValueError(f"version: expected a positive int or None, received {version!r}")
+    checks.positive_int("top_k", top_k)
+    checks.positive_int("version", version, optional=True)
     head = resolve_head(model, task, from_logits)
     if head.num_classes != len(class_names):
         raise ValueError(

@@ -12,16 +12,15 @@ learning rates, a cosine schedule with warm-up and an EMA of the weights);
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
-import numpy as np
 
+from tlkeras import checks
 from tlkeras.fitting import frozen
-from tlkeras.fitting.head_solver import GRADIENT, LBFGS, check_solver
+from tlkeras.fitting.head_solver import GRADIENT, LBFGS, SOLVERS, check_solver
 from tlkeras.fitting.optimizers import (
     ADAMW,
     AUTO_SCHEDULE,
@@ -31,7 +30,6 @@ from tlkeras.fitting.optimizers import (
     SCHEDULES,
     TRAIN_SCHEDULES,
     block_lr_multipliers,
-    check_choice,
     make_optimizer,
     phase_schedule,
 )
@@ -41,25 +39,17 @@ from tlkeras.models.strategy import Strategy
 SCRATCH, FEATURE_EXTRACTION = Strategy.SCRATCH.value, Strategy.FEATURE_EXTRACTION.value
 PARTIAL, FULL = Strategy.PARTIAL.value, Strategy.FULL.value
 HEAD_WARM_UP, FINE_TUNING = "head warm-up", "fine-tuning"
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"TrainConfig.{name}: expected an int, received {value!r}")
-    if value < minimum:
-        raise ValueError(f"TrainConfig.{name}: expected an int >= {minimum}, received {value}")
-
-
-def _check_float(name: str, value: Any, *, low: float, high: float | None, low_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"TrainConfig.{name}: expected a number, received {value!r}")
-    value = float(value)
-    bad = not math.isfinite(value) or (value <= low if low_open else value < low)
-    bad = bad or (high is not None and value >= high)
-    if bad:
-        lo = f"{'>' if low_open else '>='} {low}"
-        hi = f" and < {high}" if high is not None else ""
-        raise ValueError(f"TrainConfig.{name}: expected a finite number {lo}{hi}, received {value}")
+# TrainConfig's int fields and their minimums (checked first; a wrong type is a TypeError).
+_INT_MINIMUMS = (
+    ("epochs", 0),
+    ("fine_tune_epochs", 0),
+    ("batch_size", 1),
+    ("early_stopping_patience", 0),
+    ("seed", 0),
+    ("augment_views", 0),
+    ("warmup_epochs", 0),
+    ("unfreeze_stages", 1),
+)
 
 
 @dataclass(frozen=True)
@@ -122,63 +112,175 @@ class TrainConfig:
             block; ``fine_tune_epochs`` is split among them. 1: one fine-tuning phase.
     """
 
-    epochs: int = 10
-    fine_tune_epochs: int = 10
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float | None = None
-    batch_size: int = 32
-    label_smoothing: float = 0.0
-    weight_decay: float = 1e-4
-    class_weight: str | dict | None = None
-    early_stopping_patience: int = 3
-    reduce_lr_on_plateau: bool = False
-    fast: bool = True
-    augment_views: int = frozen.DEFAULT_AUGMENT_VIEWS
-    converge_head: bool = True
-    refit: bool = True
-    head_solver: str = LBFGS
-    seed: int = 0
-    optimizer: str = ADAMW
-    layer_decay: float = 1.0
-    schedule: str = AUTO_SCHEDULE
-    warmup_epochs: int = 0
-    ema: bool = False
-    ema_momentum: float = 0.99
-    unfreeze_stages: int = 1
+    # metadata: each field's option as the scripts show it (tlkeras.cli.define_config_flags).
+    epochs: int = field(
+        default=10,
+        metadata={
+            "help": "Phase 1 epochs (head warm-up on the frozen backbone; the whole budget of "
+            "scratch and feature_extraction)."
+        },
+    )
+    fine_tune_epochs: int = field(
+        default=10, metadata={"help": "Phase 2 epochs (partial/full); 0 skips it."}
+    )
+    # The scripts take "auto" too (tlkeras.train: the LR finder's suggestion): a string option.
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Phase 1 learning rate.", "flag": "string"}
+    )
+    fine_tune_learning_rate: float | None = field(
+        default=None, metadata={"help": "Phase 2 learning rate (default: learning_rate / 10)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Batch size."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Label smoothing of the cross-entropy loss."}
+    )
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Decoupled weight decay of the kernels (biases and normalisation "
+            "parameters excluded)."
+        },
+    )
+    class_weight: str | dict | None = field(
+        default=None,
+        metadata={"help": "auto (balanced) | none | INDEX:WEIGHT,... e.g. 0:1.0,1:3.5."},
+    )
+    early_stopping_patience: int = field(
+        default=3,
+        metadata={
+            "help": "Epochs without a better validation loss before a phase stops; 0 disables "
+            "early stopping."
+        },
+    )
+    reduce_lr_on_plateau: bool = field(
+        default=False,
+        metadata={"help": "Halve the learning rate when validation loss stalls."},
+    )
+    fast: bool = field(
+        default=True, metadata={"help": "Train the frozen phase on cached backbone features."}
+    )
+    augment_views: int = field(
+        default=frozen.DEFAULT_AUGMENT_VIEWS,
+        metadata={
+            "help": "Augmented views per image cached on the fast path (plus the clean one); "
+            "0: clean only.",
+            "lower_bound": 0,
+        },
+    )
+    converge_head: bool = field(
+        default=True,
+        metadata={
+            "help": "On cached features, train the head until validation loss stops improving "
+            "(not --epochs)."
+        },
+    )
+    refit: bool = field(
+        default=True,
+        metadata={
+            "help": "feature_extraction on cached features: retrain the head on train + "
+            "validation at the end."
+        },
+    )
+    head_solver: str = field(
+        default=LBFGS,
+        metadata={
+            "help": "feature_extraction head on cached features: lbfgs solves a linear head to "
+            "convergence (L2 strength chosen on validation); gradient trains it by epochs.",
+            "choices": SOLVERS,
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seeds Python, NumPy, TensorFlow and the data split."}
+    )
+    optimizer: str = field(
+        default=ADAMW,
+        metadata={"help": "Optimizer of every phase (decoupled decay).", "choices": OPTIMIZERS},
+    )
+    layer_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fine-tuning: learning-rate multiplier per block from the head down (last "
+            "block x decay, the one before x decay^2, ...); 1 is off."
+        },
+    )
+    schedule: str = field(
+        default=AUTO_SCHEDULE,
+        metadata={
+            "help": "Learning-rate schedule of each phase: auto (cosine after one warm-up epoch "
+            "for fine-tuning of 2+ epochs without --reduce_lr_on_plateau, constant otherwise), "
+            "constant, or cosine decay over the phase's budget.",
+            "choices": TRAIN_SCHEDULES,
+        },
+    )
+    warmup_epochs: int = field(
+        default=0,
+        metadata={"help": "Linear warm-up epochs at each cosine phase's start (auto: 0 means 1)."},
+    )
+    ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Fine-tuning: keep an exponential moving average of the weights; validate, "
+            "checkpoint and export the averaged weights."
+        },
+    )
+    ema_momentum: float = field(
+        default=0.99, metadata={"help": "EMA momentum per step (with --ema)."}
+    )
+    unfreeze_stages: int = field(
+        default=1,
+        metadata={
+            "help": "Fine-tuning unfreezes the trainable blocks from the top in this many "
+            "stages (gradual unfreezing, one recompile each); 1: all at once."
+        },
+    )
 
     def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, 0)
-        _check_int("fine_tune_epochs", self.fine_tune_epochs, 0)
+        for name, minimum in _INT_MINIMUMS:
+            value = getattr(self, name)
+            checks.integer(f"TrainConfig.{name}", value, minimum, wrong_type=TypeError)
         if self.epochs + self.fine_tune_epochs == 0:
             raise ValueError(
                 "TrainConfig: expected epochs + fine_tune_epochs >= 1, received 0 and 0"
             )
-        _check_float("learning_rate", self.learning_rate, low=0.0, high=None, low_open=True)
+        checks.number(
+            "TrainConfig.learning_rate",
+            self.learning_rate,
+            low=0.0,
+            low_open=True,
+            finite=True,
+            wrong_type=TypeError,
+        )
         if self.fine_tune_learning_rate is not None:
-            _check_float(
-                "fine_tune_learning_rate",
+            checks.number(
+                "TrainConfig.fine_tune_learning_rate",
                 self.fine_tune_learning_rate,
                 low=0.0,
-                high=None,
                 low_open=True,
+                finite=True,
+                wrong_type=TypeError,
             )
-        _check_int("batch_size", self.batch_size, 1)
-        _check_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, low_open=False)
-        _check_float("weight_decay", self.weight_decay, low=0.0, high=None, low_open=False)
+        checks.number(
+            "TrainConfig.label_smoothing",
+            self.label_smoothing,
+            low=0.0,
+            high=1.0,
+            finite=True,
+            wrong_type=TypeError,
+        )
+        checks.number(
+            "TrainConfig.weight_decay",
+            self.weight_decay,
+            low=0.0,
+            finite=True,
+            wrong_type=TypeError,
+        )
         _check_class_weight(self.class_weight)
-        _check_int("early_stopping_patience", self.early_stopping_patience, 0)
-        _check_int("seed", self.seed, 0)
-        _check_int("augment_views", self.augment_views, 0)
         check_solver(self.head_solver, "TrainConfig.head_solver")
         for name in ("reduce_lr_on_plateau", "fast", "converge_head", "refit", "ema"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(
-                    f"TrainConfig.{name}: expected a bool, received {getattr(self, name)!r}"
-                )
-        check_choice(self.optimizer, OPTIMIZERS, "TrainConfig.optimizer")
-        _check_layer_decay("TrainConfig.layer_decay", self.layer_decay)
-        check_choice(self.schedule, TRAIN_SCHEDULES, "TrainConfig.schedule")
-        _check_int("warmup_epochs", self.warmup_epochs, 0)
+            checks.boolean(f"TrainConfig.{name}", getattr(self, name), wrong_type=TypeError)
+        checks.choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
+        checks.interval("TrainConfig.layer_decay", self.layer_decay, 0, 1, low_open=True)
+        checks.choice("TrainConfig.schedule", self.schedule, TRAIN_SCHEDULES)
         if self.warmup_epochs and self.schedule == CONSTANT:
             raise ValueError(
                 f"TrainConfig.warmup_epochs: expected 0 with schedule='constant' (warm-up is part "
@@ -190,8 +292,15 @@ class TrainConfig:
                 f"{self.schedule!r} (ReduceLROnPlateau cannot change a scheduled learning rate), "
                 "received True"
             )
-        _check_float("ema_momentum", self.ema_momentum, low=0.0, high=1.0, low_open=True)
-        _check_int("unfreeze_stages", self.unfreeze_stages, 1)
+        checks.number(
+            "TrainConfig.ema_momentum",
+            self.ema_momentum,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            finite=True,
+            wrong_type=TypeError,
+        )
         if self.fine_tune_epochs and self.unfreeze_stages > self.fine_tune_epochs:
             raise ValueError(
                 f"TrainConfig.unfreeze_stages: expected at most fine_tune_epochs="
@@ -212,12 +321,6 @@ class TrainConfig:
         return out
 
 
-def _check_layer_decay(what: str, value: Any) -> None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not 0 < value <= 1:
-        raise ValueError(f"{what}: expected a number in (0, 1], received {value!r}")
-
-
 def _check_class_weight(cw: Any) -> None:
     if isinstance(cw, str):
         if cw != "auto":
@@ -226,12 +329,19 @@ def _check_class_weight(cw: Any) -> None:
             )
     elif isinstance(cw, Mapping):
         for k, v in cw.items():
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            if not checks.is_int(k) or k < 0:
                 raise ValueError(
                     "TrainConfig.class_weight: expected non-negative int class indices as "
                     f"keys, received {k!r}"
                 )
-            _check_float(f"class_weight[{k}]", v, low=0.0, high=None, low_open=True)
+            checks.number(
+                f"TrainConfig.class_weight[{k}]",
+                v,
+                low=0.0,
+                low_open=True,
+                finite=True,
+                wrong_type=TypeError,
+            )
     elif cw is not None:
         raise TypeError(
             f"TrainConfig.class_weight: expected 'auto', a dict or None, received {cw!r}"
@@ -290,47 +400,33 @@ class Phase:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy).value)
         check_solver(self.solver, "Phase.solver")
         for name in ("fast", "converge", "refit", "ema"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"Phase.{name}: expected a bool, received {getattr(self, name)!r}")
-        check_choice(self.optimizer_name, OPTIMIZERS, "Phase.optimizer_name")
-        check_choice(self.schedule, SCHEDULES, "Phase.schedule")
-        _check_layer_decay("Phase.layer_decay", self.layer_decay)
+            checks.boolean(f"Phase.{name}", getattr(self, name), wrong_type=TypeError)
+        checks.choice("Phase.optimizer_name", self.optimizer_name, OPTIMIZERS)
+        checks.choice("Phase.schedule", self.schedule, SCHEDULES)
+        checks.interval("Phase.layer_decay", self.layer_decay, 0, 1, low_open=True)
         object.__setattr__(self, "layer_decay", float(self.layer_decay))
-        ok = isinstance(self.ema_momentum, (int, float, np.floating)) and 0 < self.ema_momentum < 1
-        if isinstance(self.ema_momentum, bool) or not ok:
-            raise ValueError(
-                f"Phase.ema_momentum: expected a number in (0, 1), received {self.ema_momentum!r}"
-            )
+        checks.interval(
+            "Phase.ema_momentum", self.ema_momentum, 0, 1, low_open=True, high_open=True
+        )
         if self.ema and self.solver == LBFGS:
             raise ValueError(
                 "Phase.ema: expected False with solver='lbfgs' (a solved head takes no steps to "
                 "average), received True"
             )
-        _check_int("augment_views", self.augment_views, 0)
+        checks.integer("Phase.augment_views", self.augment_views, 0, wrong_type=TypeError)
         if self.fine_tune_at is not None and self.strategy != PARTIAL:
             raise ValueError(
                 f"Phase.fine_tune_at: expected None unless strategy='partial', received "
                 f"{self.fine_tune_at} with strategy={self.strategy!r}"
             )
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)):
-            raise TypeError(f"Phase.epochs: expected an int, received {self.epochs!r}")
-        if self.epochs < 1:
-            raise ValueError(f"Phase.epochs: expected an int >= 1, received {self.epochs}")
+        checks.integer("Phase.epochs", self.epochs, 1, wrong_type=TypeError)
         for name in ("learning_rate", "weight_decay"):
             value = getattr(self, name)
-            ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value < 0 or (name[0] == "l" and value == 0):
-                bound = "> 0" if name == "learning_rate" else ">= 0"
-                raise ValueError(
-                    f"Phase.{name}: expected a finite number {bound}, received {value!r}"
-                )
-            object.__setattr__(self, name, float(value))
-        if isinstance(self.warmup_epochs, bool) or not isinstance(
-            self.warmup_epochs, (int, np.integer)
-        ):
-            raise TypeError(
-                f"Phase.warmup_epochs: expected an int, received {self.warmup_epochs!r}"
+            checks.number(
+                f"Phase.{name}", value, low=0, low_open=name == "learning_rate", finite=True
             )
+            object.__setattr__(self, name, float(value))
+        checks.integer("Phase.warmup_epochs", self.warmup_epochs, wrong_type=TypeError)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
                 f"Phase.warmup_epochs: expected an int >= 0 and < epochs={self.epochs}, received "
@@ -383,11 +479,7 @@ class Phase:
             multipliers = block_lr_multipliers(model, self.layer_decay)
         learning_rate: Any = self.learning_rate
         if self.schedule != CONSTANT:
-            if (
-                isinstance(steps_per_epoch, bool)
-                or not isinstance(steps_per_epoch, (int, np.integer))
-                or steps_per_epoch < 1
-            ):
+            if not checks.is_int(steps_per_epoch) or steps_per_epoch < 1:
                 raise ValueError(
                     f"Phase.optimizer: expected steps_per_epoch >= 1 for schedule="
                     f"{self.schedule!r}, received {steps_per_epoch!r}"

@@ -31,11 +31,13 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+
+from tlkeras import checks
 
 EXIT_RETRY = 75  # sysexits EX_TEMPFAIL: a cluster manager should restart the worker
 
@@ -99,16 +101,29 @@ class DistributeConfig:
             to resolve it from the environment (Cloud TPU, Colab).
     """
 
-    distribution: Distribution | str = Distribution.DEFAULT
-    cpu_replicas: int | None = None
-    tpu: str | None = None
+    # metadata: the options as the scripts show them (tlkeras.cli.define_config_flags).
+    distribution: Distribution | str = field(
+        default=Distribution.DEFAULT,
+        metadata={
+            "help": "tf.distribute strategy; multi_worker reads the cluster from TF_CONFIG. "
+            "--batch_size is then per replica.",
+            "choices": tuple(d.value for d in Distribution),
+        },
+    )
+    cpu_replicas: int | None = field(
+        default=None,
+        metadata={"help": "mirrored only: split the CPU into N logical devices (no GPU needed)."},
+    )
+    tpu: str | None = field(
+        default=None,
+        metadata={"help": "tpu only: TPU name or grpc:// address, or 'local' (TPU VM)."},
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "distribution", Distribution.parse(self.distribution))
         n = self.cpu_replicas
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"cpu_replicas: expected an int >= 1 or None, received {n!r}")
+            checks.integer("cpu_replicas", n, 1, optional=True)
             if self.distribution is not Distribution.MIRRORED:
                 raise ValueError(
                     "cpu_replicas: expected only with distribution='mirrored', received "

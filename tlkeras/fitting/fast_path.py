@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.fitting import head_solver
 from tlkeras.fitting.compiling import CompileArgs, compile_model
 from tlkeras.fitting.feature_cache import (
@@ -170,8 +171,7 @@ def fit_frozen(
     """
     head_solver.check_solver(solver)
 
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise ValueError(f"expected epochs to be an int >= 0, received {epochs!r}")
+    checks.integer("epochs", epochs, 0)
     plan = fast_path_plan(model, fine_tune_at, augment_views=augment_views)
     logger.info(plan.describe())
     if verbose:

@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
+
 logger = logging.getLogger(__name__)
 
 # Features are kept in memory up to this fraction of the available RAM, else cached to a file.
@@ -75,8 +77,7 @@ def cache_features(
     Returns:
         A ``tf.data.Dataset``.
     """
-    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
-        raise ValueError(f"expected views to be an int >= 1, received {views!r}")
+    checks.integer("views", views, 1)
     if views > 1 and augmentation is None:
         raise ValueError(f"expected an augmentation layer for views={views}, received None")
     if not isinstance(dataset, tf.data.Dataset):

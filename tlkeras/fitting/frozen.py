@@ -22,6 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tlkeras import checks
 from tlkeras.data.augment import fast_path_note
 from tlkeras.models.blocks import blocks as list_blocks
 from tlkeras.models.blocks import resolve_block_index
@@ -253,14 +254,7 @@ def fast_path_plan(
     Returns:
         A ``FastPathPlan``.
     """
-    if augment_views is not None and (
-        isinstance(augment_views, bool)
-        or not isinstance(augment_views, (int, np.integer))
-        or augment_views < 0
-    ):
-        raise ValueError(
-            f"expected augment_views to be an int >= 0 or None, received {augment_views!r}"
-        )
+    checks.integer("augment_views", augment_views, 0, optional=True)
     backbone = _backbone(model)
     k, prefix = _num_blocks_and_prefix(model, fine_tune_at)
 

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from tlkeras import checks
 from tlkeras.models.task import PREDICTIONS_LAYER
 
 LBFGS, GRADIENT = "lbfgs", "gradient"
@@ -41,9 +42,7 @@ SOLVER_THREADS = 1
 
 def check_solver(solver: Any, name: str = "head_solver") -> str:
     """``solver`` if it is one of ``SOLVERS``, else a ``ValueError`` naming ``name``."""
-    if solver not in SOLVERS:
-        raise ValueError(f"{name}: expected one of {SOLVERS}, received {solver!r}")
-    return solver
+    return checks.choice(name, solver, SOLVERS, as_repr=True)
 
 
 @dataclass(frozen=True)

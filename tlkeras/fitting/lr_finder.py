@@ -28,6 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tlkeras import checks
 from tlkeras.fitting import reports
 from tlkeras.fitting.compiling import compile_args, compile_model, set_trainable
 from tlkeras.fitting.config import (
@@ -151,27 +152,17 @@ def check_sweep(min_lr: Any, max_lr: Any, steps: Any) -> None:
 def _check_args(
     min_lr: Any, max_lr: Any, steps: Any, diverge_factor: Any, smoothing: Any, fast: Any, seed: Any
 ) -> None:
-    def number(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"{name}: expected a number, received {value!r}")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name}: expected a finite number, received {value!r}")
-        return float(value)
-
-    if number("min_lr", min_lr) <= 0:
-        raise ValueError(f"min_lr: expected a number > 0, received {min_lr!r}")
-    if number("max_lr", max_lr) <= float(min_lr):
+    numbers = (("min_lr", min_lr), ("max_lr", max_lr), ("diverge_factor", diverge_factor))
+    for name, value in (*numbers, ("smoothing", smoothing)):
+        checks.number(name, value, finite=True)
+    checks.number("min_lr", min_lr, low=0, low_open=True)
+    if float(max_lr) <= float(min_lr):
         raise ValueError(f"max_lr: expected a number > min_lr={min_lr!r}, received {max_lr!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < MIN_STEPS:
-        raise ValueError(f"steps: expected an int >= {MIN_STEPS}, received {steps!r}")
-    if number("diverge_factor", diverge_factor) <= 1:
-        raise ValueError(f"diverge_factor: expected a number > 1, received {diverge_factor!r}")
-    if not 0 <= number("smoothing", smoothing) < 1:
-        raise ValueError(f"smoothing: expected a number in [0, 1), received {smoothing!r}")
-    if not isinstance(fast, bool):
-        raise ValueError(f"fast: expected a bool, received {fast!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, received {seed!r}")
+    checks.integer("steps", steps, MIN_STEPS)
+    checks.number("diverge_factor", diverge_factor, low=1, low_open=True)
+    checks.interval("smoothing", smoothing, 0, 1, high_open=True)
+    checks.boolean("fast", fast)
+    checks.integer("seed", seed, 0)
 
 
 def _phase(strategy: str, fine_tune_at: int | None, config: TrainConfig, lr: float) -> Phase:

@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.models.blocks import blocks, get_backbone_model
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ def block_lr_multipliers(
     Raises:
         ValueError: ``decay`` not in (0, 1], or two variables of the model share a path.
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-        raise ValueError(f"layer decay: expected a number in (0, 1], received {decay!r}")
+    checks.interval("layer decay", decay, 0, 1, low_open=True)
     variables = _trainable_kind(model)
     paths = [v.path for v in variables]
     if len(set(paths)) != len(paths):
@@ -210,9 +210,8 @@ class SGD(_BlockLR, keras.optimizers.SGD):
 
 
 def check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{what}: expected one of {', '.join(choices)}, received {value!r}")
-    return value
+    """``tlkeras.checks.choice(what, value, choices)``, in the argument order of its old callers."""
+    return checks.choice(what, value, choices)
 
 
 def make_optimizer(
@@ -231,7 +230,7 @@ def make_optimizer(
     (``block_lr_multipliers``). ``ema``: keep an exponential moving average of the weights
     (``use_ema``; pair with :class:`SwapEMAWeights`).
     """
-    check_choice(name, OPTIMIZERS, "optimizer")
+    checks.choice("optimizer", name, OPTIMIZERS)
     common = {
         "learning_rate": learning_rate,
         "weight_decay": float(weight_decay),
@@ -254,10 +253,9 @@ def phase_schedule(
     ``"cosine"``: a linear warm-up from ``learning_rate / warmup_steps`` to ``learning_rate``
     over ``warmup_steps``, then cosine decay to 0 at ``total_steps``.
     """
-    check_choice(schedule, SCHEDULES, "schedule")
+    checks.choice("schedule", schedule, SCHEDULES)
     for name, value in (("total_steps", total_steps), ("warmup_steps", warmup_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}: expected an int >= 0, received {value!r}")
+        checks.integer(name, value, 0)
     if schedule == CONSTANT:
         if warmup_steps:
             raise ValueError(

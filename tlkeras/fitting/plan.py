@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras import checks
 from tlkeras.fitting.config import (
     FEATURE_EXTRACTION,
     FINE_TUNING,
@@ -138,7 +139,7 @@ def _fine_tuning_stages(
     stages, total = config.unfreeze_stages, config.fine_tune_epochs
     if stages == 1:
         return [(FINE_TUNING, strategy, fine_tune_at, total)]
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)):
+    if not checks.is_int(num_blocks):
         raise ValueError(
             f"plan_phases: expected num_blocks (the backbone's block count) with "
             f"unfreeze_stages={stages}, received {num_blocks!r}"

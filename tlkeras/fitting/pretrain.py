@@ -21,6 +21,7 @@ from typing import Any
 
 import keras
 
+from tlkeras import checks
 from tlkeras.data import DIGITS, load
 from tlkeras.fitting.config import SCRATCH, Phase
 from tlkeras.fitting.runner import run_phase
@@ -48,12 +49,6 @@ PRETRAIN_BN_MOMENTUM = 0.9
 DEFAULT_BATCH_SIZE = 32
 # Bump when the pre-training recipe changes, so stale cached weights are not reused.
 _RECIPE_VERSION = 3
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, received {value!r}")
-    return value
 
 
 def _check_source(source: Any) -> str:
@@ -106,13 +101,11 @@ def pretrained_weights(
     """
     source = _check_source(source)
     spec = get_backbone(backbone)
-    if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
-        raise TypeError(
-            f"backbone_kwargs: expected a dict, received {type(backbone_kwargs).__name__}"
-        )
+    if backbone_kwargs is not None:
+        checks.instance("backbone_kwargs", backbone_kwargs, dict, "a dict")
     backbone_kwargs = backbone_kwargs_for(spec.name, backbone_kwargs, SOURCE_PREFIX + source)
-    size = max(_check_positive_int("image_size", image_size), spec.min_size)
-    epochs = _check_positive_int("epochs", DEFAULT_PRETRAIN_EPOCHS if epochs is None else epochs)
+    size = max(checks.positive_int("image_size", image_size), spec.min_size)
+    epochs = checks.positive_int("epochs", DEFAULT_PRETRAIN_EPOCHS if epochs is None else epochs)
     directory = Path(cache_dir) if cache_dir is not None else cache_root()
     key = _cache_key(
         source=source,

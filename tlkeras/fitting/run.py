@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.data import augment as augment_lib
 from tlkeras.data import dataset_arrays
 from tlkeras.fitting import distribute, fast_path, reports
@@ -513,8 +514,7 @@ def fit_phases(
     ``(None, its final result)`` (it trained in a private copy; the chief reports and exports).
     Arguments and errors: ``tlkeras.workflows.training.fit``'s."""
     config = config or TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config: expected a TrainConfig, received {type(config).__name__}")
+    checks.instance("config", config, TrainConfig, "a TrainConfig")
     spec, strategy, fine_tune_at = _resolve_strategy(model, strategy, fine_tune_at)
     if data.validation is None:
         logger.warning("No validation split: early stopping and checkpoints monitor training loss.")

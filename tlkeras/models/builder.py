@@ -22,6 +22,7 @@ from typing import Any
 
 import keras
 
+from tlkeras import checks
 from tlkeras.models import task as task_lib
 from tlkeras.models.backbones import build_backbone, check_input_shape, get_backbone
 from tlkeras.models.spec import (  # noqa: F401  (re-exported: tlkeras.models.builder is where users look)
@@ -40,9 +41,7 @@ DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def check_dtype_policy(name: Any) -> str:
-    if name not in DTYPE_POLICIES:
-        raise ValueError(f"dtype_policy: expected one of {DTYPE_POLICIES}, received {name!r}")
-    return name
+    return checks.choice("dtype_policy", name, DTYPE_POLICIES, as_repr=True)
 
 
 @contextlib.contextmanager
@@ -95,12 +94,8 @@ def build_model(
     check_fine_tune_at(strategy, fine_tune_at)
     check_dtype_policy(dtype_policy)
     head = head or HeadConfig()
-    if not isinstance(head, HeadConfig):
-        raise TypeError(f"head: expected a HeadConfig, received {type(head).__name__}")
-    if augment is not None and not isinstance(augment, AugmentConfig):
-        raise TypeError(
-            f"augment: expected an AugmentConfig or None, received {type(augment).__name__}"
-        )
+    checks.instance("head", head, HeadConfig, "a HeadConfig")
+    checks.instance("augment", augment, AugmentConfig, "an AugmentConfig", optional=True)
     _check_num_classes(num_classes, head.task)
     if strategy is Strategy.SCRATCH and weights is not None:
         raise ValueError(

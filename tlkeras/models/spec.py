@@ -15,6 +15,7 @@ from typing import Any
 
 import keras
 
+from tlkeras import checks
 from tlkeras.models.backbones import get_backbone
 
 # The head tasks (their losses, metrics and activations: tlkeras.models.task).
@@ -31,20 +32,13 @@ RANDAUGMENT_NUM_OPS = 2
 RANDAUGMENT_FACTOR = 0.5
 
 
-def _check_fraction(name: str, value: float, *, upper_inclusive: bool = False) -> None:
-    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
-        raise ValueError(f"{name}: expected a number in {bound}, received {value!r}")
-
-
 @dataclass(frozen=True)
 class HeadConfig:
     """The new classifier on top of the pooled backbone features."""
 
     pooling: str = "avg"
     hidden_units: tuple[int, ...] = ()
-    dropout: float = 0.2
+    dropout: float = field(default=0.2, metadata={"help": "Dropout before the classifier layer."})
     task: str = "multiclass"
     from_logits: bool = False
     l2: float = (
@@ -52,19 +46,16 @@ class HeadConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling: expected one of {POOLINGS}, received {self.pooling!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"task: expected one of {TASKS}, received {self.task!r}")
+        checks.choice("pooling", self.pooling, POOLINGS, as_repr=True)
+        checks.choice("task", self.task, TASKS, as_repr=True)
         units = tuple(self.hidden_units)
         if any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
             raise ValueError(
                 f"hidden_units: expected positive ints, received {self.hidden_units!r}"
             )
         object.__setattr__(self, "hidden_units", units)
-        _check_fraction("dropout", self.dropout)
-        if not isinstance(self.l2, (int, float)) or self.l2 < 0:
-            raise ValueError(f"l2: expected a number >= 0, received {self.l2!r}")
+        checks.fraction("dropout", self.dropout)
+        checks.number("l2", self.l2, low=0)
 
     def output_units(self, num_classes: int) -> int:
         return 1 if self.task == "binary" else num_classes
@@ -89,17 +80,21 @@ class AugmentConfig:
     contrast: float = 0.1
     translation: float = 0.0
     seed: int | None = None
-    preset: str = "light"
+    # Its option is --augment_preset (the scripts' --augment turns augmentation on).
+    preset: str = field(
+        default="light",
+        metadata={
+            "help": "The augmentation preset (with --augment).",
+            "choices": PRESETS,
+            "name": "augment_preset",
+        },
+    )
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(
-                f"AugmentConfig.preset: expected one of {PRESETS}, received {self.preset!r}"
-            )
-        if self.flip not in FLIPS:
-            raise ValueError(f"flip: expected one of {FLIPS}, received {self.flip!r}")
+        checks.choice("AugmentConfig.preset", self.preset, PRESETS, as_repr=True)
+        checks.choice("flip", self.flip, FLIPS, as_repr=True)
         for name in ("rotation", "zoom", "contrast", "translation"):
-            _check_fraction(name, getattr(self, name))
+            checks.fraction(name, getattr(self, name))
 
     def build(self) -> keras.Sequential:
         L = keras.layers

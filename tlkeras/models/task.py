@@ -18,15 +18,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tlkeras import checks
 from tlkeras.models.spec import TASKS, get_spec
 
 PREDICTIONS_LAYER = "predictions"
 
 
 def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task: expected one of {TASKS}, received {task!r}")
-    return task
+    return checks.choice("task", task, TASKS, as_repr=True)
 
 
 def output_activation(task: str, *, from_logits: bool = False) -> str | None:

@@ -43,6 +43,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import checks  # noqa: E402
 from tlkeras.analysis.calibration import check_min_score, withhold_low_scores  # noqa: E402
 from tlkeras.exports.loading import tf_error_message  # noqa: E402
 from tlkeras.exports.signatures import BYTES_SIGNATURE  # noqa: E402
@@ -80,28 +81,51 @@ _PATH_RE = re.compile(
 class ServingConfig:
     """What a model server does with requests and versions; validated on creation."""
 
-    model_version_policy: str = "latest"
-    poll_seconds: float = DEFAULT_POLL_SECONDS
+    # metadata: the options as scripts/serve.py shows them (tlkeras.cli.define_config_flags).
+    model_version_policy: str = field(
+        default="latest",
+        metadata={"help": "Versions to serve: latest, latest:N, all, or specific:V1,V2."},
+    )
+    poll_seconds: float = field(
+        default=DEFAULT_POLL_SECONDS,
+        metadata={
+            "help": "How often to look for new or removed versions.",
+            "name": "file_system_poll_wait_seconds",  # TF Serving's name
+        },
+    )
     # None turns batching off: each request is one graph call.
     batching: BatchingConfig | None = field(default_factory=BatchingConfig)
-    max_request_bytes: int = MAX_REQUEST_BYTES
-    max_instances: int = MAX_INSTANCES
-    max_request_pixels: int = MAX_REQUEST_PIXELS
-    request_timeout: float = REQUEST_TIMEOUT
+    max_request_bytes: int = field(
+        default=MAX_REQUEST_BYTES, metadata={"help": "Largest accepted request body."}
+    )
+    max_instances: int = field(
+        default=MAX_INSTANCES, metadata={"help": "Most instances in one request."}
+    )
+    max_request_pixels: int = field(
+        default=MAX_REQUEST_PIXELS,
+        metadata={"help": "Most decoded pixels of all images of a request."},
+    )
+    request_timeout: float = field(
+        default=REQUEST_TIMEOUT,
+        metadata={"help": "Seconds a prediction may wait for the model: then 503."},
+    )
     # Rows whose top score is below it answer "unknown" (the module docstring); 0: off.
-    min_score: float = 0.0
+    min_score: float = field(
+        default=0.0,
+        metadata={
+            "help": 'Rows whose top score is below it answer classes "unknown" (scores kept); '
+            'a request\'s own "min_score" overrides it. 0: off.'
+        },
+    )
 
     def __post_init__(self) -> None:
         VersionPolicy.parse(self.model_version_policy)
         check_min_score(self.min_score)
         for name in ("max_request_bytes", "max_instances", "max_request_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, received {value!r}")
+            checks.positive_int(name, getattr(self, name))
         for name in ("poll_seconds", "request_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: expected a number of seconds > 0, received {value!r}")
+            checks.number(name, value, low=0, low_open=True, kind="a number of seconds")
         if self.batching is not None and not isinstance(self.batching, BatchingConfig):
             raise ValueError(
                 f"batching: expected a BatchingConfig or None, received {self.batching!r}"

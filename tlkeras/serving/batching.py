@@ -17,9 +17,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from tlkeras import checks
 
 Arrays = dict[str, np.ndarray]
 
@@ -46,19 +48,26 @@ class QueueFullError(Exception):
 class BatchingConfig:
     """TF Serving's batching parameters (``batching_parameters_file``), validated on creation."""
 
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    batch_timeout_micros: int = DEFAULT_BATCH_TIMEOUT_MICROS
-    num_batch_threads: int = DEFAULT_NUM_BATCH_THREADS
-    max_enqueued_batches: int = DEFAULT_MAX_ENQUEUED_BATCHES
+    # metadata: the options as scripts/serve.py shows them (tlkeras.cli.define_config_flags).
+    max_batch_size: int = field(
+        default=DEFAULT_MAX_BATCH_SIZE, metadata={"help": "Most rows in one model call."}
+    )
+    batch_timeout_micros: int = field(
+        default=DEFAULT_BATCH_TIMEOUT_MICROS,
+        metadata={"help": "Longest wait for more requests once one is queued."},
+    )
+    num_batch_threads: int = field(
+        default=DEFAULT_NUM_BATCH_THREADS, metadata={"help": "Model calls run in parallel."}
+    )
+    max_enqueued_batches: int = field(
+        default=DEFAULT_MAX_ENQUEUED_BATCHES,
+        metadata={"help": "Queue bound, in batches; beyond it: 503."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, received {value!r}")
-        value = self.batch_timeout_micros
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"batch_timeout_micros: expected an int >= 0, received {value!r}")
+            checks.positive_int(name, getattr(self, name))
+        checks.integer("batch_timeout_micros", self.batch_timeout_micros, 0)
 
 
 class _Task:

@@ -27,6 +27,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import checks  # noqa: E402
 from tlkeras.exports.layout import ASSETS_EXTRA, WARMUP_FILE, complete_versions  # noqa: E402
 from tlkeras.exports.loading import ExportedModel, load_exported, tf_error_message  # noqa: E402
 from tlkeras.exports.savedmodel import read_warmup_requests  # noqa: E402
@@ -214,8 +215,7 @@ class ModelManager:
                 f"model_base_path: expected a directory of numeric version folders, "
                 f"received {str(self.base)!r}"
             )
-        if not isinstance(poll_seconds, (int, float)) or poll_seconds <= 0:
-            raise ValueError(f"poll_seconds: expected a number > 0, received {poll_seconds!r}")
+        checks.number("poll_seconds", poll_seconds, low=0, low_open=True)
         self.policy = policy or VersionPolicy()
         self.batching = batching
         self.poll_seconds = float(poll_seconds)

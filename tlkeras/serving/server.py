@@ -20,10 +20,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlkeras import checks
 from tlkeras.serving.app import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -44,32 +45,41 @@ INBUF_OVERFLOW = 8 * 2**20
 class ServerConfig:
     """The process around the app: where it listens and how much it takes on at once."""
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
+    # metadata: the options as scripts/serve.py shows them (tlkeras.cli.define_config_flags).
+    host: str = field(
+        default=DEFAULT_HOST,
+        metadata={"help": "Interface to bind; 0.0.0.0 exposes it to the network."},
+    )
+    port: int = field(
+        default=DEFAULT_PORT,
+        metadata={"help": "REST port (TF Serving's is 8501).", "lower_bound": 0},
+    )
     # Request threads; batching gathers at most this many concurrent requests into one call.
-    threads: int = DEFAULT_THREADS
-    connection_limit: int = DEFAULT_CONNECTION_LIMIT
-    idle_timeout: int = DEFAULT_IDLE_TIMEOUT
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    threads: int = field(
+        default=DEFAULT_THREADS, metadata={"help": "Request threads (bounded pool)."}
+    )
+    connection_limit: int = field(
+        default=DEFAULT_CONNECTION_LIMIT, metadata={"help": "Most open connections."}
+    )
+    idle_timeout: int = field(
+        default=DEFAULT_IDLE_TIMEOUT,
+        metadata={"help": "Seconds before an idle or stalled connection is closed."},
+    )
+    shutdown_timeout: float = field(
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        metadata={"help": "On SIGTERM, seconds in-flight requests get to finish."},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"host: expected an interface name or address, received {self.host!r}")
-        if (
-            isinstance(self.port, bool)
-            or not isinstance(self.port, int)
-            or not 0 <= self.port < 2**16
-        ):
+        if not checks.is_int(self.port) or not 0 <= self.port < 2**16:
             raise ValueError(
                 f"port: expected 0..65535 (0 picks a free one), received {self.port!r}"
             )
         for name in ("threads", "connection_limit", "idle_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, received {value!r}")
-        value = self.shutdown_timeout
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"shutdown_timeout: expected seconds >= 0, received {value!r}")
+            checks.positive_int(name, getattr(self, name))
+        checks.number("shutdown_timeout", self.shutdown_timeout, low=0, kind="seconds")
 
 
 class _InFlight:

@@ -26,6 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tlkeras import checks
 from tlkeras.analysis.inputs import as_image_data
 from tlkeras.data import DataConfig, ImageData
 from tlkeras.fitting.config import FEATURE_EXTRACTION, FULL, PARTIAL, Phase
@@ -85,13 +86,6 @@ def _check_ks(ks: Any, all_blocks: Sequence[Any]) -> list[int]:
     return sorted(set(out))
 
 
-def _positive(name: str, value: Any, minimum: float = 0, *, integer: bool = False) -> None:
-    types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    if isinstance(value, bool) or not isinstance(value, types) or not value >= minimum:
-        kind = "an int" if integer else "a number"
-        raise ValueError(f"{name}: expected {kind} >= {minimum}, received {value!r}")
-
-
 def _check_settings(
     weights: Any,
     augment: Any,
@@ -116,16 +110,14 @@ def _check_settings(
         ("fine_tune_epochs", fine_tune_epochs),
         ("scratch_epochs", scratch_epochs),
     ):
-        _positive(name, value, 1, integer=True)
-    _positive("patience", patience, 0, integer=True)
-    _positive("noise_sigmas", noise_sigmas, 0)
+        checks.integer(name, value, 1)
+    checks.integer("patience", patience, 0)
+    checks.number("noise_sigmas", noise_sigmas, low=0)
     for name, value in (
         ("learning_rate", learning_rate),
         ("fine_tune_learning_rate", fine_tune_learning_rate),
     ):
-        _positive(name, value, 0)
-        if value == 0:
-            raise ValueError(f"{name}: expected a number > 0, received {value!r}")
+        checks.number(name, value, low=0, low_open=True)
 
 
 def _sweep_data(data: Any, image_size: Any, weights: Any, backbone: str, **load_kwargs: Any):
