@@ -697,7 +697,7 @@ inference mode after `base_model.trainable = True`. In Keras 3 the outer `fit`'s
 overrides that recorded argument, so the peer's BN layers update their moving statistics during
 fine-tuning: the largest change of a BN moving mean over fine-tuning in this run was
 {drift:.3g} (0 would mean inference mode held). tlkeras freezes BN through trainable flags instead
-(`tlkeras/models/strategy.py`; `tests/test_strategy.py::test_keras_overrides_a_nested_training_false`), so
+(`tlkeras/models/strategy.py`; `tests/models/test_strategy.py::test_keras_overrides_a_nested_training_false`), so
 its fine-tuning keeps the ImageNet statistics unless `train_bn=True`.
 """
 

@@ -140,3 +140,33 @@ def home(tmp_path_factory):
         mp.setenv("KERAS_HOME", str(path))
         mp.setattr(pretrain, "DEFAULT_PRETRAIN_EPOCHS", 1)
         yield path
+
+
+# One backbone per family (the table's 14 families) runs in the fast tier; the other 26 rows of the
+# table run their per-backbone tests in the slow tier (`-m slow`), so every model is still checked.
+FAST_BACKBONES = (
+    "VGG16",
+    "ResNet50",
+    "ResNet50V2",
+    "Xception",
+    "InceptionV3",
+    "InceptionResNetV2",
+    "MobileNet",
+    "MobileNetV2",
+    "MobileNetV3Small",
+    "DenseNet121",
+    "NASNetMobile",
+    "EfficientNetB0",
+    "EfficientNetV2B0",
+    "ConvNeXtTiny",
+)
+
+
+def every_backbone() -> list:
+    """All 40 backbones as pytest params: the family representatives fast, the rest marked slow."""
+    import tlkeras
+
+    return [
+        pytest.param(name, marks=() if name in FAST_BACKBONES else pytest.mark.slow)
+        for name in tlkeras.backbone_names()
+    ]

@@ -1,6 +1,6 @@
 """tlkeras: transfer learning and fine-tuning of Keras Applications image classifiers.
 
-Seven layers, each importing only from the ones listed before it (tests/test_layers.py checks):
+Seven layers, each importing only from the ones listed before it (tests/test_package.py checks):
 models (backbones, blocks, strategies, the builder) → data (sources, decoding, augmentation) →
 fitting (phases, the runner, the feature cache, the run directory) → analysis (calibration,
 Grad-CAM, TTA, audit, advisor) → exports (SavedModel, signatures, edge) → serving (the REST app) →

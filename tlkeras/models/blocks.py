@@ -15,7 +15,7 @@ How a layer finds its block:
    that opens a cell belongs to that cell); a segment with no named layer continues the block before it.
 A stem or top with no weights besides BatchNormalization joins its neighbour block.
 Blocks are ordered by their last layer in topological order, so no edge runs from a later block to an
-earlier one; ``tests/test_blocks.py`` checks this for every backbone.
+earlier one; ``tests/models/test_blocks.py`` checks this for every backbone.
 """
 
 from __future__ import annotations

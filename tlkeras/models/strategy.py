@@ -16,7 +16,7 @@ always trains BN: a random network has no statistics to protect.
 
 Why flags and not ``base_model(x, training=False)``: in Keras 3 a Functional model passes its own
 ``training`` value to nested models, overriding the ``training=False`` recorded in the graph, so the
-guide's recipe updates BN statistics once the base is unfrozen (``tests/test_strategy.py`` shows it).
+guide's recipe updates BN statistics once the base is unfrozen (``tests/models/test_strategy.py`` shows it).
 Dropout layers have no weights to freeze; those inside frozen blocks (EfficientNet's stochastic depth)
 stay active in ``model.fit`` as in plain Keras, while the fast frozen path (``tlkeras.fitting.fast_path``)
 computes frozen features in inference mode.

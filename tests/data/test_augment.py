@@ -157,6 +157,7 @@ def test_the_losses_take_soft_labels(task):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.slow
 def test_a_tiny_model_trains_with_each_preset(preset):
     task = "binary" if preset == "cutmix" else "multiclass"  # both label shapes through fit
     num_classes = 2 if task == "binary" else 3

@@ -221,4 +221,4 @@ def test_explain_signature_matches_the_in_memory_model(tmp_path):
     assert list(out["classes"]) == list(served["classes"][:, 0])
     np.testing.assert_allclose(out["scores"], served["scores"][:, 0], atol=1e-6)
 
-    # An export without it: tests/test_predict_script.py (predict.py --explain, one line).
+    # An export without it: tests/scripts/test_predict_script.py (predict.py --explain, one line).

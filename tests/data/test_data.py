@@ -14,7 +14,7 @@ import tensorflow as tf
 from tlkeras.data import DataConfig, load
 from tlkeras.data import files as data
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 HYMENOPTERA = SHARED / "data" / "hymenoptera" / "train"
 SMALL = {"image_size": (16, 16), "batch_size": 8}
 

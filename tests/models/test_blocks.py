@@ -2,7 +2,7 @@
 
 import keras
 import pytest
-from conftest import small_input
+from conftest import every_backbone, small_input
 
 import tlkeras
 from tlkeras.fitting.optimizers import block_lr_multipliers
@@ -33,7 +33,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", params=tlkeras.backbone_names())
+@pytest.fixture(scope="module", params=every_backbone())
 def split(request):
     name = request.param
     base = tlkeras.build_backbone(name, small_input(name), weights=None)

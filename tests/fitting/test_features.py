@@ -143,6 +143,7 @@ def test_cache_features_views_and_memory_equivalence(tmp_path):
 
 
 @pytest.mark.parametrize("augment,k", [(AugmentConfig(), None), (None, -2)])
+@pytest.mark.slow
 def test_fit_frozen_trains_the_full_model(augment, k, tmp_path):
     model = _model(augment=augment)
     if k is not None:

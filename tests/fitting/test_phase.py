@@ -316,6 +316,7 @@ def test_run_phase_caches_a_partial_prefix_and_trains_what_follows(digits):
 
 
 @pytest.mark.parametrize("strategy", [FULL, SCRATCH])
+@pytest.mark.slow
 def test_run_phase_trains_end_to_end_when_everything_trains(digits, strategy):
     model = tlkeras.build_model("MobileNet", 3, **SMALL)
     phase = Phase(strategy, strategy, None, 1e-3, epochs=1, fast=True)
@@ -342,6 +343,7 @@ def test_run_phase_turns_a_nan_loss_into_loss_not_finite(digits):
 
 
 @pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.slow
 def test_run_phase_converges_the_head_on_cached_features(digits, fast, monkeypatch):
     monkeypatch.setattr(runner, "CONVERGE_MAX_EPOCHS", 40)
     monkeypatch.setattr(runner, "CONVERGE_PATIENCE", 3)
@@ -429,6 +431,7 @@ def _same_start(model):
 
 
 @pytest.mark.parametrize("strategy, fine_tune_at, fast", [(FULL, None, False), (PARTIAL, -1, True)])
+@pytest.mark.slow
 def test_run_phase_with_ema_ends_and_checkpoints_with_the_averaged_weights(
     digits, tmp_path, strategy, fine_tune_at, fast
 ):
@@ -457,6 +460,7 @@ def test_run_phase_with_ema_ends_and_checkpoints_with_the_averaged_weights(
     assert any(not np.allclose(by_path[p], w) for p, w in zip(trained, keep.trained, strict=True))
 
 
+@pytest.mark.slow
 def test_run_phase_follows_a_cosine_schedule_with_per_block_rates(digits):
     model = tlkeras.build_model("MobileNet", 3, **SMALL)
     phase = Phase(
@@ -490,6 +494,7 @@ def test_run_phase_follows_a_cosine_schedule_with_per_block_rates(digits):
 
 
 @pytest.mark.parametrize("strategy, fast", [(FULL, False), (FEATURE_EXTRACTION, True)])
+@pytest.mark.slow
 def test_run_phase_mixes_the_training_data_only_end_to_end(digits, strategy, fast):
     model = tlkeras.build_model("MobileNet", 3, **SMALL)
     calls = []

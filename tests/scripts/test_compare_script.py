@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import bad_input_cases, bad_input_env, check_bad_flags_fail_in_one_line, run_python
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare.py"
 
 
 def _run(args, tmp_path, timeout=300) -> subprocess.CompletedProcess:
@@ -20,7 +20,7 @@ def _run(args, tmp_path, timeout=300) -> subprocess.CompletedProcess:
 
 def test_compare_feature_extraction_and_partial(tmp_path):
     # weights=none keeps the test offline and short (no pre-training); the digits story is the
-    # default and is covered by tests/test_transfer.py.
+    # default and is covered by tests/workflows/test_transfer.py.
     out = tmp_path / "cmp"
     proc = _run(
         [

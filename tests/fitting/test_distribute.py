@@ -21,7 +21,7 @@ from tlkeras import cli
 from tlkeras.fitting import distribute
 from tlkeras.fitting.distribute import DistributeConfig, Distribution
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "scripts" / "train.py"
 RUNNER = REPO / "tests" / "distributed_run.py"
 

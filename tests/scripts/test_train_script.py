@@ -35,7 +35,7 @@ BAD_FLAGS = {
     "tpu_without_a_tpu": (["--distribution=tpu", "--tpu=local"], "distribution='tpu'"),
     "unknown_export_format": (["--export_formats=saved_model,tflite_int4"], "export_formats:"),
     # The recipe's knobs (issue 15), one per path a bad value takes: an enum flag (absl), the parsed
-    # learning rate (cli), TrainConfig's checks (each field's own message: tests/test_phase.py).
+    # learning rate (cli), TrainConfig's checks (each field's own message: tests/fitting/test_phase.py).
     "mixed_precision_float16": (["--mixed_precision=float16"], "mixed_precision"),
     "learning_rate_word": (["--learning_rate=fast"], "--learning_rate: expected auto or"),
     "more_stages_than_epochs": (
@@ -67,7 +67,7 @@ def test_tiny_end_to_end_run_exports_and_never_overwrites(tmp_path):
         f"--base_dir={export}",
         "--model_name=tiny",
         "--export_formats=saved_model,tflite_int8",
-        "--nobaselines",  # tests/test_transfer.py covers them
+        "--nobaselines",  # tests/workflows/test_transfer.py covers them
     ]
     out = run_python(*cmd, env=_env(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr

@@ -112,6 +112,7 @@ print(json.dumps(out))
 
 
 @needs_shared_weights
+@pytest.mark.slow
 def test_imagenet_weights_through_the_keras_cache(keras_home):
     env = {**os.environ, "KERAS_HOME": str(keras_home)}
     proc = run_python("-c", _IMAGENET_SCRIPT, MOBILENET_WEIGHTS, env=env)
@@ -128,6 +129,7 @@ tlkeras.build_model("MobileNetV2", 2, weights="imagenet", input_shape=(96, 96, 3
 """
 
 
+@pytest.mark.slow
 def test_missing_imagenet_weights_names_the_file(tmp_path):
     env = {**os.environ, "KERAS_HOME": str(tmp_path)}
     proc = run_python("-c", _MISSING_SCRIPT, env=env)
@@ -174,6 +176,7 @@ tlkeras.build_model("MobileNet", 2, backbone_kwargs={"alpha": 0.25}, weights="im
 """
 
 
+@pytest.mark.slow
 def test_a_truncated_file_in_the_keras_cache_is_named(tmp_path):
     import badfiles
 

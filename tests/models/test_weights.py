@@ -16,6 +16,7 @@ from tlkeras.models.builder import build_model
 KWARGS = {"alpha": 0.25}
 
 
+@pytest.mark.slow
 def test_pretrained_weights_are_cached_and_transfer(home):
     path = pretrain.pretrained_weights("digits:0-4", "MobileNet", KWARGS, image_size=32)
     assert path.is_file() and path.name.endswith(".weights.h5")
@@ -55,6 +56,7 @@ def test_pretrained_weights_are_cached_and_transfer(home):
         )
 
 
+@pytest.mark.slow
 def test_resolve_weights_forms(home, tmp_path):  # after the test above: the cache is warm
     assert pretrain.resolve(None) is None
     assert pretrain.resolve("none") is None
@@ -182,6 +184,7 @@ def test_image_size_auto_reads_the_data(tmp_path):
     assert data_lib.source_resolution("tfds:mnist") is None  # not read here: the default
 
 
+@pytest.mark.slow
 def test_pretraining_prints_progress_once_and_not_when_cached(home, tmp_path, capsys):
     args = ("digits:0-4", "MobileNet", KWARGS, 32, 2)
     pretrain.pretrained_weights(*args, cache_dir=tmp_path, progress=True)

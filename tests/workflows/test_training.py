@@ -22,7 +22,7 @@ from tlkeras.fitting.config import resolve_class_weight
 from tlkeras.workflows import report, training
 from tlkeras.workflows.training import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = {"weights": None, "input_shape": (32, 32, 3), "backbone_kwargs": {"alpha": 0.25}}
 
 
@@ -54,6 +54,7 @@ def test_class_weight_auto_is_balanced_from_train_counts():
 # Two phases
 
 
+@pytest.mark.slow
 def test_phase_switch_flags_learning_rate_and_reports(digits, tmp_path):
     model = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, **SMALL)
     config = TrainConfig(epochs=1, fine_tune_epochs=1, learning_rate=2e-3, fast=False)
@@ -89,6 +90,7 @@ def test_phase_switch_flags_learning_rate_and_reports(digits, tmp_path):
     assert json.loads((run / "run_state.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_partial_fine_tuning_trains_on_the_cached_block_boundary(digits, tmp_path):
     model = tlkeras.build_model("MobileNet", 3, strategy="partial", fine_tune_at=-2, **SMALL)
     config = TrainConfig(
@@ -113,6 +115,7 @@ def test_partial_fine_tuning_trains_on_the_cached_block_boundary(digits, tmp_pat
     assert all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
 
 
+@pytest.mark.slow
 def test_a_run_whose_fine_tuning_only_loses_says_so(digits, tmp_path, capsys):
     # A learning rate of 1 wrecks the backbone in one epoch (finite: MobileNet's ReLU6 bounds it).
     model = tlkeras.build_model("MobileNet", 3, strategy="full", **SMALL)
@@ -310,6 +313,7 @@ def _head_data(task: str, folder: Path) -> data_lib.ImageData:
 
 
 @pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+@pytest.mark.slow
 def test_every_run_writes_a_report_with_every_section(task, tmp_path):
     from test_report_html import CHROMIUM, REQUIRE_BROWSER, Page, open_in_browser
 

@@ -115,6 +115,7 @@ def test_float32_tflite_agrees_with_keras_and_writes_its_files(model, images, tm
 
 
 @pytest.mark.parametrize("io_type", edge.IO_TYPES)
+@pytest.mark.slow
 def test_int8_uses_the_representative_data_and_the_requested_io_type(
     model, images, calibration, io_type, tmp_path
 ):
@@ -151,6 +152,7 @@ def test_int8_without_calibration_data_is_refused(model, tmp_path):
 
 
 @pytest.mark.parametrize("quantization", ["float16", "dynamic"])
+@pytest.mark.slow
 def test_weight_quantizations_from_a_savedmodel_directory(saved, images, quantization, tmp_path):
     x, y = images
     f32 = tlkeras.export_tflite(saved.path, tmp_path / "f32", images=x)
@@ -176,6 +178,7 @@ def test_onnx_agrees_with_keras_on_a_batch(model, images, tmp_path):
     assert [o.name for o in graph.output] == ["probabilities"]
 
 
+@pytest.mark.slow
 def test_onnx_of_a_backbone_with_captured_constants(tmp_path):
     """EfficientNet's normalisation constants: tf2onnx left them as extra graph inputs unless the
     function is frozen first."""
@@ -271,6 +274,7 @@ def test_a_model_with_ops_outside_the_builtins_gets_the_one_line_error(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_backbone_onnx_cannot_express_gets_the_one_line_error(tmp_path):
     """ConvNeXt: tf2onnx maps neither its exact GELU (Erfc) nor its depthwise convolution call;
     it would write an invalid file, tlkeras refuses with the ops named."""
@@ -325,6 +329,7 @@ def test_existing_output_is_kept_without_overwrite(model, tmp_path):
         tlkeras.export_tflite(model, tmp_path / "out", class_names=CLASSES)
 
 
+@pytest.mark.slow
 def test_predict_files_and_evaluate_accept_a_tflite(saved, images, tmp_path):
     """``load_exported`` on an edge file, in a fresh process (LiteRT in-process, as predict.py)."""
     result = tlkeras.export_tflite(saved.path, tmp_path / "edge", images=images[0])
@@ -456,6 +461,7 @@ def test_edge_versions_sit_beside_the_savedmodel_versions(tmp_path):
     assert layout.resolve_version_dir(tmp_path / "m") == tmp_path / "m" / "2"  # edge/ is ignored
 
 
+@pytest.mark.slow
 def test_train_writes_edge_formats_without_a_savedmodel(tmp_path):
     """``export_formats`` without ``saved_model``: converted from the in-memory model, numbered
     as the next version, verified on the run's test split."""

@@ -26,7 +26,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 # One case per path a bad value takes (each is a process importing TensorFlow): the sweep's own
-# check (its every argument: tests/test_lr_finder.py), absl's enum, the library's strategy check.
+# check (its every argument: tests/fitting/test_lr_finder.py), absl's enum, the library's strategy check.
 BAD_FLAGS = {
     "min_lr_not_below_max_lr": (["--min_lr=0.1", "--max_lr=0.1"], "max_lr: expected a number >"),
     "bad_strategy": (["--strategy=everything"], "--strategy"),

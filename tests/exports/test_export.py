@@ -23,7 +23,8 @@ from tensorflow.core.framework import tensor_pb2
 
 import tlkeras
 from tlkeras import data as data_lib
-from tlkeras.analysis import calibration, decoding
+from tlkeras.analysis import calibration
+from tlkeras.data import decoding
 from tlkeras.exports import layout, savedmodel, signatures, verify
 from tlkeras.exports import loading as exported
 

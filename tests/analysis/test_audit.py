@@ -255,6 +255,7 @@ def _env(tmp_path):
     return {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
+@pytest.mark.slow
 def test_audit_script_prints_the_findings_and_writes_audit_json(tmp_path):
     root = tmp_path / "data"
     for split, seed in (("train", 0), ("test", 1)):

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import small_input
+from conftest import every_backbone, small_input
 
 import tlkeras
 from tlkeras import Strategy
@@ -12,7 +12,7 @@ from tlkeras.models.strategy import SCRATCH_BN_MOMENTUM, scratch_batchnorm
 HEAD = ("pool", "head_dropout", "predictions")
 
 
-@pytest.fixture(scope="module", params=tlkeras.backbone_names())
+@pytest.fixture(scope="module", params=every_backbone())
 def model(request):
     name = request.param
     m = tlkeras.build_model(name, 3, weights=None, input_shape=small_input(name))
@@ -141,6 +141,7 @@ def test_batchnorm_rule(backbone, train_bn):
     assert all(bn.trainable == train_bn for bn in train_bn_layers)
 
 
+@pytest.mark.slow
 def test_keras_overrides_a_nested_training_false():
     """Why the BN rule uses trainable flags: the Keras guide's `base(x, training=False)` does not keep
     an unfrozen base's BN in inference mode under Keras 3 (the outer fit's training=True wins). If
@@ -156,6 +157,7 @@ def test_keras_overrides_a_nested_training_false():
     assert not np.array_equal(bn.moving_mean.numpy(), before)
 
 
+@pytest.mark.slow
 def test_scratch_trains_batchnorm_statistics():
     m = tlkeras.build_model(
         "MobileNetV2", 2, weights=None, input_shape=(32, 32, 3), strategy="scratch"

@@ -209,6 +209,7 @@ def hymenoptera_128():
 
 @needs_shared_weights
 @needs_hymenoptera
+@pytest.mark.slow
 def test_score_ranks_pretrained_backbone_above_random(hymenoptera_128):
     config = AdvisorConfig(max_images=80)
     ranking = advisor.rank_backbones(
@@ -226,6 +227,7 @@ def test_score_ranks_pretrained_backbone_above_random(hymenoptera_128):
 
 @needs_shared_weights
 @needs_hymenoptera
+@pytest.mark.slow
 def test_advise_on_ants_and_bees_reports_its_evidence(hymenoptera_128):
     advice = advisor.advise(
         hymenoptera_128,
@@ -269,6 +271,7 @@ def test_advise_script_bad_flags_exit_2_with_one_line(tmp_path):
     check_bad_flags_fail_in_one_line(ADVISE, BAD_FLAGS, _env(tmp_path))
 
 
+@pytest.mark.slow
 def test_advise_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tmp_path):
     cases = bad_input_cases(tmp_path, weights="imagenet", every_kind=False)
 
@@ -280,6 +283,7 @@ def test_advise_bad_weights_files_kwargs_and_max_bad_fraction_end_in_one_line(tm
 
 @needs_shared_weights
 @needs_hymenoptera
+@pytest.mark.slow
 def test_advise_script_prints_a_case_and_writes_json(tmp_path):
     out = tmp_path / "advice.json"
     proc = run_python(
