@@ -227,3 +227,22 @@ def test_an_old_module_name_never_replaces_a_public_function():
     old_blocks = importlib.import_module("tlkeras.blocks")  # the flat module's name: a view
     assert callable(tlkeras.blocks) and tlkeras.blocks.__module__ == "tlkeras.models.blocks"
     assert old_blocks.resolve_block_index is tlkeras.models.blocks.resolve_block_index
+
+
+def test_ci_runs_the_readme_test_command_then_the_slow_tier():
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r'pip install -e "\.\[test\]" && (python -m pytest[^\n]*)', readme).group(1)
+    ci = [
+        line.replace("python3 ", "python ")
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if "-m pytest" in line and not line.lstrip().startswith("#")
+    ]
+    assert ci == [command, command.replace('-m "not slow"', "-m slow")]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_docstring_names_every_module_in_it(layer):
+    doc = importlib.import_module(f"tlkeras.{layer}").__doc__
+    modules = sorted(p.stem for p in (PACKAGE / layer).glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if f"``{m}``" not in doc]
+    assert not missing, f"tlkeras/{layer}/__init__.py's docstring does not name {missing}"

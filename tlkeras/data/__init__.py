@@ -1,7 +1,16 @@
 """data: data configs and ImageData, decoding, folder/TFDS/array sources, augmentation
 
-Sits on ``models`` (augmentation layers need the model spec); the layers above import data through
-this package's names.
+Sits on ``models`` (augmentation layers need the model spec); the layers above import data
+through this package's names.
+
+- ``config``: ``DataConfig`` and ``ImageData`` (the splits as ``tf.data``, counts, skipped files).
+- ``files``: decoding, the checks of one image file, the threaded scan of a folder.
+- ``pools``: a source (folder, arrays, digits, TFDS) as every labelled example in it.
+- ``sources``: ``load``: the split, the pipeline.
+- ``sizing``: ``image_size="auto"`` from the data's resolution.
+- ``decoding``: bytes decoded as the serving signature decodes them.
+- ``augment``: augmentation presets, batch mixing (MixUp/CutMix).
+- ``arrays``: ``dataset_arrays``, a dataset as NumPy arrays.
 """
 
 from tlkeras.data.arrays import dataset_arrays

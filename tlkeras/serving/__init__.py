@@ -1,6 +1,10 @@
 """serving: the TF-Serving REST app, servables and versions, batching, the server
 
 Sits on ``exports`` (it serves what they write and loads it as they do).
+
+- ``app``: the REST API; ``request``: one request's limits and body; ``metrics``: Prometheus.
+- ``servables``: versions, their policy and background loading; ``batching``: request batching.
+- ``server``: the process (Waitress, graceful shutdown).
 """
 
 # The names of the flat ``tlkeras.serving`` module before the subpackages, from their homes.
