@@ -111,3 +111,23 @@ def test_probabilities_apply_the_missing_activation(name):
         task_lib.probabilities(logits, name, from_logits=True), expected, atol=1e-7
     )
     np.testing.assert_array_equal(task_lib.probabilities(logits, name, from_logits=False), logits)
+
+
+def test_inference_is_traced_once_per_model_whatever_the_batch_size():
+    import gc
+
+    import numpy as np
+
+    from tlkeras.models import task as task_lib
+
+    model = tlkeras.build_model("MobileNet", 3, weights=None, input_shape=(32, 32, 3))
+    forward = task_lib.inference_function(model)
+    for n in (8, 8, 3, 1):
+        x = np.random.default_rng(n).uniform(0, 255, (n, 32, 32, 3)).astype("float32")
+        np.testing.assert_allclose(forward(x), model(x, training=False), rtol=1e-5, atol=1e-6)
+    (traced,) = task_lib._FORWARD[model].values()
+    assert traced.experimental_get_tracing_count() == 1
+    assert task_lib.inference_function(model) is not forward  # a new closure, the same trace
+    del model, forward, traced
+    gc.collect()
+    assert len(task_lib._FORWARD) == 0 or all(m is not None for m in task_lib._FORWARD)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from tlkeras import checks
@@ -50,6 +49,7 @@ from tlkeras.analysis.transferability import (
     probe_gain,
 )
 from tlkeras.data import DataConfig
+from tlkeras.fitting.config import set_seed
 from tlkeras.fitting.pretrain import resolve
 from tlkeras.models.backbones import get_backbone
 
@@ -341,7 +341,7 @@ def advise(
     resolved = _resolve_weights(weights, spec.name, backbone_kwargs, sample.image_size)
 
     pretrained, num_blocks = backbone_features(sample, spec.name, resolved, backbone_kwargs)
-    keras.utils.set_random_seed(config.seed)
+    set_seed(config.seed)
     random_feats, _ = backbone_features(sample, spec.name, None, backbone_kwargs)
 
     y = sample.labels
@@ -452,7 +452,7 @@ def rank_backbones(
     for name, kwargs, weights in parsed:
         started = time.perf_counter()
         resolved = _resolve_weights(weights, name, kwargs, sample.image_size)
-        keras.utils.set_random_seed(config.seed)  # random-init candidates: the same draw each call
+        set_seed(config.seed)  # random-init candidates: the same draw each call
         feats, _ = backbone_features(sample, name, resolved, kwargs)
         acc, _ = probe_accuracy(
             feats, sample.labels, folds=config.probe_folds, c=config.probe_c, seed=config.seed

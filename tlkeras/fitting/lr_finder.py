@@ -39,6 +39,7 @@ from tlkeras.fitting.config import (
     Phase,
     TrainConfig,
     resolve_class_weight,
+    set_seed,
 )
 from tlkeras.fitting.feature_cache import cache_features
 from tlkeras.fitting.frozen import fast_path_plan, split_at_block
@@ -313,7 +314,7 @@ def find_lr(
             fine_tune_at = None  # apply_strategy below says what is missing
     phase = _phase(strategy, fine_tune_at, config, float(min_lr))
     min_lr, max_lr = float(min_lr), float(max_lr)
-    keras.utils.set_random_seed(int(seed))
+    set_seed(int(seed))
 
     copy = _copy(model)
     set_trainable(copy, strategy, fine_tune_at, train_bn=_train_bn(model))

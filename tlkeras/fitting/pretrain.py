@@ -23,7 +23,7 @@ import keras
 
 from tlkeras import checks
 from tlkeras.data import DIGITS, load
-from tlkeras.fitting.config import SCRATCH, Phase
+from tlkeras.fitting.config import SCRATCH, Phase, set_seed
 from tlkeras.fitting.runner import run_phase
 from tlkeras.models.backbones import file_problem, get_backbone
 from tlkeras.models.builder import HeadConfig, build_model
@@ -121,7 +121,7 @@ def pretrained_weights(
         return path
 
     directory.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
+    set_seed(seed)
     data = load(
         source,
         image_size=(size, size),

@@ -35,7 +35,14 @@ from tlkeras import checks
 from tlkeras.data import augment as augment_lib
 from tlkeras.data import dataset_arrays
 from tlkeras.fitting import distribute, fast_path, reports
-from tlkeras.fitting.config import FULL, PARTIAL, Phase, TrainConfig, resolve_class_weight
+from tlkeras.fitting.config import (
+    FULL,
+    PARTIAL,
+    Phase,
+    TrainConfig,
+    resolve_class_weight,
+    set_seed,
+)
 from tlkeras.fitting.plan import plan_phases
 from tlkeras.fitting.rundir import (
     BACKUP_DIR,
@@ -57,7 +64,7 @@ from tlkeras.fitting.runner import LogLearningRate, LossNotFinite, run_phase
 from tlkeras.models.blocks import blocks
 from tlkeras.models.builder import AugmentConfig, get_spec
 from tlkeras.models.strategy import Strategy, apply_strategy
-from tlkeras.models.task import encode_labels, infer, probabilities
+from tlkeras.models.task import encode_labels, infer, inference_function, probabilities
 
 logger = logging.getLogger("tlkeras.fitting.run")
 
@@ -90,11 +97,6 @@ class RunResult:
     run_dir: Path
     export: Any = None
     edge_exports: list[Any] = dataclasses.field(default_factory=list)
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow for a reproducible run."""
-    keras.utils.set_random_seed(int(seed))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,10 +226,7 @@ def _callbacks(
 
 
 def _evaluate(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    # A plain call, not predict_on_batch: under a strategy that would split (or gather across
-    # workers) a batch that only this process evaluates.
-    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    probs, ys = dataset_arrays(dataset, map_images=predict)
+    probs, ys = dataset_arrays(dataset, map_images=inference_function(model))
     return ys, probs
 
 

@@ -13,6 +13,8 @@ ask this module, and ``infer`` reads a model's task from its spec or its ``predi
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -105,3 +107,30 @@ def encode_labels(dataset: tf.data.Dataset | None, task: str, num_classes: int):
         return x, tf.cast(y, tf.float32)
 
     return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# model -> {(dtype, shape of one example): its traced forward pass}; an entry goes with its model.
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_function(model: keras.Model) -> Callable[[Any], tf.Tensor]:
+    """``model(x, training=False)`` traced once per model and input kind, whatever the batch size.
+
+    A plain call, not ``predict_on_batch`` (under a strategy that would split, or gather across
+    workers, a batch that only this process evaluates). One ``tf.function`` per call site made anew
+    for every evaluation set off TensorFlow's "triggered tf.function retracing" warnings at the
+    end of every run; a batch dimension of ``None`` and this cache trace each model once."""
+    traced = _FORWARD.setdefault(model, {})
+    ref = weakref.ref(model)  # the cache must not keep its key alive
+
+    def forward(x: Any) -> tf.Tensor:
+        x = tf.convert_to_tensor(x)
+        key = (x.dtype.name, tuple(x.shape[1:]))
+        if key not in traced:
+            spec = tf.TensorSpec([None, *x.shape[1:]], x.dtype)
+            traced[key] = tf.function(
+                lambda t: ref()(t, training=False), input_signature=[spec], autograph=False
+            )
+        return traced[key](x)
+
+    return forward

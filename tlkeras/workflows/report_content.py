@@ -14,7 +14,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from tlkeras.analysis import audit as audit_lib
@@ -22,7 +21,7 @@ from tlkeras.analysis import calibration, gradcam, tta
 from tlkeras.exports.signatures import EXPLAIN_SIGNATURE
 from tlkeras.fitting.rundir import CONFUSION_PNG, HISTORY_PNG
 from tlkeras.models.spec import get_spec
-from tlkeras.models.task import infer, probabilities
+from tlkeras.models.task import infer, inference_function, probabilities
 
 _EPS = 1e-7
 
@@ -227,7 +226,7 @@ def keras_predict(model: Any):
     """A batch of pixels -> the model's probabilities (a plain call: no ``predict`` loop)."""
 
     task, from_logits = infer(model)
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    fn = inference_function(model)
     return lambda x: np.asarray(probabilities(fn(x), task, from_logits=from_logits))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from tlkeras import checks
 from tlkeras.analysis.inputs import as_image_data
 from tlkeras.data import DataConfig, ImageData
-from tlkeras.fitting.config import FEATURE_EXTRACTION, FULL, PARTIAL, Phase
+from tlkeras.fitting.config import FEATURE_EXTRACTION, FULL, PARTIAL, Phase, set_seed
 from tlkeras.fitting.config import SCRATCH as SCRATCH_STRATEGY
 from tlkeras.fitting.frozen import MODE_FULL_MODEL
 from tlkeras.fitting.pretrain import resolve
@@ -147,7 +147,7 @@ class _Rows:
     rows: list[SweepRow] = field(default_factory=list)
 
     def model(self, strategy: str, k: int | None, weights: Any) -> keras.Model:
-        keras.utils.set_random_seed(self.seed)  # the same head initialisation for every row
+        set_seed(self.seed)  # the same head initialisation for every row
         return build_model(
             self.backbone,
             self.num_classes,

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras.data import dataset_arrays, is_digits
+from tlkeras.fitting.config import set_seed
 from tlkeras.fitting.loading import DataRequest, ModelRequest, load_and_build, load_data
 from tlkeras.fitting.pretrain import pretrained_record, pretrained_weights
 from tlkeras.fitting.runner import trainable_params
@@ -199,7 +200,7 @@ def compare_strategies(
             data,
         ).model
         k = (fine_tune_at or _default_fine_tune_at(model)) if strategy == "partial" else None
-        keras.utils.set_random_seed(config.seed)
+        set_seed(config.seed)
         started = time.perf_counter()
         result = training.fit(
             model,
