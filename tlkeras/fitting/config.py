@@ -202,7 +202,11 @@ class TrainConfig:
         },
     )
     seed: int = field(
-        default=0, metadata={"help": "Seeds Python, NumPy, TensorFlow and the data split."}
+        default=0,
+        metadata={
+            "help": "Seeds Python, NumPy, TensorFlow and the data split, with deterministic "
+            "TensorFlow ops: the same seed repeats a run on one machine."
+        },
     )
     optimizer: str = field(
         default=ADAMW,
