@@ -9,6 +9,8 @@ argument checks every layer shares. The names below are the public API; the old 
 (``tlkeras.phase``, ``tlkeras.training`` …) still import (``tlkeras._compat``).
 """
 
+import importlib
+
 from tlkeras import (
     _compat,
     _quiet,  # noqa: F401  (must run before TensorFlow is imported)
@@ -55,9 +57,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The old flat modules (tlkeras.phase, tlkeras.weights …) as attributes, imported on first use.
-    if name in _compat.LEGACY or name in ("cli", "serving"):
-        return _compat.legacy_module(name)
+    # The old flat names are bound by _compat.install(); these two were attributes of the flat
+    # package only because scripts imported them: import them on first use.
+    if name in ("cli", "serving"):
+        return importlib.import_module(f"tlkeras.{name}")
     raise AttributeError(f"module 'tlkeras' has no attribute {name!r}")
 
 

@@ -138,8 +138,3 @@ def install() -> None:
         sys.meta_path.append(_Finder())
     for name in LEGACY:
         importlib.import_module(f"tlkeras.{name}")
-
-
-def legacy_module(name: str) -> types.ModuleType:
-    """``tlkeras.<name>``, imported on first use (the package's ``__getattr__``)."""
-    return importlib.import_module(f"tlkeras.{name}")

@@ -185,11 +185,7 @@ def write(result: SweepResult, output_dir: str | Path) -> dict[str, Path]:
 def plot(result: SweepResult, path: str | Path) -> Path:
     """Validation accuracy against k: frozen and fine-tuned curves, the scratch baseline as a line,
     the recommendation circled and the noise band around the best."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = reports.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     styles = {
         FROZEN: ("o-", "tab:blue", "frozen blocks < k"),

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras.data import dataset_arrays, is_digits
+from tlkeras.fitting import reports
 from tlkeras.fitting.config import set_seed
 from tlkeras.fitting.loading import DataRequest, ModelRequest, load_and_build, load_data
 from tlkeras.fitting.pretrain import pretrained_record, pretrained_weights
@@ -105,11 +106,7 @@ class Comparison:
 
     def save(self, output_dir: str | Path) -> dict[str, Path]:
         """Write ``comparison.json`` and ``comparison.png`` (accuracy and wall time per strategy)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = reports.pyplot()
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "comparison.json", "png": out / "comparison.png"}
