@@ -17,7 +17,7 @@ PACKAGE = REPO / "tlkeras"
 # Bottom to top: a module may import from its own layer and the ones before it.
 LAYERS = ("models", "data", "fitting", "analysis", "exports", "serving", "workflows")
 # Top-level modules below every layer (no tlkeras imports of their own) and above all of them.
-BASE = ("_quiet", "_compat", "checks")
+BASE = ("_quiet", "_compat", "checks", "progress")
 TOP = ("__init__", "cli")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_CODE_LINES = 80

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tlkeras import progress
 from tlkeras.data import DataConfig
 from tlkeras.models import weights as weights_lib
 from tlkeras.models.strategy import Strategy
@@ -71,6 +72,7 @@ def run(main: Callable[[list[str]], Any], *, exit_now: bool = False) -> None:
         return rest
 
     def guarded_main(argv: list[str]) -> Any:
+        progress.mark_imports_done()
         try:
             code = main(argv)
         except USER_ERRORS as e:

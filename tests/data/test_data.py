@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tlkeras.data import DataConfig, load
+from tlkeras import progress
+from tlkeras.data import DataConfig, load, sources
 from tlkeras.data import files as data
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -315,6 +316,44 @@ def test_class_weight_balanced():
     assert weights == pytest.approx({0: 40 / (2 * 30), 1: 40 / (2 * 10)})
 
 
+@pytest.mark.parametrize(
+    "budget_mib,in_files", [(512, set()), (0, {"train", "validation", "test"})]
+)
+def test_splits_past_the_memory_budget_are_cached_in_files(
+    tmp_path, monkeypatch, budget_mib, in_files
+):
+    """Decoded images past ``memory_cache_mib`` go to a file cache, filled at load: every pass then
+    reads the same images as the in-memory cache gives."""
+    root = badfiles.make_dataset(tmp_path / "data", ("x", "y"), per_class=10, size=(16, 16))
+    monkeypatch.setattr(sources.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    reference = load(root, **SMALL)
+    d = load(root, memory_cache_mib=budget_mib, **SMALL)
+    files = {p.name.split(".")[0] for p in (tmp_path / "tmp").glob("tlkeras_decoded_*/*")}
+    assert files == in_files
+    for split in ("train", "validation", "test"):
+        expected = take_all(reference.ordered(split))
+        for _ in range(2):  # the second pass reads the cache
+            np.testing.assert_array_equal(take_all(d.ordered(split))[0], expected[0])
+    x, _ = take_all(d.train)  # shuffled, same images
+    assert sorted(x.sum(axis=(1, 2, 3))) == sorted(take_all(reference.train)[0].sum(axis=(1, 2, 3)))
+
+
+def test_the_memory_budget_keeps_the_smallest_splits():
+    config = DataConfig(image_size=(32, 32), memory_cache_mib=1)  # 1 MiB: 341 images of 32x32x3
+    assert sources.splits_in_memory({"train": 300, "validation": 40, "test": 40}, config) == {
+        "validation",
+        "test",
+    }
+    assert sources.splits_in_memory({"train": 200, "validation": 40, "test": 40}, config) == {
+        "train",
+        "validation",
+        "test",
+    }
+    with pytest.raises(ValueError, match="memory_cache_mib: expected an int >= 0"):
+        DataConfig(memory_cache_mib=-1)
+
+
 def test_pipeline_matches_serving_decode(tmp_path):
     root = badfiles.make_dataset(tmp_path, ("x", "y"), per_class=1, size=(40, 30))
     d = load(root, image_size=(16, 16), validation_split=0.0, test_split=0.0)
@@ -403,12 +442,34 @@ def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
     assert data.check_image_file(path)[0] == "unreadable: Permission denied"
 
 
-def test_scan_progress_bar_for_large_folders(tmp_path, monkeypatch, capsys):
+def test_scan_progress_without_a_terminal_is_plain_lines(tmp_path, monkeypatch, capsys):
     root = badfiles.make_dataset(tmp_path, ("x", "y"), per_class=6, size=(8, 8))
     monkeypatch.setattr(data, "PROGRESS_MIN_FILES", 10)
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
     load(root, **SMALL)
-    out = capsys.readouterr().out
-    assert "Checking 12 image files" in out and "12/12" in out
+    out = capsys.readouterr().out  # captured: not a terminal
+    assert "Checking 12 image files" in out and "12/12 files (100 %)" in out
+    assert "\x1b" not in out and "\r" not in out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_the_fast_scan_names_every_bad_file_as_the_one_file_check_does(
+    tmp_path, monkeypatch, chunk
+):
+    root, _ = badfiles.make_messy_dataset(tmp_path, size=(16, 16))
+    monkeypatch.setattr(data, "SCAN_CHUNK", chunk)  # several header tasks and decode batches
+    paths = [p for p in data.walk_files(str(root))[0] if "/." not in p]
+    ok, skipped, notes = data.scan_files(paths, DataConfig(), root)
+    one_by_one = {os.path.relpath(p, root): data.check_image_file(p) for p in paths}
+    assert {s.path: s.reason for s in skipped} == {
+        k: reason for k, (reason, _) in one_by_one.items() if reason is not None
+    }
+    assert {n.path: n.reason for n in notes} == {
+        k: note for k, (reason, note) in one_by_one.items() if reason is None and note
+    }
+    assert ok.sum() == sum(reason is None for reason, _ in one_by_one.values())
+    assert len(skipped) >= len(badfiles.BAD_CASES)
 
 
 def test_max_bad_fraction(tmp_path):

@@ -318,3 +318,27 @@ def test_clean_and_augmented_views_share_one_trace():
     turned = np.all(np.isclose(augmented, flipped, atol=1e-5), axis=1)
     assert np.all(kept | turned)
     assert with_views.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("solver", ["gradient", "lbfgs"])
+def test_features_spill_to_files_when_memory_is_short(monkeypatch, caplog, solver):
+    """Past the memory budget (forced tiny here) the features go to files and the head trains on
+    them: the same result as in memory."""
+    data = _dataset(n=24, batch_size=8)
+    results = {}
+    for name, budget in (("kept", feature_cache.MEMORY_FRACTION), ("spilled", 1e-12)):
+        monkeypatch.setattr(feature_cache, "MEMORY_FRACTION", budget)
+        keras.utils.set_random_seed(0)
+        model = _model()
+        with caplog.at_level("WARNING", logger=feature_cache.__name__):
+            history = _val_loss_fit(model, data, data, 2, solver=solver)
+        results[name] = (history, model.get_layer("predictions").get_weights()[0])
+    spilled, kept = results["spilled"], results["kept"]
+    assert "caching to files instead" in caplog.text
+    assert spilled[0].fast_path["mode"] == frozen.MODE_CACHED
+    # The L-BFGS head needs its features in memory: spilled, it trains by gradient epochs.
+    if solver == "lbfgs":
+        assert kept[0].fast_path["solver"]["method"] == "lbfgs"
+        assert spilled[0].fast_path["solver"]["method"] == "gradient"
+    else:
+        np.testing.assert_allclose(spilled[1], kept[1], rtol=1e-4, atol=1e-5)

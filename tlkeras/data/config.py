@@ -42,7 +42,12 @@ class DataConfig:
             early-stopped on; ignored when test data is given (a ``test/`` folder). 0 means no test.
         seed: seeds the split and the shuffle; the same seed gives the same split and order.
         max_bad_fraction: fail when more than this fraction of the scanned files are unusable.
-        cache: keep the decoded, resized images (as uint8) in memory after the first epoch.
+        cache: keep the decoded, resized images (uint8) after their first pass: in memory up to
+            ``memory_cache_mib``, else in a file.
+        memory_cache_mib: MiB of decoded images kept in memory, over all splits (the smallest
+            splits first). A split past it is decoded once, at load, into a file cache in a
+            temporary directory (removed at exit), so memory stays flat as the folder grows
+            (50,000 images at 96x96 are 1.3 GiB decoded). 0: every split in a file.
         shuffle_buffer: shuffle buffer size for the training split.
         max_pixels: images declaring more pixels are skipped (decompression bombs, huge scans).
         max_file_bytes: files larger than this are skipped without being read.
@@ -66,6 +71,7 @@ class DataConfig:
         },
     )
     cache: bool = True
+    memory_cache_mib: int = 512
     shuffle_buffer: int = 1024
     max_pixels: int = 40_000_000
     max_file_bytes: int = 64 * 2**20
@@ -88,6 +94,7 @@ class DataConfig:
             ("shuffle_buffer", 1),
             ("max_pixels", 1),
             ("max_file_bytes", 1),
+            ("memory_cache_mib", 0),
         ):
             checks.integer(name, getattr(self, name), minimum)
         checks.integer("seed", self.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import progress
 from tlkeras.data.config import SPLIT_FOLDERS, DataConfig, Skipped
 
 # Formats ``tf.io.decode_image`` decodes, by Pillow's name for them (MPO: multi-picture JPEG that
@@ -21,8 +22,12 @@ from tlkeras.data.config import SPLIT_FOLDERS, DataConfig, Skipped
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"})
 # OS / tool clutter skipped silently (but counted), as are names starting with ".".
 IGNORED_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})
-# Scan progress is worth a bar only for folders this large.
+# Folders this large get a first line saying how many files are checked.
 PROGRESS_MIN_FILES = 1000
+# The header checks run in chunks of this many files per task (a task per file costs more than
+# its check), on this many threads (file reads overlap; Pillow's header parsing holds the GIL).
+SCAN_CHUNK = 256
+SCAN_THREADS = 4
 # Below this many bytes per declared pixel an over-cap image is a bomb rather than a big photo.
 _BOMB_BYTES_PER_PIXEL = 0.01
 
@@ -108,23 +113,38 @@ def _tf_error_text(error: Exception) -> str:
 def check_image_file(path: str | os.PathLike, config: DataConfig | None = None):
     """Check one file the way ``load`` does. Returns ``(reason, note)``: ``reason`` is None when the
     file is usable, ``note`` describes a conversion applied to a usable file (or None)."""
+    config = config or DataConfig()
+    reason, note, fmt, data = _check_header(path, config)
+    if reason is not None:
+        return reason, None
+    try:
+        tf.io.decode_image(data, channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+        return f"truncated/corrupt {fmt}: {_tf_error_text(e)}", None
+    return None, note
+
+
+def _check_header(path: str | os.PathLike, config: DataConfig):
+    """Every check of :func:`check_image_file` but the trial decode: ``(reason, note, format,
+    bytes)``; ``reason`` is None when the header passed."""
     from PIL import Image, UnidentifiedImageError
 
-    config = config or DataConfig()
     try:
         size = os.path.getsize(path)
         if size == 0:
-            return "zero-byte file", None
+            return "zero-byte file", None, None, None
         if size > config.max_file_bytes:
             return (
                 f"file too large: {size / 2**20:.1f} MiB, over the "
                 f"{config.max_file_bytes / 2**20:.0f} MiB cap",
                 None,
+                None,
+                None,
             )
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return f"unreadable: {e.strerror or e}", None
+        return f"unreadable: {e.strerror or e}", None, None, None
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height), mode = image.format, image.size, image.mode
@@ -132,27 +152,31 @@ def check_image_file(path: str | os.PathLike, config: DataConfig | None = None):
     except Image.DecompressionBombError as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         declared = _declared_size(data, f"{pixels.group(1) if pixels else '?'} pixels")
-        return f"decompression bomb: declared {declared} in {size} bytes", None
+        return f"decompression bomb: declared {declared} in {size} bytes", None, None, None
     except UnidentifiedImageError:
-        return _sniff(data), None
+        return _sniff(data), None, None, None
     except (OSError, SyntaxError, ValueError) as e:  # a known format whose header is cut or broken
         fmt = next((f for magic, f in _MAGIC if data.startswith(magic)), None)
-        return (f"truncated/corrupt {fmt}: {e}" if fmt else _sniff(data)), None
+        return (f"truncated/corrupt {fmt}: {e}" if fmt else _sniff(data)), None, None, None
     if fmt not in SUPPORTED_FORMATS:
-        return f"unsupported format {fmt} (expected one of JPEG, PNG, GIF, BMP, WebP)", None
+        reason = f"unsupported format {fmt} (expected one of JPEG, PNG, GIF, BMP, WebP)"
+        return reason, None, None, None
     if width * height > config.max_pixels:
         if size < width * height * _BOMB_BYTES_PER_PIXEL:
-            return f"decompression bomb: declared {width}x{height} in {size} bytes", None
+            return (
+                f"decompression bomb: declared {width}x{height} in {size} bytes",
+                None,
+                None,
+                None,
+            )
         return (
             f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP, over the "
             f"{config.max_pixels / 1e6:.0f} MP cap",
             None,
+            None,
+            None,
         )
-    try:
-        tf.io.decode_image(data, channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-        return f"truncated/corrupt {fmt}: {_tf_error_text(e)}", None
-    return None, _conversion_note(Path(path).suffix.lower(), fmt, mode, animated)
+    return None, _conversion_note(Path(path).suffix.lower(), fmt, mode, animated), fmt, data
 
 
 _MAGIC = (
@@ -196,36 +220,78 @@ def _conversion_note(suffix: str, fmt: str, mode: str, animated: bool) -> str | 
 
 
 def scan_files(paths: list[str], config: DataConfig, display_root: Path):
-    """Check ``paths`` in parallel. Returns (ok mask, skipped, notes), in ``paths`` order."""
+    """Check ``paths``. Returns (ok mask, skipped, notes), in ``paths`` order.
+
+    Two passes, both parallel: the header checks (sizes, format, pixel caps) in chunks of files
+    per thread, then one trial decode of every file that passed, with the input pipeline's own op
+    in a ``tf.data`` map (no Python per file). A file that decode rejects is checked again on its
+    own (:func:`check_image_file`), which names the reason; bad files are rare, so that costs
+    nothing on a clean folder.
+    """
+    with progress.step("scan"):
+        return _scan(paths, config, display_root)
+
+
+def _scan(paths: list[str], config: DataConfig, display_root: Path):
     from PIL import Image
 
     def rel(p: str) -> str:
         return os.path.relpath(p, display_root)
 
-    progress = None
-    if len(paths) > PROGRESS_MIN_FILES:
-        import keras
+    reasons: list[str | None] = [None] * len(paths)
+    notes_at: list[str | None] = [None] * len(paths)
+    chunks = [range(a, min(a + SCAN_CHUNK, len(paths))) for a in range(0, len(paths), SCAN_CHUNK)]
 
-        print(f"Checking {len(paths)} image files…", flush=True)
-        progress = keras.utils.Progbar(len(paths), unit_name="file")
-    ok = np.zeros(len(paths), bool)
-    skipped, notes = [], []
-    workers = min(32, 4 * (os.cpu_count() or 1))
+    def check_chunk(chunk: range) -> int:
+        for i in chunk:
+            reasons[i], notes_at[i], _, _ = _check_header(paths[i], config)
+        return len(chunk)
+
+    if len(paths) >= PROGRESS_MIN_FILES:
+        progress.say(f"Checking {len(paths)} image files…")
+    count = progress.Progress(len(paths), "Checking image files", "files")
     # Pillow's own bomb warnings are redundant with max_pixels; silenced for the scan (main thread
     # only touches the filter list, so the pool threads just read it).
-    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(SCAN_THREADS) as pool:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        results = pool.map(lambda p: check_image_file(p, config), paths)
-        for i, (path, (reason, note)) in enumerate(zip(paths, results, strict=True)):
-            if reason is None:
-                ok[i] = True
-                if note:
-                    notes.append(Skipped(rel(path), note))
-            else:
-                skipped.append(Skipped(rel(path), reason))
-            if progress is not None and ((i + 1) % 100 == 0 or i + 1 == len(paths)):
-                progress.update(i + 1)
+        done = 0
+        for n in pool.map(check_chunk, chunks):
+            done += n
+            count.update(done)
+    count.close()
+    passed = [i for i, r in enumerate(reasons) if r is None]
+    for i in _rejected_by_decode([paths[i] for i in passed]):
+        reasons[passed[i]], notes_at[passed[i]] = check_image_file(paths[passed[i]], config)
+    ok = np.array([r is None for r in reasons], bool)
+    skipped = [Skipped(rel(p), r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+    notes = [
+        Skipped(rel(p), n)
+        for p, r, n in zip(paths, reasons, notes_at, strict=True)
+        if r is None and n is not None
+    ]
     return ok, skipped, notes
+
+
+def _rejected_by_decode(paths: list[str]) -> list[int]:
+    """Indices of ``paths`` that ``tf.io.decode_image`` (as the input pipeline calls it) rejects."""
+    if not paths:
+        return []
+
+    def decode(path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return index + 0 * tf.cast(tf.shape(image)[0], tf.int64)  # depends on the decode
+
+    indices = np.arange(len(paths), dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((paths, indices)).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
+    count = progress.Progress(len(paths), "Decoding image files", "files")
+    decoded = np.zeros(len(paths), bool)
+    for batch in ds.ignore_errors().batch(SCAN_CHUNK * 8):
+        decoded[batch.numpy()] = True
+        count.update(int(decoded.sum()))
+    count.close()
+    return np.flatnonzero(~decoded).tolist()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ epoch never crashes on a bad file; ``max_bad_fraction`` turns a mostly-broken fo
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,12 +28,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import checks
+from tlkeras import checks, progress
 from tlkeras.data.config import AUTOTUNE, SPLITS, DataConfig, ImageData, is_digits
 from tlkeras.data.files import folder_layout
 from tlkeras.data.pools import Pool, folder_pool, source_pool
 
 logger = logging.getLogger(__name__)
+
+# Decoded images per step while a file cache fills.
+FILL_BATCH = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,12 +76,41 @@ def _split(pool: Pool, fractions: dict[str, float], seed: int) -> dict[str, np.n
     return out
 
 
+def splits_in_memory(sizes: dict[str, int], config: DataConfig) -> set[str]:
+    """The splits whose decoded images fit in ``config.memory_cache_mib``, smallest first."""
+    height, width = config.image_size
+    budget, kept = config.memory_cache_mib * 2**20, set()
+    for split, n in sorted(sizes.items(), key=lambda kv: kv[1]):
+        if n * height * width * 3 <= budget:
+            budget -= n * height * width * 3
+            kept.add(split)
+    return kept
+
+
+def _file_cache(ds: tf.data.Dataset, split: str, size: int) -> tf.data.Dataset:
+    """``ds`` cached in a file of a temporary directory (removed at exit), filled now: every later
+    pass only reads it, and no two passes ever race to write it."""
+    directory = tempfile.mkdtemp(prefix="tlkeras_decoded_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    ds = ds.cache(os.path.join(directory, split))
+    count = progress.Progress(size, f"Decoding {split} images into a file cache", "images")
+    done = 0
+    for batch in ds.batch(FILL_BATCH).map(lambda x, *_: tf.shape(x)[0]):
+        done += int(batch)
+        count.update(done)
+    count.close()
+    return ds
+
+
 def _pipeline(
-    ds: tf.data.Dataset, config: DataConfig, training: bool, size: int
+    ds: tf.data.Dataset, config: DataConfig, training: bool, size: int, cache_file: str = ""
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """decoded uint8 elements → cache → (shuffle) → batch → float32 → prefetch; also the same
-    without the shuffle (for training: ``ImageData.ordered``), reading the same cache."""
-    if config.cache:
+    without the shuffle (for training: ``ImageData.ordered``), reading the same cache (in memory,
+    or in a file for ``cache_file``, the split's name)."""
+    if config.cache and cache_file:
+        ds = _file_cache(ds, cache_file, size)
+    elif config.cache:
         ds = ds.cache()
 
     def batched(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -146,6 +181,12 @@ def load(
         "validation": 0.0 if "validation" in given else config.validation_split,
     }
     indices = _split(pool, fractions, config.seed)
+    sizes = {
+        s: len(given[s]) if s in given else len(indices[s])
+        for s in SPLITS
+        if s in given or s in indices
+    }
+    in_memory = splits_in_memory(sizes, config)
     datasets: dict[str, tf.data.Dataset | None] = {}
     counts: dict[str, dict[str, int]] = {}
     items: dict[str, list[str]] = {}
@@ -164,7 +205,9 @@ def load(
             # CIFAR-10, 6,000 training images: 5.4 of 10 classes per batch, validation accuracy
             # 0.69 -> 0.50 after one epoch). Keras's image_dataset_from_directory does the same.
             idx = np.random.default_rng(config.seed).permutation(idx)
-        datasets[split], ordered = _pipeline(p.make(idx), config, split == "train", len(idx))
+        datasets[split], ordered = _pipeline(
+            p.make(idx), config, split == "train", len(idx), "" if split in in_memory else split
+        )
         if split == "train":
             train_ordered = ordered
         counts[split] = _counts(p, idx)

@@ -31,6 +31,7 @@ from tlkeras import _quiet  # noqa: F401  (TensorFlow without start-up chatter)
 
 import tensorflow as tf  # noqa: E402  isort: skip
 
+from tlkeras import progress  # noqa: E402
 from tlkeras.data.decoding import reference_decode  # noqa: E402
 from tlkeras.exports.layout import ASSETS_EXTRA, LABELS_FILE  # noqa: E402
 from tlkeras.exports.signatures import (  # noqa: E402
@@ -173,7 +174,8 @@ def verify_export(
         if process is None:
             process = start_verifier()
         try:
-            line = _report_line(process, json.dumps([str(path), str(work)]), timeout)
+            with progress.step("verify"):
+                line = _report_line(process, json.dumps([str(path), str(work)]), timeout)
         finally:
             if process.poll() is None:  # its report is in; TensorFlow's teardown is not needed
                 process.kill()

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import checks
+from tlkeras import checks, progress
 from tlkeras.fitting import head_solver
 from tlkeras.fitting.compiling import CompileArgs, compile_model
 from tlkeras.fitting.feature_cache import (
@@ -185,23 +185,25 @@ def fit_frozen(
         history.fast_path = plan.to_dict()
         return history
     # The suffix trains on features the frozen prefix computes once (its weights are the model's).
-    cut = _cut_and_cache(model, plan, train, validation)
+    with progress.step("cache_features"):
+        cut = _cut_and_cache(model, plan, train, validation)
     why_not = _why_not_solved(
         solver, plan, model, cut.trained, loss, cut.arrays, validation, cut.val_arrays
     )
     if why_not is None:
-        history = _solve_head(
-            cut.trained,
-            cut.arrays,
-            cut.val_arrays,
-            callbacks=callbacks,
-            args=args,
-            class_weight=class_weight,
-            initial_epoch=initial_epoch,
-            refit=refit_optimizer is not None,
-            seed=seed,
-            verbose=verbose,
-        )
+        with progress.step("solve_head"):
+            history = _solve_head(
+                cut.trained,
+                cut.arrays,
+                cut.val_arrays,
+                callbacks=callbacks,
+                args=args,
+                class_weight=class_weight,
+                initial_epoch=initial_epoch,
+                refit=refit_optimizer is not None,
+                seed=seed,
+                verbose=verbose,
+            )
         history.fast_path = {**plan.to_dict(), **cut.extra, **history.fast_path}
         return history
     if solver == head_solver.LBFGS:
@@ -209,7 +211,8 @@ def fit_frozen(
         logger.info("head solver: gradient epochs (%s)", why_not)
         if verbose:
             print(f"head trained by gradient epochs: {why_not}", flush=True)
-    train_in, val_in = _cached_inputs(cut, train, validation, seed)
+    with progress.step("cache_features"):
+        train_in, val_in = _cached_inputs(cut, train, validation, seed)
     initial = cut.trained.get_weights() if refit_optimizer is not None else None
     history = _compile_and_fit(cut.trained, args, train_in, val_in, epochs, initial_epoch, **fit)
     history.fast_path = {**plan.to_dict(), **cut.extra}
@@ -309,16 +312,17 @@ def _compile_and_fit(
     verbose: int | str,
 ) -> keras.callbacks.History:
     compile_model(trained, args)
-    return trained.fit(
-        train,
-        validation_data=validation,
-        epochs=initial_epoch + epochs,  # epoch numbers continue from earlier phases
-        initial_epoch=initial_epoch,
-        callbacks=list(callbacks),
-        class_weight=class_weight,
-        shuffle=False,  # datasets shuffle themselves; Keras would only warn
-        verbose=verbose,
-    )
+    with progress.step("epochs"):
+        return trained.fit(
+            train,
+            validation_data=validation,
+            epochs=initial_epoch + epochs,  # epoch numbers continue from earlier phases
+            initial_epoch=initial_epoch,
+            callbacks=list(callbacks),
+            class_weight=class_weight,
+            shuffle=False,  # datasets shuffle themselves; Keras would only warn
+            verbose=verbose,
+        )
 
 
 def _why_not_solved(
@@ -396,7 +400,7 @@ def _solve_head(
         shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items())
         print(
             f"head solved by L-BFGS: C={solution.C:g} chosen by {solution.selected_by} log loss "
-            f"among {len(head_solver.CS)} strengths ({solution.iterations} iterations); {shown}",
+            f"among {solution.strengths_tried} strengths ({solution.iterations} iterations); {shown}",
             flush=True,
         )
     hooks.on_epoch_end(initial_epoch, logs)

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import checks
+from tlkeras import checks, progress
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,9 @@ def feature_arrays(
     per_view: list[list[Any]] = [[] for _ in range(views)]
     rest: list[tuple[Any, ...]] = []
     budget, used, batch_size = MEMORY_FRACTION * _available_memory(), 0, 0
+    count = progress.Progress(max(int(dataset.cardinality()), 0), "Caching features", "batches")
     for element in dataset:
+        count.update(count.done + 1)
         images, extra = _split_element(element)
         batch_size = batch_size or int(tf.shape(images)[0])
         for v in range(views):
@@ -164,6 +166,7 @@ def feature_arrays(
                 budget / 2**20,
             )
             return None
+    count.close()
     if not rest:
         raise ValueError("expected a non-empty dataset, received one with no batches")
     stacked = [

@@ -34,6 +34,13 @@ MAX_ITER = 2000
 # Tighter than sklearn's 1e-4: a converged head, the same whichever path reached it.
 TOL = 1e-6
 CV_FOLDS = 5
+# With a validation split the strengths are tried weakest-regularised last, each fit warm-started
+# from the previous one, and the search stops once this many in a row score worse than the best:
+# validation log loss against C is unimodal in practice, and the skipped (largest) Cs are the
+# slowest fits. Measured on CIFAR-10 (96 px, 12,000 rows x 256 features, 10 classes): the same
+# C (0.01) and validation loss (0.86501 vs 0.86502) as the full grid, 7 of 13 strengths tried, in
+# 2.6 s instead of 12.7 s.
+PATH_PATIENCE = 2
 # BLAS threads for the solver. Its matrices are small (hundreds of rows, a few hundred features): on
 # 2 cores, OpenBLAS's threads cost far more than they give (measured, digits 5-9 features 537 x 256,
 # 5 classes: one L-BFGS fit 10.1 s with 2 threads, 0.41 s with 1; the 13-C search 56 s vs 1.8 s).
@@ -54,7 +61,9 @@ class Solution:
         selected_by: ``"validation"`` (the caller's split) or ``"5-fold cv"`` (grouped by image).
         examples: rows the chosen head was fit on (cached views count once each).
         iterations: L-BFGS iterations of that fit.
-        at_grid_edge: the best C is the smallest or largest tried.
+        at_grid_edge: the best C is the smallest or largest of the grid.
+        strengths_tried: how many of ``CS`` were fit (fewer than all when the validation search
+            stopped early, see ``PATH_PATIENCE``).
     """
 
     C: float
@@ -62,6 +71,7 @@ class Solution:
     examples: int
     iterations: int
     at_grid_edge: bool
+    strengths_tried: int = len(CS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": LBFGS, **asdict(self)}
@@ -137,46 +147,90 @@ def solve(
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedGroupKFold
 
+    x = np.asarray(x, np.float64)  # bfloat16 features (mixed precision) are not numeric to sklearn
+    mean, scale = _standardiser(x)
     if validation is not None:
         vx, vy, vw = validation
-        rows = np.concatenate([x, vx])
-        labels = np.concatenate([y, vy])
-        weights = join_weights(sample_weight, len(x), vw, len(vx))
-        folds = [(np.arange(len(x)), np.arange(len(x), len(rows)))]
-        selected_by = "validation"
-    else:
-        rows, labels, weights = x, y, sample_weight
-        smallest = int(np.min(np.unique(groups_by_class(y, groups), return_counts=True)[1]))
-        splitter = StratifiedGroupKFold(
-            n_splits=max(2, min(CV_FOLDS, smallest)), shuffle=True, random_state=seed
+        vx = np.asarray(vx, np.float64)
+        with threadpool_limits(SOLVER_THREADS):
+            c, head, tried = validation_path(
+                (x - mean) / scale, y, sample_weight, (vx - mean) / scale, vy, vw
+            )
+        _write(trained, head.coef_, head.intercept_, mean, scale)
+        return Solution(
+            C=c,
+            selected_by="validation",
+            examples=int(len(x)),
+            iterations=int(np.max(head.n_iter_)),
+            at_grid_edge=c in (CS[0], CS[-1]),
+            strengths_tried=tried,
         )
-        folds = list(splitter.split(rows, labels, groups))
-        selected_by = f"{splitter.n_splits}-fold cv"
-    mean, scale = _standardiser(x)
+    smallest = int(np.min(np.unique(groups_by_class(y, groups), return_counts=True)[1]))
+    splitter = StratifiedGroupKFold(
+        n_splits=max(2, min(CV_FOLDS, smallest)), shuffle=True, random_state=seed
+    )
     search = LogisticRegressionCV(
         Cs=list(CS),
-        cv=folds,
+        cv=list(splitter.split(x, y, groups)),
         l1_ratios=(0.0,),
         scoring="neg_log_loss",
         max_iter=MAX_ITER,
         tol=TOL,
-        refit=validation is None,
         random_state=seed,
     )
     with warnings.catch_warnings(), threadpool_limits(SOLVER_THREADS):
         # sklearn's attribute-layout deprecation; C_ is read in a form both layouts give.
         warnings.simplefilter("ignore", FutureWarning)
-        search.fit((rows - mean) / scale, labels, sample_weight=weights)
+        search.fit((x - mean) / scale, y, sample_weight=sample_weight)
     c = float(np.ravel(search.C_)[0])
-    # With a validation split, refit=False leaves the one fold's coefficients: the fit on x alone.
     _write(trained, search.coef_, search.intercept_, mean, scale)
     return Solution(
         C=c,
-        selected_by=selected_by,
+        selected_by=f"{splitter.n_splits}-fold cv",
         examples=int(len(x)),
         iterations=int(np.max(search.n_iter_)),
         at_grid_edge=c in (CS[0], CS[-1]),
     )
+
+
+def validation_path(
+    x: np.ndarray,
+    y: np.ndarray,
+    sample_weight: np.ndarray | None,
+    vx: np.ndarray,
+    vy: np.ndarray,
+    vw: np.ndarray | None,
+    cs: tuple[float, ...] = CS,
+) -> tuple[float, Any, int]:
+    """The strength of ``cs`` whose logistic regression on ``x`` has the lowest log loss on the
+    validation rows: ``(C, the fitted LogisticRegression, strengths tried)``.
+
+    Strengths in increasing order, each fit warm-started from the last; the search stops after
+    ``PATH_PATIENCE`` strengths in a row worse than the best.
+    """
+    import copy
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    model = LogisticRegression(C=cs[0], max_iter=MAX_ITER, tol=TOL, warm_start=True)
+    best: tuple[float, float, Any] | None = None
+    worse = tried = 0
+    for c in sorted(cs):
+        model.set_params(C=c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a lone class in vy: log_loss's note
+            model.fit(x, y, sample_weight=sample_weight)
+            loss = log_loss(vy, model.predict_proba(vx), sample_weight=vw, labels=model.classes_)
+        tried += 1
+        if best is None or loss < best[0]:
+            best, worse = (loss, c, copy.deepcopy(model)), 0
+        else:
+            worse += 1
+            if worse >= PATH_PATIENCE:
+                break
+    assert best is not None
+    return best[1], best[2], tried
 
 
 def refit(

@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tlkeras import progress
 from tlkeras.data import DataConfig, ImageData, image_size_for, load
 from tlkeras.fitting import distribute, pretrain
 from tlkeras.models import weights as weights_lib
@@ -107,7 +108,8 @@ def load_and_build(
         size, loaded = tuple(data.image_size), data
     else:
         size = image_size_for(model.image_size, model.weights, model.backbone, data.source)
-        loaded = load_data(data, size, verbose=verbose)
+        with progress.step("load"):
+            loaded = load_data(data, size, verbose=verbose)
     input_shape = (*size, 3)
     head = model.head
     if loaded.multilabel and head is not None and head.task != "multilabel":
@@ -117,12 +119,13 @@ def load_and_build(
         fine_tune_at = default_fine_tune_at(model.backbone, input_shape, backbone_kwargs)
         if verbose:
             print(f"partial: no fine_tune_at given; fine-tuning the top half ({fine_tune_at=})")
-    resolved = resolve_weights(
-        model.weights, model.backbone, backbone_kwargs, input_shape, scope, verbose
-    )
+    with progress.step("build"):
+        resolved = resolve_weights(
+            model.weights, model.backbone, backbone_kwargs, input_shape, scope, verbose
+        )
     built = None
     if build:
-        with scope.scope():
+        with scope.scope(), progress.step("build"):
             built = build_model(
                 model.backbone,
                 len(loaded.class_names) if num_classes is None else num_classes,

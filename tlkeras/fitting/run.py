@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import checks
+from tlkeras import checks, progress
 from tlkeras.data import augment as augment_lib
 from tlkeras.data import dataset_arrays
 from tlkeras.fitting import distribute, fast_path, reports
@@ -370,6 +370,7 @@ def _run_one_phase(
         "resumed_at_epoch": backup.restored_epoch,
         "trainable_params": result.trainable_params,
         "wall_time_s": float(earlier.get("wall_time_s", 0.0)) + result.seconds,
+        "epoch_seconds": list(earlier.get("epoch_seconds", [])) + result.epoch_seconds,
         "fast_path": result.fast_path,
         "refit": result.refit,
         "solver": result.solver,
@@ -430,7 +431,8 @@ def predictions(model: keras.Model, data: Any, split: str) -> tuple[np.ndarray, 
     if dataset is None:
         return None
     task, from_logits = infer(model)
-    y_true, outputs = _evaluate(model, dataset)
+    with progress.step("evaluate"):
+        y_true, outputs = _evaluate(model, dataset)
     return y_true, np.asarray(probabilities(outputs, task, from_logits=from_logits))
 
 

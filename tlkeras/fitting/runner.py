@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tlkeras import progress
 from tlkeras.fitting import distribute
 from tlkeras.fitting.compiling import (
     compile_args,
@@ -81,6 +82,22 @@ class PhaseResult:
     seconds: float
     refit: dict[str, Any] | None = None
     solver: dict[str, Any] | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+class EpochSeconds(keras.callbacks.Callback):
+    """Wall seconds of each epoch (validation included), for ``metrics.json``'s phase record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.seconds.append(round(time.perf_counter() - self._started, 3))
 
 
 def trainable_params(model: keras.Model) -> int:
@@ -193,6 +210,8 @@ def run_phase(
     if phase.ema:
         # First: every later callback (and validation) sees the averaged weights.
         callbacks.insert(0, SwapEMAWeights())
+    timer = EpochSeconds()
+    callbacks.append(timer)  # last: its epoch includes the others' epoch-end work
     steps = _steps_per_epoch(train) if phase.schedule != CONSTANT else None
     args = compile_args(
         model, phase, label_smoothing, steps_per_epoch=steps, epochs=epochs, scope=scope
@@ -253,6 +272,7 @@ def run_phase(
         seconds=seconds,
         refit=getattr(history, "fast_path", {}).get("refit"),
         solver=getattr(history, "fast_path", {}).get("solver"),
+        epoch_seconds=timer.seconds,
     )
 
 
@@ -305,13 +325,14 @@ def _fit(
     ):
         # One pass over the finite dataset is one epoch: Keras's "ran out of data" is noise.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        return model.fit(
-            train,
-            validation_data=validation,
-            shuffle=False,  # the pipeline shuffles (seeded: the same order on every worker)
-            epochs=initial_epoch + phase.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=list(callbacks),
-            class_weight=class_weight,
-            verbose=verbose,
-        )
+        with progress.step("epochs"):
+            return model.fit(
+                train,
+                validation_data=validation,
+                shuffle=False,  # the pipeline shuffles (seeded: the same order on every worker)
+                epochs=initial_epoch + phase.epochs,
+                initial_epoch=initial_epoch,
+                callbacks=list(callbacks),
+                class_weight=class_weight,
+                verbose=verbose,
+            )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tlkeras import data as data_lib
+from tlkeras import progress
 from tlkeras.data import dataset_arrays
 from tlkeras.exports import edge, layout, savedmodel
 from tlkeras.exports.loading import load_exported, load_keras_model, read_images
@@ -33,8 +34,13 @@ def exporter(
     write_saved_model, edge_configs = edge.parse_export_formats(export_formats)
 
     def export_model(result: RunResult) -> None:
-        if export_dir is None:
-            return
+        if export_dir is not None:
+            with progress.step(
+                "export", "Exporting (SavedModel, then verified in a fresh process)"
+            ):
+                _export(result)
+
+    def _export(result: RunResult) -> None:
         source, version = result.model, None
         calibrated = result.metrics.get("calibration")
         if write_saved_model:

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from PIL import Image
 
+from tlkeras import progress
 from tlkeras.analysis import audit as audit_lib
 from tlkeras.analysis import calibration, gradcam, tta
 from tlkeras.exports.signatures import EXPLAIN_SIGNATURE
@@ -308,7 +309,8 @@ def run_content(
             content.notes["audit"] = "Not run: the model has no 'pool' layer to take features from."
         else:
             extractor = keras.Model(model.inputs, embed.output)
-            result = audit_lib.audit(data, extractor)
+            with progress.step("audit"):
+                result = audit_lib.audit(data, extractor)
             result.write_json(run_dir / AUDIT_JSON)
             content.audit = {**result.to_dict(), "summary": result.summary()}
     else:

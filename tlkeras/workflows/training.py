@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlkeras import data as data_lib
+from tlkeras import progress
 from tlkeras.analysis import calibration
 from tlkeras.exports import edge, verify
 from tlkeras.fitting import distribute, lr_finder, reports
@@ -92,6 +93,8 @@ def fit(
         ValueError: the loss became NaN (names the epoch and learning rate), bad settings.
         FileExistsError: ``run_dir`` holds a finished run and ``overwrite`` is False.
     """
+    if not progress.running():  # train() began it before loading the data
+        progress.begin_run(quiet=not verbose)
     run, result = run_lib.fit_phases(
         model,
         data,
@@ -103,20 +106,29 @@ def fit(
         verbose=verbose,
     )
     if run is None:  # a non-chief worker: it trained in a private copy
+        progress.end_run()
         return result
     test = run_lib.predictions(model, data, "test")
-    result.metrics = run_lib.run_metrics(run, test, _calibration(run, test))
+    with progress.step("calibration"):
+        calibrated = _calibration(run, test)
+    result.metrics = run_lib.run_metrics(run, test, calibrated)
     if _before_done is not None:
         _before_done(result)  # e.g. export: a kill before this line resumes instead of refusing
     if report:
-        content = report_content.run_content(model, data, result.metrics, run.run_dir, test=test)
-        if content.audit:
-            result.metrics["audit"] = {
-                k: content.audit[k] for k in ("leak_count", "duplicate_count", "mislabel_count")
-            }
-        result.metrics["report"] = str(
-            report_html.write(content, run.run_dir / report_html.REPORT_HTML)
-        )
+        with progress.step("report", "Report: Grad-CAM of the top losses, TTA, the data audit"):
+            content = report_content.run_content(
+                model, data, result.metrics, run.run_dir, test=test
+            )
+            if content.audit:
+                result.metrics["audit"] = {
+                    k: content.audit[k]
+                    for k in ("leak_count", "duplicate_count", "mislabel_count", "sampled")
+                    if k in content.audit
+                }
+            result.metrics["report"] = str(
+                report_html.write(content, run.run_dir / report_html.REPORT_HTML)
+            )
+    result.metrics["timings"] = progress.end_run()
     run_lib.finish(run, result)
     return result
 
@@ -281,6 +293,7 @@ def train(
             The head's output and the export's inputs stay float32.
     """
     check_dtype_policy(mixed_precision)
+    progress.begin_run(quiet=not verbose)
     auto_lr = config_overrides.get("learning_rate") == AUTO
     if auto_lr:  # found below, once the data and the model exist
         config_overrides = {**config_overrides, "learning_rate": None}

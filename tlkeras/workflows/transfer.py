@@ -366,7 +366,7 @@ def train_with_baselines(
         config=config,
         augment=training.resolve_augment(args["augment"], data_source, config.seed),
         output_dir=result.run_dir / "baseline",
-        verbose=0,
+        verbose=verbose,  # its epochs show: minutes of silence would look like a hang
         report=False,  # a score beside the run, not a run to inspect
     ).rows[0]
     pixels = pixel_baseline(data)
