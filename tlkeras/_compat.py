@@ -62,7 +62,7 @@ LEGACY: dict[str, tuple[str, ...]] = {
     "report_html": ("tlkeras.workflows.report_html", "tlkeras.workflows.report_content"),
     "reports": ("tlkeras.fitting.reports",),
     "rundir": ("tlkeras.fitting.rundir",),
-    "savedmodel": ("tlkeras.exports.savedmodel",),
+    "savedmodel": ("tlkeras.exports.savedmodel", "tlkeras.exports.verify"),
     "servables": ("tlkeras.serving.servables",),
     "server": ("tlkeras.serving.server",),
     "signatures": ("tlkeras.exports.signatures", "tlkeras.data.decoding"),
@@ -77,6 +77,7 @@ LEGACY: dict[str, tuple[str, ...]] = {
     "training": (
         "tlkeras.workflows.training",
         "tlkeras.fitting.run",
+        "tlkeras.fitting.evaluation",
         "tlkeras.fitting.loading",
         "tlkeras.workflows.export_run",
         "tlkeras.workflows.evaluate",

@@ -247,6 +247,52 @@ def test_audit_finds_a_copied_file_across_split_folders(tmp_path):
         audit.audit(d, lambda images: images)  # a feature map, not pooled features
 
 
+def _copied_file_data(tmp_path):
+    for split, seed in (("train", 0), ("test", 1)):
+        badfiles.make_dataset(tmp_path / split, ("x", "y"), per_class=6, size=(16, 16), seed=seed)
+    shutil.copy(tmp_path / "train" / "y" / "y_0002.jpg", tmp_path / "test" / "y" / "again.jpg")
+    return load(tmp_path, image_size=(16, 16), batch_size=4, validation_split=0.0)
+
+
+def _test_features(d):
+    batches = [(pixel_noise(images), labels) for images, labels in d.ordered("test")]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def test_given_features_are_used_as_computed_and_checked(tmp_path):
+    d = _copied_file_data(tmp_path)
+    embedded = audit.audit(d, pixel_noise, AuditConfig(folds=3))
+    x, y = _test_features(d)
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return pixel_noise(images)
+
+    given = audit.audit(d, counting, AuditConfig(folds=3), features={"test": (x, y)})
+    assert sum(calls) == sum(d.counts["train"].values())  # only train was embedded
+    assert given.to_dict() | {"seconds": 0} == embedded.to_dict() | {"seconds": 0}
+    with pytest.raises(ValueError, match=r"features\['test'\]: expected 13 rows"):
+        audit.audit(d, pixel_noise, features={"test": (x[:5], y[:5])})
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_past_max_images_every_kth_image_of_each_split_is_audited(tmp_path, given):
+    d = _copied_file_data(tmp_path)  # 12 train + 13 test images
+    x, y = _test_features(d)
+    features = {"test": (x, y)} if given else None
+    result = audit.audit(d, pixel_noise, AuditConfig(folds=2, max_images=10), features=features)
+    assert result.sampled == {"every": 3, "images": 4 + 5, "of": 25}
+    assert result.splits == {"train": 4, "test": 5}
+    assert "sampled: every 3th image of each split, 9 of 25" in result.summary()
+    assert any("a sample: every 3th image" in line for line in result.to_dict()["checked"])
+    # The sample is every third item of each split's order (the pairs name them).
+    everything = audit.audit(d, pixel_noise, AuditConfig(folds=2, max_images=0))
+    assert everything.sampled == {} and everything.num_images == 25
+    with pytest.raises(ValueError, match="max_images: expected an int >= 0"):
+        AuditConfig(max_images=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # scripts/audit.py
 

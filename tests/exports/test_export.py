@@ -243,6 +243,28 @@ def test_an_export_that_fails_leaves_no_verifier_behind(tmp_path, monkeypatch):
     assert not any((tmp_path / "m").iterdir())
 
 
+def test_an_export_verifies_in_its_child_while_the_caller_works(tmp_path):
+    model = tiny_model(seed=0)
+    pending = savedmodel.export(
+        model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], wait=False
+    )
+    final = pending.result.path
+    assert final == tmp_path / "m" / "1" and not final.exists()  # not in place before verified
+    child = pending.checking.process
+    assert child.poll() is None  # the child is checking it now
+    result = pending.finish()
+    assert result.path == final and result.verification["ok"] and child.poll() is not None
+    metadata = json.loads((final / layout.ASSETS_EXTRA / layout.METADATA_FILE).read_text())
+    assert metadata["verification"]["ok"]
+    # Dropped instead (the caller failed meanwhile): no version, no temporary, no child.
+    dropped = savedmodel.export(
+        model, "m", base_dir=tmp_path, class_names=["a", "b", "c"], wait=False
+    )
+    dropped.cancel()
+    assert dropped.checking.process.poll() is not None
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Versions: next free number, never overwritten unless asked, atomic.
 

@@ -340,7 +340,12 @@ def test_every_run_writes_a_report_with_every_section(task, tmp_path):
     assert page.sections["top-losses"].count("loss ") == min(report_content.GALLERY_SIZE, n_test)
     assert "Test accuracy" in page.sections["tta"] or "test accuracy" in page.sections["tta"]
     audit = json.loads((run_dir / report_content.AUDIT_JSON).read_text())
-    assert set(result.metrics["audit"]) == {"leak_count", "duplicate_count", "mislabel_count"}
+    assert set(result.metrics["audit"]) == {
+        "leak_count",
+        "duplicate_count",
+        "mislabel_count",
+        "sampled",
+    }
     assert audit["splits"] == {s: len(v) for s, v in data.items.items() if v}
     assert result.metrics["report"] == str(run_dir / report_html.REPORT_HTML)
     cal = result.metrics["calibration"]
@@ -414,3 +419,42 @@ def test_the_recipe_knobs_train_and_export_a_float32_in_model(tmp_path):
     expected = np.asarray(result.model(x, training=False))
     np.testing.assert_allclose(served, expected, atol=verify.MIXED_TOLERANCE["mixed_bfloat16"])
     assert served.dtype == np.float32
+
+
+def test_a_run_records_its_steps_and_its_audit_reuses_the_runs_own_features(tmp_path):
+    import keras
+
+    from tlkeras.analysis import audit
+    from tlkeras.fitting import fast_path
+    from tlkeras.models.builder import AugmentConfig
+
+    data = _head_data("multiclass", tmp_path / "photos")
+    model = tlkeras.build_model(
+        "MobileNet",
+        3,
+        strategy="feature_extraction",
+        augment=AugmentConfig(rotation=0, zoom=0, contrast=0),
+        **SMALL,
+    )
+    run_dir = tmp_path / "run"
+    started = time.perf_counter()
+    result = training.fit(model, data, TrainConfig(epochs=2), run_dir=run_dir, verbose=0)
+    wall = time.perf_counter() - started
+    timings = result.metrics["timings"]
+    steps = [t["step"] for t in timings]
+    assert steps[:2] == ["cache_features", "solve_head"] and len(steps) == len(set(steps))
+    assert {"evaluate", "calibration", "audit", "report"} <= set(steps)
+    assert all(t["seconds"] >= 0 and t["peak_rss_mib"] > 0 for t in timings)
+    assert sum(t["seconds"] for t in timings) <= wall  # nested steps are not counted twice
+    assert len(result.metrics["phases"][0]["epoch_seconds"]) == 1  # the solved head: one "epoch"
+    # The audit read the features the run computed (the fast path's cache for train, the
+    # evaluation's for validation and test): what embedding every split afresh gives.
+    embed = keras.Model(model.inputs, model.get_layer("pool").output)
+    cached, labels = fast_path.pooled_features(model)["train"]
+    fresh = np.concatenate([embed(x, training=False) for x, _ in data.ordered("train")])
+    np.testing.assert_allclose(cached, fresh, rtol=1e-4, atol=1e-6)
+    assert labels.argmax(1).tolist() == [int(i.split(os.sep)[0][1:]) for i in data.items["train"]]
+    written = json.loads((run_dir / "audit.json").read_text())
+    again = audit.audit(data, embed).to_dict()
+    for key in ("splits", "leak_count", "duplicate_count", "mislabel_count", "sampled"):
+        assert written[key] == again[key], key

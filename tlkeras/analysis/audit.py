@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -74,12 +74,17 @@ def audit(
     data: ImageData,
     embed: keras.Model | Callable[[tf.Tensor], Any],
     config: AuditConfig | None = None,
+    *,
+    features: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> AuditResult:
     """Embed every split of ``data`` (``ImageData.ordered``: unshuffled, in ``items`` order) with
     ``embed`` and audit the features (``audit_features``).
 
     ``embed`` maps a float32 ``[B, H, W, 3]`` batch of raw 0–255 pixels to pooled features
     ``[B, dim]``: the backbone's pooled output, what the head sees (``embedding_model``).
+    ``features``: ``{split: (pooled features, labels)}`` already computed by the same embedding for
+    whole splits, in ``ordered`` order (e.g. by the run's evaluation); those splits are not embedded
+    again.
     """
     started = time.perf_counter()
     checks.instance("data", data, ImageData, "a tlkeras.data.ImageData")
@@ -91,9 +96,18 @@ def audit(
     feats, labels, items = {}, {}, {}
     for split in present:
         dataset, names = data.ordered(split), list(data.items.get(split, ()))
-        if every > 1:
-            dataset, names = _every_kth(dataset, every), names[::every]
-        x, y = _split_features(dataset, fn, split, len(names))
+        if features and split in features:
+            x, y = (np.asarray(a) for a in features[split])
+            if len(x) != len(names):
+                raise ValueError(
+                    f"features[{split!r}]: expected {len(names)} rows (the split's items), "
+                    f"received {len(x)}"
+                )
+            x, y, names = x[::every], y[::every], names[::every]
+        else:
+            if every > 1:
+                dataset, names = _every_kth(dataset, every), names[::every]
+            x, y = _split_features(dataset, fn, split, len(names))
         if x is None:
             continue
         feats[split], labels[split], items[split] = x, y, names

@@ -142,6 +142,24 @@ def verify_export(
     raises ``ExportVerificationError`` on any mismatch. ``process``: a ``start_verifier`` child
     to use instead of starting one (it is consumed either way).
     """
+    return start_verification(
+        path, model, images, head=head, class_names=class_names, timeout=timeout, process=process
+    ).result()
+
+
+def start_verification(
+    path: str | Path,
+    model: Any,
+    images: Sequence[bytes],
+    *,
+    head: Head | None = None,
+    class_names: Sequence[str] | None = None,
+    timeout: float = 600,
+    process: subprocess.Popen | None = None,
+) -> PendingVerification:
+    """:func:`verify_export` handed to the child, not yet awaited: this process can do other work
+    while the child checks the export; ``result()`` reads its report (and raises as
+    ``verify_export`` does)."""
     path = Path(path)
     images = [bytes(b) for b in images]
     if not images:
@@ -155,60 +173,82 @@ def verify_export(
     if class_names is None:
         labels = path / ASSETS_EXTRA / LABELS_FILE
         class_names = labels.read_text(encoding="utf-8").splitlines() if labels.is_file() else []
-    with tempfile.TemporaryDirectory(prefix="tlkeras-verify-") as work:
-        work = Path(work)
-        for i, b in enumerate(images):
-            (work / f"image_{i:04d}.bin").write_bytes(b)
-        np.savez(work / "expected.npz", pixels=pixels, probabilities=expected)
-        (work / "spec.json").write_text(
-            json.dumps(
-                {
-                    "input_size": list(size),
-                    "num_classes": len(class_names),
-                    "class_names": list(class_names),
-                    "tolerances": list(tolerances(model)),
-                }
-            ),
-            encoding="utf-8",
-        )
-        if process is None:
-            process = start_verifier()
+    work = tempfile.TemporaryDirectory(prefix="tlkeras-verify-")
+    folder = Path(work.name)
+    for i, b in enumerate(images):
+        (folder / f"image_{i:04d}.bin").write_bytes(b)
+    np.savez(folder / "expected.npz", pixels=pixels, probabilities=expected)
+    (folder / "spec.json").write_text(
+        json.dumps(
+            {
+                "input_size": list(size),
+                "num_classes": len(class_names),
+                "class_names": list(class_names),
+                "tolerances": list(tolerances(model)),
+            }
+        ),
+        encoding="utf-8",
+    )
+    pending = PendingVerification(path, process or start_verifier(), work, timeout)
+    pending.hand_over()
+    return pending
+
+
+class PendingVerification:
+    """A verification its child process is working on (:func:`start_verification`)."""
+
+    def __init__(self, path: Path, process: subprocess.Popen, work: Any, timeout: float) -> None:
+        import threading
+
+        self.path, self.process, self.work = path, process, work
+        self.timer = threading.Timer(timeout, process.kill)  # a hung child ends the read with EOF
+        self.handed = False
+
+    def hand_over(self) -> None:
+        self.timer.start()
+        try:
+            self.process.stdin.write(json.dumps([str(self.path), self.work.name]) + "\n")
+            self.process.stdin.flush()
+            self.handed = True
+        except (BrokenPipeError, OSError):  # the child died before reading its work
+            pass
+
+    def result(self) -> dict[str, Any]:
+        """The child's report; raises ``ExportVerificationError`` on a mismatch or a lost child."""
+        process, line = self.process, None
         try:
             with progress.step("verify"):
-                line = _report_line(process, json.dumps([str(path), str(work)]), timeout)
+                if self.handed:
+                    line = next((x for x in process.stdout if x.startswith("{")), None)
+        except (BrokenPipeError, OSError):
+            line = None
         finally:
+            self.timer.cancel()
             if process.poll() is None:  # its report is in; TensorFlow's teardown is not needed
                 process.kill()
             process.wait()
-    if line is None:
-        errors = getattr(process, "errors", None)
-        stderr = (errors.seek(0), errors.read())[1] if errors is not None else ""
-        raise ExportVerificationError(
-            f"verification process failed (exit {process.returncode}): {stderr.strip()[-2000:]}"
-        )
-    report = json.loads(line)
-    if not report.get("ok"):
-        raise ExportVerificationError(
-            f"exported model at {str(path)!r} does not match the Keras model: "
-            + "; ".join(report.get("problems", ["unknown"]))
-        )
-    return report
+            self.work.cleanup()
+        if line is None:
+            errors = getattr(process, "errors", None)
+            stderr = (errors.seek(0), errors.read())[1] if errors is not None else ""
+            raise ExportVerificationError(
+                f"verification process failed (exit {process.returncode}): {stderr.strip()[-2000:]}"
+            )
+        report = json.loads(line)
+        if not report.get("ok"):
+            raise ExportVerificationError(
+                f"exported model at {str(self.path)!r} does not match the Keras model: "
+                + "; ".join(report.get("problems", ["unknown"]))
+            )
+        return report
 
-
-def _report_line(process: subprocess.Popen, work: str, timeout: float) -> str | None:
-    """Hand ``work`` to the waiting child and read its stdout up to its JSON report line."""
-    import threading
-
-    timer = threading.Timer(timeout, process.kill)  # a hung child ends the read with EOF
-    timer.start()
-    try:
-        process.stdin.write(work + "\n")
-        process.stdin.flush()
-        return next((line for line in process.stdout if line.startswith("{")), None)
-    except (BrokenPipeError, OSError):  # the child died before reading its work
-        return None
-    finally:
-        timer.cancel()
+    def cancel(self) -> None:
+        """Stop the child without reading its report (the export failed)."""
+        self.timer.cancel()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.work.cleanup()
 
 
 def _check_in_this_process(path: Path, work: Path) -> dict[str, Any]:

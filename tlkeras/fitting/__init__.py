@@ -10,5 +10,6 @@ Sits on ``models`` and ``data``.
 - ``optimizers``: per-block learning rates, schedules, EMA; ``lr_finder``: the LR range test.
 - ``distribute``: tf.distribute; ``pretrain``: ``source:`` weights, pre-trained here.
 - ``loading``: ``load_and_build``, data and model from what a caller asked for.
-- ``run``, ``rundir``, ``reports``: a resumable run directory, its files, plots and summary.
+- ``run``, ``rundir``, ``reports``: a resumable run directory, its files, plots and summary;
+  ``evaluation``: a trained model's predictions of a split and its pooled features, one pass.
 """

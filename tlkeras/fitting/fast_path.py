@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,22 @@ from tlkeras.fitting.frozen import (
 from tlkeras.models.task import infer
 
 logger = logging.getLogger(__name__)
+
+# model -> {split: (pooled clean features, encoded labels)} its last fast fit cached with
+# ``keep_features``; dropped when a phase starts (``forget_features``): a trained backbone changes them.
+_POOLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def pooled_features(model: keras.Model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train": …, "validation": …}``: the ``pool`` outputs (clean view) and encoded labels the
+    fast path cached for ``model`` with ``keep_features``, in the order of the datasets it was given;
+    ``{}`` when it kept none, or a phase has started since."""
+    return dict(_POOLED.get(model, {}))
+
+
+def forget_features(model: keras.Model) -> None:
+    """Drop what :func:`pooled_features` holds for ``model`` (its backbone is about to train)."""
+    _POOLED.pop(model, None)
 
 
 class SaveFullModel(keras.callbacks.ModelCheckpoint):
@@ -140,6 +157,7 @@ def fit_frozen(
     initial_epoch: int = 0,
     refit_optimizer: Callable[[], Any] | None = None,
     solver: str = head_solver.GRADIENT,
+    keep_features: bool = False,
 ) -> keras.callbacks.History:
     """Train what trains in ``model`` on features its frozen prefix computes once.
 
@@ -166,6 +184,10 @@ def fit_frozen(
     with ``refit_optimizer`` (any factory: nothing is optimised by gradient) it is then re-solved
     on train + validation at the chosen strength. ``history.fast_path["solver"]`` says what ran.
 
+    With ``keep_features`` and the whole backbone frozen (pooled features cached), the clean view's
+    features of ``train`` and ``validation`` stay available to :func:`pooled_features` (the report's
+    data audit then need not compute them again).
+
     Returns:
         The ``keras.callbacks.History`` of the fit.
     """
@@ -187,6 +209,11 @@ def fit_frozen(
     # The suffix trains on features the frozen prefix computes once (its weights are the model's).
     with progress.step("cache_features"):
         cut = _cut_and_cache(model, plan, train, validation)
+    if keep_features and plan.fine_tune_at is None and cut.arrays is not None:
+        kept = {"train": cut.arrays}
+        if cut.val_arrays is not None:
+            kept["validation"] = cut.val_arrays
+        _POOLED[model] = {s: (a.views[0], a.rest[0]) for s, a in kept.items()}
     why_not = _why_not_solved(
         solver, plan, model, cut.trained, loss, cut.arrays, validation, cut.val_arrays
     )
@@ -410,7 +437,9 @@ def _solve_head(
         rows = np.concatenate([x, validation[0]])
         labels = np.concatenate([y, validation[1]])
         both = head_solver.join_weights(weights, len(x), validation[2], len(validation[1]))
-        head_solver.refit(trained, rows, labels, solution.C, sample_weight=both)
+        head_solver.refit(
+            trained, rows, labels, solution.C, sample_weight=both, start=solution.start
+        )
         examples = n + len(validation[1])
         history.fast_path["refit"] = {
             "examples": examples,

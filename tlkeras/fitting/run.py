@@ -31,9 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlkeras import checks, progress
+from tlkeras import checks
 from tlkeras.data import augment as augment_lib
-from tlkeras.data import dataset_arrays
 from tlkeras.fitting import distribute, fast_path, reports
 from tlkeras.fitting.config import (
     FULL,
@@ -64,7 +63,7 @@ from tlkeras.fitting.runner import LogLearningRate, LossNotFinite, run_phase
 from tlkeras.models.blocks import blocks
 from tlkeras.models.builder import AugmentConfig, get_spec
 from tlkeras.models.strategy import Strategy, apply_strategy
-from tlkeras.models.task import encode_labels, infer, inference_function, probabilities
+from tlkeras.models.task import encode_labels, infer
 
 logger = logging.getLogger("tlkeras.fitting.run")
 
@@ -225,11 +224,6 @@ def _callbacks(
 # --------------------------------------------------------------------------------------------------
 
 
-def _evaluate(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    probs, ys = dataset_arrays(dataset, map_images=inference_function(model))
-    return ys, probs
-
-
 def _model_description(model: keras.Model) -> dict[str, Any]:
     try:
         return get_spec(model).to_dict()
@@ -254,6 +248,7 @@ class Run:
     class_weight: dict[int, float] | None
     verbose: int
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # once run
+    best_in_memory: bool = False  # the last phase saved the model as it is now (its refit)
 
     def __post_init__(self) -> None:
         # Phases an earlier process finished: the next phase starts from their saved weights.
@@ -310,7 +305,12 @@ def _open_run_dir(
 
 
 def _run_one_phase(
-    run: Run, number: int, phase: Phase, datasets: tuple[Any, Any], initial_epoch: int
+    run: Run,
+    number: int,
+    phase: Phase,
+    datasets: tuple[Any, Any],
+    initial_epoch: int,
+    ordered_train: Any = None,
 ) -> dict[str, Any]:
     """Phase ``number`` (1-based) of ``run`` from its backup or start; returns its record."""
     model, run_dir, state = run.model, run.run_dir, run.state
@@ -343,11 +343,13 @@ def _run_one_phase(
             run_dir=run.shared_run_dir,
             verbose=run.verbose,
             mix=run.mix,
+            ordered_train=ordered_train,
         )
     except LossNotFinite:
         state["status"] = "failed"
         write_state(run_dir, state)
         raise
+    run.best_in_memory = bool(result.refit)
     if result.refit:
         # The refit model is the final one (it has no held-out validation loss of its own).
         model.save(run_dir / BEST_MODEL, overwrite=True)
@@ -399,11 +401,17 @@ def _run_phases(run: Run) -> list[dict[str, Any]]:
         distribute.shard_by_data(encode_labels(ds, task, num_classes), scope)
         for ds in (run.data.train, run.data.validation)
     )
+    # The fast path (off under tf.distribute) caches from the unshuffled split: its features then
+    # line up with ImageData.items, and the report's audit reuses them.
+    ordered = None
+    if not distribute.is_distributed(scope):
+        with contextlib.suppress(AttributeError, ValueError):  # an ImageData not from load()
+            ordered = encode_labels(run.data.ordered("train"), task, num_classes)
     initial_epoch, records = 0, []
     for number, phase in enumerate(run.phases, start=1):
         record = run.state["phases"].get(str(number), {})
         if not record.get("done"):
-            record = _run_one_phase(run, number, phase, datasets, initial_epoch)
+            record = _run_one_phase(run, number, phase, datasets, initial_epoch, ordered)
             _finish_phase(run, number, record)
         records.append(record)
         initial_epoch += record["epochs_run"]
@@ -413,7 +421,7 @@ def _run_phases(run: Run) -> list[dict[str, Any]]:
 def _load_best(run: Run) -> None:
     """The final model: the best validation loss over all phases (phase 2 may not beat phase 1)."""
     best_path = run.run_dir / BEST_MODEL
-    if best_path.exists():
+    if best_path.exists() and not run.best_in_memory:  # else the file holds these very weights
         try:
             with warnings.catch_warnings():  # its optimizer state belongs to another phase
                 warnings.simplefilter("ignore")
@@ -423,17 +431,6 @@ def _load_best(run: Run) -> None:
     # Leave the model in its intended strategy (the flags a user/exporter will inspect).
     last = run.phases[-1]
     apply_strategy(run.model, last.strategy, last.fine_tune_at, train_bn=run.train_bn)
-
-
-def predictions(model: keras.Model, data: Any, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(labels, probabilities)`` of a split in its (unshuffled) order; ``None`` without it."""
-    dataset = getattr(data, split)
-    if dataset is None:
-        return None
-    task, from_logits = infer(model)
-    with progress.step("evaluate"):
-        y_true, outputs = _evaluate(model, dataset)
-    return y_true, np.asarray(probabilities(outputs, task, from_logits=from_logits))
 
 
 def _test_metrics(run: Run, test: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from tlkeras.fitting.compiling import (
     set_trainable,
 )
 from tlkeras.fitting.config import FEATURE_EXTRACTION, PARTIAL, Phase
-from tlkeras.fitting.fast_path import fit_frozen
+from tlkeras.fitting.fast_path import fit_frozen, forget_features
 from tlkeras.fitting.frozen import fast_path_plan
 from tlkeras.fitting.optimizers import CONSTANT, SwapEMAWeights
 
@@ -167,6 +167,7 @@ def run_phase(
     run_dir: str | Path | None = None,
     verbose: int = 0,
     mix: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
+    ordered_train: tf.data.Dataset | None = None,
 ) -> PhaseResult:
     """Train ``model`` through ``phase``: the one compile-and-fit of tlkeras.
 
@@ -187,6 +188,9 @@ def run_phase(
         verbose: Keras verbosity; non-zero also prints one line describing the phase.
         mix: maps the batched training dataset to a mixed one (MixUp/CutMix) when the phase trains
             end to end; the fast path trains on cached features without it (its note says so).
+        ordered_train: ``train`` unshuffled (``ImageData.ordered("train")``, labels encoded). The
+            fast path then caches from it (it reshuffles the cached rows itself) and keeps the
+            pooled features in items order (``fast_path.pooled_features``).
 
     With ``phase.ema`` a ``tlkeras.fitting.optimizers.SwapEMAWeights`` goes first among the callbacks:
     validation, early stopping and checkpoints see the averaged weights, and the model ends
@@ -196,6 +200,7 @@ def run_phase(
     Raises:
         LossNotFinite: the loss became NaN or infinite (names the epoch and learning rate).
     """
+    forget_features(model)  # features cached by an earlier phase need not hold after this one
     set_trainable(model, phase.strategy, phase.fine_tune_at, train_bn=train_bn)
     scope = model.distribute_strategy
     fast, note = _fast_plan(model, phase)
@@ -231,7 +236,7 @@ def run_phase(
     if fast:
         history = fit_frozen(
             model,
-            train,
+            train if ordered_train is None else ordered_train,
             validation,
             epochs=epochs,
             optimizer=args.optimizer,
@@ -246,6 +251,7 @@ def run_phase(
             initial_epoch=initial_epoch,
             refit_optimizer=refit_optimizer,
             solver=phase.solver,
+            keep_features=ordered_train is not None,
         )
     else:
         compile_model(model, args, scope=scope)

@@ -8,7 +8,7 @@ edge format of an existing SavedModel, ``.keras`` file or run directory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,43 +30,58 @@ def exporter(
     explain: bool = False,
 ):
     """What ``tlkeras.workflows.training.fit`` calls before it marks the run done: the exports
-    (or nothing)."""
+    (or nothing). It returns a callable that completes them: the SavedModel's fresh-process
+    verification runs meanwhile (``fit`` writes the report), then the edge formats, which read
+    the verified SavedModel."""
     write_saved_model, edge_configs = edge.parse_export_formats(export_formats)
 
-    def export_model(result: RunResult) -> None:
-        if export_dir is not None:
-            with progress.step(
-                "export", "Exporting (SavedModel, then verified in a fresh process)"
-            ):
-                _export(result)
+    def export_model(result: RunResult) -> Callable[[], None]:
+        if export_dir is None:
+            return lambda: None
+        with progress.step("export", "Exporting (SavedModel, then verified in a fresh process)"):
+            pending = _begin(result)
 
-    def _export(result: RunResult) -> None:
-        source, version = result.model, None
+        def complete() -> None:
+            if pending is not None:
+                result.export = pending.finish()
+            if edge_configs:
+                with progress.step("export"):
+                    _edge(result)
+
+        complete.cancel = lambda: pending.cancel() if pending is not None else None
+        return complete
+
+    def _begin(result: RunResult) -> Any:
+        if not write_saved_model:
+            return None
         calibrated = result.metrics.get("calibration")
-        if write_saved_model:
-            exported = savedmodel.export(
-                result.model,
-                model_name,
-                base_dir=export_dir,
-                class_names=data.class_names,
-                metadata={
-                    "metrics": {"test_accuracy": result.metrics.get("accuracy")},
-                    "calibration": calibrated or {},
-                },
-                temperature=calibrated["temperature"] if calibrated else 1.0,
-                explain=explain,
-            )
-            result.export = exported
-            result.metrics["export"] = str(exported.path)
-            source, version = exported.path, exported.version
-        if edge_configs:
-            result.edge_exports = _edge_exports(
-                source, edge_configs, export_dir, model_name, version, data, verbose
-            )
-            result.metrics["edge_exports"] = {
-                r.config.name: {"path": str(r.path), "size_bytes": r.size_bytes, **r.verification}
-                for r in result.edge_exports
-            }
+        pending = savedmodel.export(
+            result.model,
+            model_name,
+            base_dir=export_dir,
+            class_names=data.class_names,
+            metadata={
+                "metrics": {"test_accuracy": result.metrics.get("accuracy")},
+                "calibration": calibrated or {},
+            },
+            temperature=calibrated["temperature"] if calibrated else 1.0,
+            explain=explain,
+            wait=False,
+        )
+        result.metrics["export"] = str(pending.result.path)
+        return pending
+
+    def _edge(result: RunResult) -> None:
+        source, version = result.model, None
+        if result.export is not None:
+            source, version = result.export.path, result.export.version
+        result.edge_exports = _edge_exports(
+            source, edge_configs, export_dir, model_name, version, data, verbose
+        )
+        result.metrics["edge_exports"] = {
+            r.config.name: {"path": str(r.path), "size_bytes": r.size_bytes, **r.verification}
+            for r in result.edge_exports
+        }
 
     return export_model
 

@@ -10,7 +10,7 @@ import keras
 
 from tlkeras import data as data_lib
 from tlkeras.fitting import reports
-from tlkeras.fitting.run import predictions
+from tlkeras.fitting.evaluation import predictions
 from tlkeras.fitting.rundir import BEST_MODEL
 from tlkeras.workflows import report_content, report_html
 

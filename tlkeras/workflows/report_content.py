@@ -20,9 +20,10 @@ from tlkeras import progress
 from tlkeras.analysis import audit as audit_lib
 from tlkeras.analysis import calibration, gradcam, tta
 from tlkeras.exports.signatures import EXPLAIN_SIGNATURE
+from tlkeras.fitting.evaluation import outputs_of
 from tlkeras.fitting.rundir import CONFUSION_PNG, HISTORY_PNG
 from tlkeras.models.spec import get_spec
-from tlkeras.models.task import infer, inference_function, probabilities
+from tlkeras.models.task import infer, probabilities
 
 _EPS = 1e-7
 
@@ -227,7 +228,7 @@ def keras_predict(model: Any):
     """A batch of pixels -> the model's probabilities (a plain call: no ``predict`` loop)."""
 
     task, from_logits = infer(model)
-    fn = inference_function(model)
+    fn = outputs_of(model)  # the evaluation's trace
     return lambda x: np.asarray(probabilities(fn(x), task, from_logits=from_logits))
 
 
@@ -249,11 +250,13 @@ def run_content(
     test: tuple[np.ndarray, np.ndarray] | None = None,
     gallery_size: int = GALLERY_SIZE,
     audit: bool = True,
+    features: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ReportContent:
     """Everything ``report.html`` shows for a run: the test predictions (``(y_true, y_prob)``,
     probabilities, ``data.test``'s order), the top-loss gallery with Grad-CAM, TTA's gain, the data
     audit (written to ``audit.json`` too) and the files the run already wrote (curves, confusion,
-    reliability diagram)."""
+    reliability diagram). ``features``: ``{split: (pooled features, labels)}`` the audit need not
+    compute again (``tlkeras.analysis.audit.audit``)."""
 
     run_dir = Path(run_dir)
     task = infer(model)[0]
@@ -310,7 +313,7 @@ def run_content(
         else:
             extractor = keras.Model(model.inputs, embed.output)
             with progress.step("audit"):
-                result = audit_lib.audit(data, extractor)
+                result = audit_lib.audit(data, extractor, features=features)
             result.write_json(run_dir / AUDIT_JSON)
             content.audit = {**result.to_dict(), "summary": result.summary()}
     else:

@@ -28,13 +28,14 @@ from tlkeras import data as data_lib
 from tlkeras import progress
 from tlkeras.analysis import calibration
 from tlkeras.exports import edge, verify
-from tlkeras.fitting import distribute, lr_finder, reports
+from tlkeras.fitting import distribute, fast_path, head_solver, lr_finder, reports
 from tlkeras.fitting import run as run_lib
 from tlkeras.fitting.config import (  # noqa: F401  (TrainConfig re-exported: training is where users look)
     FEATURE_EXTRACTION,
     FULL,
     TrainConfig,
 )
+from tlkeras.fitting.evaluation import predictions_and_features
 from tlkeras.fitting.loading import DataRequest, ModelRequest, load_and_build
 from tlkeras.fitting.lr_finder import LRFinderResult
 from tlkeras.fitting.run import DEFAULT_OUTPUT_ROOT, RunResult, set_seed
@@ -108,38 +109,76 @@ def fit(
     if run is None:  # a non-chief worker: it trained in a private copy
         progress.end_run()
         return result
-    test = run_lib.predictions(model, data, "test")
+    # One forward pass per held-out split gives its predictions and the pooled features the
+    # report's data audit would otherwise compute again.
+    held_out = {s: predictions_and_features(model, data, s) for s in ("validation", "test")}
+    test = held_out["test"][:2] if held_out["test"] else None
+    validation = held_out["validation"][:2] if held_out["validation"] else None
     with progress.step("calibration"):
-        calibrated = _calibration(run, test)
+        calibrated = _calibration(run, validation, test)
     result.metrics = run_lib.run_metrics(run, test, calibrated)
-    if _before_done is not None:
-        _before_done(result)  # e.g. export: a kill before this line resumes instead of refusing
-    if report:
-        with progress.step("report", "Report: Grad-CAM of the top losses, TTA, the data audit"):
-            content = report_content.run_content(
-                model, data, result.metrics, run.run_dir, test=test
-            )
-            if content.audit:
-                result.metrics["audit"] = {
-                    k: content.audit[k]
-                    for k in ("leak_count", "duplicate_count", "mislabel_count", "sampled")
-                    if k in content.audit
-                }
-            result.metrics["report"] = str(
-                report_html.write(content, run.run_dir / report_html.REPORT_HTML)
-            )
+    # e.g. the export: a kill before the run is marked done resumes instead of refusing. It
+    # returns what completes it (the SavedModel's verification runs while the report is written).
+    complete = _before_done(result) if _before_done is not None else None
+    try:
+        if report:
+            _write_report(run, result, test, _audit_features(model, held_out))
+    except BaseException:
+        getattr(complete, "cancel", lambda: None)()
+        raise
+    if callable(complete):
+        complete()
     result.metrics["timings"] = progress.end_run()
     run_lib.finish(run, result)
     return result
 
 
+def _write_report(
+    run: run_lib.Run,
+    result: RunResult,
+    test: tuple[np.ndarray, np.ndarray] | None,
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """``report.html`` (and ``audit.json``) in the run directory; the audit's counts and the
+    report's path into ``result.metrics``."""
+    with progress.step("report", "Report: Grad-CAM of the top losses, TTA, the data audit"):
+        content = report_content.run_content(
+            run.model, run.data, result.metrics, run.run_dir, test=test, features=features
+        )
+        if content.audit:
+            result.metrics["audit"] = {
+                k: content.audit[k]
+                for k in ("leak_count", "duplicate_count", "mislabel_count", "sampled")
+                if k in content.audit
+            }
+        result.metrics["report"] = str(
+            report_html.write(content, run.run_dir / report_html.REPORT_HTML)
+        )
+
+
+def _audit_features(
+    model: keras.Model, held_out: dict[str, Any]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (pooled features, labels)}`` the run already computed: the held-out splits'
+    from their evaluation, the training split's from the fast path's cache (a frozen backbone)."""
+    out = {s: (f[2], f[0]) for s, f in held_out.items() if f and f[2] is not None}
+    cached = fast_path.pooled_features(model)
+    if "train" in cached:
+        x, encoded = cached["train"]
+        multilabel = infer(model)[0] == "multilabel"
+        out["train"] = (x, encoded if multilabel else head_solver.class_ids(encoded))
+    return out
+
+
 def _calibration(
-    run: run_lib.Run, test: tuple[np.ndarray, np.ndarray] | None
+    run: run_lib.Run,
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    test: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[dict[str, Any] | None, str]:
-    """A temperature fit on the validation split (``tlkeras.analysis.calibration``), its ECE before/after
-    there and on the test split, and the test split's reliability diagram; or why there is none."""
+    """A temperature fit on the validation predictions (``tlkeras.analysis.calibration``), its ECE
+    before/after there and on the test split, and the test split's reliability diagram; or why
+    there is none."""
     task = infer(run.model)[0]
-    validation = run_lib.predictions(run.model, run.data, "validation")
     if validation is None:
         return None, "Not measured: no validation split to fit a temperature on."
     try:
