@@ -79,19 +79,11 @@ def _recipe(job: dict[str, Any]) -> dict[str, Any]:
     import keras
     import numpy as np
     import tensorflow as tf
-    from peer import guide_fit, guide_model
+    from peer import guide_datasets, guide_fit, guide_model
 
     config = BenchConfig.from_dict(job["config"])
     keras.utils.set_random_seed(job["seed"])
-    train_ds, validation_ds = keras.utils.image_dataset_from_directory(
-        job["pool"],
-        image_size=(config.image_size, config.image_size),
-        batch_size=config.batch_size,
-        validation_split=0.2,
-        subset="both",
-        seed=job["seed"],
-        verbose=False,
-    )
+    train_ds, validation_ds = guide_datasets(job["pool"], config, job["seed"])
     num_classes = len(train_ds.class_names)
     train_ds = train_ds.cache().prefetch(tf.data.AUTOTUNE)
     validation_ds = validation_ds.cache().prefetch(tf.data.AUTOTUNE)

@@ -66,6 +66,20 @@ def guide_model(config: BenchConfig, num_classes: int = 2) -> tuple[keras.Model,
     return keras.Model(inputs, outputs), base_model
 
 
+def guide_datasets(folder: str, config: BenchConfig, seed: int) -> tuple[Any, Any]:
+    """The guide's input pipeline: ``image_dataset_from_directory`` of ``folder``, 80/20 training
+    and validation subsets split with ``seed`` (not yet cached)."""
+    return keras.utils.image_dataset_from_directory(
+        folder,
+        image_size=(config.image_size, config.image_size),
+        batch_size=config.batch_size,
+        validation_split=0.2,
+        subset="both",
+        seed=seed,
+        verbose=False,
+    )
+
+
 def guide_fit(
     model: keras.Model,
     train_ds: tf.data.Dataset,

@@ -279,19 +279,11 @@ def _fine_tune_worker(job: dict[str, Any]) -> dict[str, Any]:
     """One epoch of the Keras guide's fine-tuning on ``job["data"]``: seconds and images/s."""
     import keras
     import tensorflow as tf
-    from peer import guide_fit, guide_model
+    from peer import guide_datasets, guide_fit, guide_model
 
     config = BenchConfig.from_dict(job["config"])
     keras.utils.set_random_seed(0)
-    train_ds, validation_ds = keras.utils.image_dataset_from_directory(
-        job["data"],
-        image_size=(config.image_size, config.image_size),
-        batch_size=config.batch_size,
-        validation_split=0.2,
-        subset="both",
-        seed=0,
-        verbose=False,
-    )
+    train_ds, validation_ds = guide_datasets(job["data"], config, 0)
     train_images, num_classes = len(train_ds.file_paths), len(train_ds.class_names)
     train_ds = train_ds.cache().prefetch(tf.data.AUTOTUNE)
     validation_ds = validation_ds.cache().prefetch(tf.data.AUTOTUNE)

@@ -57,8 +57,8 @@ from tlkeras.exports.signatures import (  # noqa: E402
 )
 from tlkeras.exports.verify import (  # noqa: E402
     PendingVerification,
-    start_verification,
     start_verifier,
+    verify_export,
 )
 from tlkeras.models.backbones import get_backbone  # noqa: E402
 from tlkeras.models.builder import get_spec  # noqa: E402
@@ -322,8 +322,8 @@ def export(
             doc["signatures"][EXPLAIN_SIGNATURE] = _explain_doc(target)
         checking = None
         if verifier is not None:
-            checking = start_verification(
-                tmp, model, images, head=head, class_names=class_names, process=verifier
+            checking = verify_export(
+                tmp, model, images, head=head, class_names=class_names, process=verifier, wait=False
             )
     except BaseException:
         if verifier is not None and verifier.poll() is None:  # the export failed before verifying

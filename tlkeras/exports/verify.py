@@ -132,7 +132,8 @@ def verify_export(
     class_names: Sequence[str] | None = None,
     timeout: float = 600,
     process: subprocess.Popen | None = None,
-) -> dict[str, Any]:
+    wait: bool = True,
+) -> dict[str, Any] | PendingVerification:
     """Reload ``path`` in a fresh Python process and compare it with the in-memory ``model``.
 
     Checks the signature names, input/output dtypes and shapes, the float signature against
@@ -140,26 +141,10 @@ def verify_export(
     and the bytes signature against the training
     pipeline's own decoding of ``images`` followed by the model. Returns the child's report;
     raises ``ExportVerificationError`` on any mismatch. ``process``: a ``start_verifier`` child
-    to use instead of starting one (it is consumed either way).
+    to use instead of starting one (it is consumed either way). ``wait=False``: return a
+    :class:`PendingVerification` as soon as the child has the work; this process goes on, and
+    its ``result()`` reads the report (raising as above).
     """
-    return start_verification(
-        path, model, images, head=head, class_names=class_names, timeout=timeout, process=process
-    ).result()
-
-
-def start_verification(
-    path: str | Path,
-    model: Any,
-    images: Sequence[bytes],
-    *,
-    head: Head | None = None,
-    class_names: Sequence[str] | None = None,
-    timeout: float = 600,
-    process: subprocess.Popen | None = None,
-) -> PendingVerification:
-    """:func:`verify_export` handed to the child, not yet awaited: this process can do other work
-    while the child checks the export; ``result()`` reads its report (and raises as
-    ``verify_export`` does)."""
     path = Path(path)
     images = [bytes(b) for b in images]
     if not images:
@@ -191,7 +176,7 @@ def start_verification(
     )
     pending = PendingVerification(path, process or start_verifier(), work, timeout)
     pending.hand_over()
-    return pending
+    return pending.result() if wait else pending
 
 
 class PendingVerification:
