@@ -6,10 +6,14 @@ float32 ``[B, H, W, 3]`` raw pixels in 0–255 resized to ``image_size`` (models
 ``tlkeras.build_model`` preprocess inside) and labels int32 ``[B]`` (float32 multi-hot ``[B, C]`` for
 multi-label arrays).
 
-Image folders are scanned *before* training: every file is opened in a thread pool, its header is
-checked against a byte cap and a pixel cap (decompression bombs), and it is decoded once with the very
-op the input pipeline uses. Files that cannot be used are skipped and listed with the reason, so an
+Image folders are scanned *before* training (``tlkeras.data.files.scan_files``): every file's header
+is checked against a byte cap and a pixel cap (decompression bombs), and it is decoded once with the
+very op the input pipeline uses. Files that cannot be used are skipped and listed with the reason, so an
 epoch never crashes on a bad file; ``max_bad_fraction`` turns a mostly-broken folder into an error.
+
+Decoded images are cached after their first pass: in memory up to ``DataConfig.memory_cache_mib``
+(smallest splits first), past it in a file cache in a temporary directory, filled at load, so memory
+stays flat as a folder grows.
 """
 
 from __future__ import annotations
