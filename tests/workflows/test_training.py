@@ -450,7 +450,7 @@ def test_a_run_records_its_steps_and_its_audit_reuses_the_runs_own_features(tmp_
     # The audit read the features the run computed (the fast path's cache for train, the
     # evaluation's for validation and test): what embedding every split afresh gives.
     embed = keras.Model(model.inputs, model.get_layer("pool").output)
-    cached, labels = fast_path.pooled_features(model)["train"]
+    cached, labels = fast_path.pooled_features(model)
     fresh = np.concatenate([embed(x, training=False) for x, _ in data.ordered("train")])
     np.testing.assert_allclose(cached, fresh, rtol=1e-4, atol=1e-6)
     assert labels.argmax(1).tolist() == [int(i.split(os.sep)[0][1:]) for i in data.items["train"]]

@@ -43,6 +43,7 @@ from tlkeras.analysis.audit_probes import audit_features
 from tlkeras.analysis.audit_result import AuditConfig, AuditResult, check_config
 from tlkeras.data import SPLITS, DataConfig, ImageData
 from tlkeras.data.arrays import dataset_arrays
+from tlkeras.fitting.feature_cache import batch_size_of
 from tlkeras.fitting.loading import DataRequest, ModelRequest, load_and_build
 from tlkeras.models.backbones import get_backbone
 from tlkeras.models.builder import build_model
@@ -126,7 +127,7 @@ def audit(
 
 def _every_kth(dataset: tf.data.Dataset, k: int) -> tf.data.Dataset:
     """Every ``k``-th example of a batched dataset (the first, the k+1-th…), batched as it was."""
-    batch = int(next(iter(dataset))[0].shape[0]) if dataset.cardinality() != 0 else 1
+    batch = batch_size_of(dataset) if dataset.cardinality() != 0 else 1
     return (
         dataset.unbatch()
         .enumerate()

@@ -129,22 +129,22 @@ def _check_header(path: str | os.PathLike, config: DataConfig):
     bytes)``; ``reason`` is None when the header passed."""
     from PIL import Image, UnidentifiedImageError
 
+    def rejected(reason: str):
+        return reason, None, None, None
+
     try:
         size = os.path.getsize(path)
         if size == 0:
-            return "zero-byte file", None, None, None
+            return rejected("zero-byte file")
         if size > config.max_file_bytes:
-            return (
+            return rejected(
                 f"file too large: {size / 2**20:.1f} MiB, over the "
-                f"{config.max_file_bytes / 2**20:.0f} MiB cap",
-                None,
-                None,
-                None,
+                f"{config.max_file_bytes / 2**20:.0f} MiB cap"
             )
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return f"unreadable: {e.strerror or e}", None, None, None
+        return rejected(f"unreadable: {e.strerror or e}")
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height), mode = image.format, image.size, image.mode
@@ -152,29 +152,20 @@ def _check_header(path: str | os.PathLike, config: DataConfig):
     except Image.DecompressionBombError as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         declared = _declared_size(data, f"{pixels.group(1) if pixels else '?'} pixels")
-        return f"decompression bomb: declared {declared} in {size} bytes", None, None, None
+        return rejected(f"decompression bomb: declared {declared} in {size} bytes")
     except UnidentifiedImageError:
-        return _sniff(data), None, None, None
+        return rejected(_sniff(data))
     except (OSError, SyntaxError, ValueError) as e:  # a known format whose header is cut or broken
         fmt = next((f for magic, f in _MAGIC if data.startswith(magic)), None)
-        return (f"truncated/corrupt {fmt}: {e}" if fmt else _sniff(data)), None, None, None
+        return rejected(f"truncated/corrupt {fmt}: {e}" if fmt else _sniff(data))
     if fmt not in SUPPORTED_FORMATS:
-        reason = f"unsupported format {fmt} (expected one of JPEG, PNG, GIF, BMP, WebP)"
-        return reason, None, None, None
+        return rejected(f"unsupported format {fmt} (expected one of JPEG, PNG, GIF, BMP, WebP)")
     if width * height > config.max_pixels:
         if size < width * height * _BOMB_BYTES_PER_PIXEL:
-            return (
-                f"decompression bomb: declared {width}x{height} in {size} bytes",
-                None,
-                None,
-                None,
-            )
-        return (
+            return rejected(f"decompression bomb: declared {width}x{height} in {size} bytes")
+        return rejected(
             f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP, over the "
-            f"{config.max_pixels / 1e6:.0f} MP cap",
-            None,
-            None,
-            None,
+            f"{config.max_pixels / 1e6:.0f} MP cap"
         )
     return None, _conversion_note(Path(path).suffix.lower(), fmt, mode, animated), fmt, data
 

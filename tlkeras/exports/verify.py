@@ -180,7 +180,7 @@ def verify_export(
 
 
 class PendingVerification:
-    """A verification its child process is working on (:func:`start_verification`)."""
+    """A verification its child process is working on (``verify_export(wait=False)``)."""
 
     def __init__(self, path: Path, process: subprocess.Popen, work: Any, timeout: float) -> None:
         import threading
@@ -208,11 +208,7 @@ class PendingVerification:
         except (BrokenPipeError, OSError):
             line = None
         finally:
-            self.timer.cancel()
-            if process.poll() is None:  # its report is in; TensorFlow's teardown is not needed
-                process.kill()
-            process.wait()
-            self.work.cleanup()
+            self.cancel()  # its report is in; TensorFlow's teardown is not needed
         if line is None:
             errors = getattr(process, "errors", None)
             stderr = (errors.seek(0), errors.read())[1] if errors is not None else ""
@@ -228,7 +224,8 @@ class PendingVerification:
         return report
 
     def cancel(self) -> None:
-        """Stop the child without reading its report (the export failed)."""
+        """Stop the child (without reading its report, when the export failed) and remove the
+        work folder."""
         self.timer.cancel()
         if self.process.poll() is None:
             self.process.kill()

@@ -75,13 +75,5 @@ def _evaluate(
     if pooled is None or not with_features:
         outputs, ys = dataset_arrays(dataset, map_images=outputs_of(model))
         return ys, outputs, None
-    forward = inference_function(pooled)
-    outputs, features, ys = [], [], []
-    for images, labels in dataset:
-        out, feats = forward(images)
-        outputs.append(np.asarray(out))
-        features.append(np.asarray(feats, np.float32))
-        ys.append(np.asarray(labels))
-    if not ys:
-        raise ValueError("expected a non-empty dataset, received 0 batches")
-    return np.concatenate(ys), np.concatenate(outputs), np.concatenate(features)
+    (outputs, features), ys = dataset_arrays(dataset, map_images=inference_function(pooled))
+    return ys, outputs, features.astype(np.float32)  # bfloat16 under mixed precision

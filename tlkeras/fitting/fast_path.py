@@ -44,16 +44,17 @@ from tlkeras.models.task import infer
 
 logger = logging.getLogger(__name__)
 
-# model -> {split: (pooled clean features, encoded labels)} its last fast fit cached with
-# ``keep_features``; dropped when a phase starts (``forget_features``): a trained backbone changes them.
+# model -> (pooled clean features, encoded labels) of the training data its last fast fit cached
+# with ``keep_features``; dropped when a phase starts (``forget_features``): a trained backbone
+# changes them.
 _POOLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def pooled_features(model: keras.Model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"train": …, "validation": …}``: the ``pool`` outputs (clean view) and encoded labels the
-    fast path cached for ``model`` with ``keep_features``, in the order of the datasets it was given;
-    ``{}`` when it kept none, or a phase has started since."""
-    return dict(_POOLED.get(model, {}))
+def pooled_features(model: keras.Model) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``pool`` outputs (clean view) and encoded labels of the training data the fast path
+    cached for ``model`` with ``keep_features``, in the order of the dataset it was given; ``None``
+    when it kept none, or a phase has started since."""
+    return _POOLED.get(model)
 
 
 def forget_features(model: keras.Model) -> None:
@@ -185,8 +186,8 @@ def fit_frozen(
     on train + validation at the chosen strength. ``history.fast_path["solver"]`` says what ran.
 
     With ``keep_features`` and the whole backbone frozen (pooled features cached), the clean view's
-    features of ``train`` and ``validation`` stay available to :func:`pooled_features` (the report's
-    data audit then need not compute them again).
+    features of ``train`` stay available to :func:`pooled_features` (the report's data audit then
+    need not compute them again).
 
     Returns:
         The ``keras.callbacks.History`` of the fit.
@@ -210,10 +211,7 @@ def fit_frozen(
     with progress.step("cache_features"):
         cut = _cut_and_cache(model, plan, train, validation)
     if keep_features and plan.fine_tune_at is None and cut.arrays is not None:
-        kept = {"train": cut.arrays}
-        if cut.val_arrays is not None:
-            kept["validation"] = cut.val_arrays
-        _POOLED[model] = {s: (a.views[0], a.rest[0]) for s, a in kept.items()}
+        _POOLED[model] = (cut.arrays.views[0], cut.arrays.rest[0])
     why_not = _why_not_solved(
         solver, plan, model, cut.trained, loss, cut.arrays, validation, cut.val_arrays
     )

@@ -163,8 +163,8 @@ def _audit_features(
     from their evaluation, the training split's from the fast path's cache (a frozen backbone)."""
     out = {s: (f[2], f[0]) for s, f in held_out.items() if f and f[2] is not None}
     cached = fast_path.pooled_features(model)
-    if "train" in cached:
-        x, encoded = cached["train"]
+    if cached is not None:
+        x, encoded = cached
         multilabel = infer(model)[0] == "multilabel"
         out["train"] = (x, encoded if multilabel else head_solver.class_ids(encoded))
     return out
